@@ -1,0 +1,52 @@
+# Everything runs inside .venv, which `make install` creates (idempotent: a stamp file records it).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+# Synthetic demo data, and the real data when DATA=/path is given.
+SYNTH_DIR := data/synth
+DATA ?=
+SEEDS ?=
+EPOCHS ?=
+RECIPE_ARGS := $(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS))
+
+.PHONY: install test test-all lint synth-dacon recipe-dacon clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev,synth]"
+	touch $(STAMP)
+
+# The default suite (what CI runs): under 15 minutes on 2 CPU cores.
+test: install
+	$(BIN)/python -m pytest -m "not slow"
+
+# Everything, slow end-to-end runs included.
+test-all: install
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+lint: install
+	$(BIN)/ruff check replicate models tests
+	$(BIN)/ruff format --check replicate models tests
+
+$(SYNTH_DIR)/dacon/train_answer.csv: | install
+	$(BIN)/python -m replicate.synth dacon --out $(SYNTH_DIR)/dacon --n-train 1000 --n-test 250 --seed 0 --max-words 1
+
+synth-dacon: $(SYNTH_DIR)/dacon/train_answer.csv
+
+# Without DATA: the quick profile on synthetic data. With DATA=/path: the full source recipe.
+ifeq ($(DATA),)
+recipe-dacon: synth-dacon
+	$(BIN)/python -m replicate.dacon --data $(SYNTH_DIR)/dacon --profile quick $(RECIPE_ARGS)
+else
+recipe-dacon: install
+	$(BIN)/python -m replicate.dacon --data $(DATA) $(RECIPE_ARGS)
+endif
+
+clean:
+	rm -rf runs .cache $(SYNTH_DIR) .pytest_cache .ruff_cache

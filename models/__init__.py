@@ -1,0 +1,1 @@
+"""Keras functional-API model builders, one module per source solution."""

@@ -1,0 +1,1 @@
+"""Replication engine for four award-winning audio-classification solutions."""

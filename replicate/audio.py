@@ -1,0 +1,84 @@
+"""Reading audio files: validated, mono, at the recipe's sample rate, with errors that name the file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class AudioNotes:
+    """What was done to one file to make it usable; summed over a data set and shown in the report."""
+
+    mixed_to_mono: bool = False
+    resampled: bool = False
+    padded: bool = False
+    cropped: bool = False
+
+
+def read_audio(
+    path: str | os.PathLike,
+    sample_rate: int,
+    *,
+    resample: bool = False,
+    num_samples: int | None = None,
+    fix_length: bool = False,
+) -> tuple[np.ndarray, AudioNotes]:
+    """Read one file as float32 mono in [-1, 1].
+
+    Rules: several channels are mixed to mono (their mean) and counted; a different sample rate is an
+    error unless `resample` is on (then librosa's default soxr resampler is used); with `num_samples` set,
+    a different length is an error unless `fix_length` is on (zero-pad at the end or crop the end, counted).
+
+    Args:
+        path: the audio file.
+        sample_rate: the rate the recipe expects.
+        resample: resample other rates instead of rejecting them.
+        num_samples: the length every clip must have, or None for any length.
+        fix_length: pad or crop to `num_samples` instead of rejecting other lengths.
+
+    Returns:
+        (samples of shape (n,), notes on what was changed).
+
+    Raises:
+        AudioError: unreadable or corrupt file, no samples, non-finite samples, wrong rate or length.
+    """
+    try:
+        samples, file_rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as error:
+        raise AudioError(f"{path}: cannot read audio ({error})") from error
+    if samples.shape[0] == 0:
+        raise AudioError(f"{path}: the file has no samples (zero-length audio)")
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{path}: the audio contains NaN or infinite samples")
+
+    mixed = samples.shape[1] > 1
+    samples = samples.mean(axis=1) if mixed else samples[:, 0]
+    resampled = file_rate != sample_rate
+    if resampled:
+        if not resample:
+            raise AudioError(
+                f"{path}: sample rate is {file_rate} Hz, the recipe expects {sample_rate} Hz "
+                "(set data.resample=true to resample)"
+            )
+        import librosa  # imported here: reading needs only soundfile
+
+        samples = librosa.resample(samples, orig_sr=file_rate, target_sr=sample_rate).astype(np.float32)
+
+    padded = cropped = False
+    if num_samples is not None and samples.shape[0] != num_samples:
+        if not fix_length:
+            raise AudioError(
+                f"{path}: {samples.shape[0]} samples, the recipe expects exactly {num_samples} "
+                "(set data.fix_length=true to zero-pad or crop)"
+            )
+        padded, cropped = samples.shape[0] < num_samples, samples.shape[0] > num_samples
+        samples = np.pad(samples[:num_samples], (0, max(0, num_samples - samples.shape[0])))
+    return samples, AudioNotes(mixed, resampled, padded, cropped)

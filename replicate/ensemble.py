@@ -1,0 +1,76 @@
+"""A trained seed ensemble: its manifest and members, loadable anywhere for prediction.
+
+>>> from replicate.ensemble import Ensemble
+>>> ensemble = Ensemble.load("runs/dacon/quick-1a2b3c4d5e6f")
+>>> probabilities = ensemble.predict_files(["clip.wav"])   # (1, 30), rows sum to 1
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from replicate import files
+from replicate.train import MANIFEST
+
+
+class Ensemble:
+    """Members of one run, averaged.
+
+    Attributes:
+        run_dir: the run folder.
+        manifest: the run's manifest (task, features, normalisation, class names, members).
+        members: the loaded `keras.Model`s, in manifest order.
+    """
+
+    def __init__(self, run_dir: Path, manifest: dict, members: Sequence[keras.Model]):
+        if not members:
+            raise ValueError(f"{run_dir}: the ensemble has no members")
+        self.run_dir = run_dir
+        self.manifest = manifest
+        self.members = list(members)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike, size: int | None = None) -> Ensemble:
+        """Load the manifest and the first `size` members (all by default), in safe mode."""
+        run_dir = Path(run_dir)
+        manifest_path = run_dir / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path}: no manifest; is {run_dir} a finished run folder?")
+        manifest = files.read_json(manifest_path)
+        entries = manifest["members"][:size]
+        missing = [entry["file"] for entry in entries if not (run_dir / entry["file"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{run_dir}: member files listed in the manifest are missing: {missing}")
+        members = [keras.models.load_model(run_dir / entry["file"], safe_mode=True) for entry in entries]
+        return cls(run_dir, manifest, members)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    @property
+    def seeds(self) -> list[int]:
+        return [entry["seed"] for entry in self.manifest["members"][: len(self.members)]]
+
+    def predict_members(self, inputs, batch_size: int = 256) -> np.ndarray:
+        """Each member's probabilities: (members, rows, classes)."""
+        return np.stack([member.predict(inputs, batch_size=batch_size, verbose=0) for member in self.members])
+
+    def predict(self, inputs, batch_size: int = 256) -> np.ndarray:
+        """The ensemble's probabilities: the plain mean of the members' (as every source averaged)."""
+        return self.predict_members(inputs, batch_size).mean(axis=0)
+
+    def features(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
+        """Model inputs for audio files, computed exactly as in training (the task module's rule)."""
+        task = importlib.import_module(f"replicate.{self.manifest['task']}")
+        return task.inference_features(paths, self.manifest)
+
+    def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 256) -> np.ndarray:
+        """The ensemble's probabilities for audio files: (files, classes)."""
+        return self.predict(self.features(paths), batch_size)

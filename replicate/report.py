@@ -1,0 +1,149 @@
+"""Run reports: markdown tables, training-curve and ensemble-size plots, and the README results block.
+
+Task modules assemble their report from these pieces; every number in a report or in the README's
+results tables is written here from a run's files, never typed by hand.
+
+    python -m replicate.report runs/dacon/<run-id> --readme README.md   # refresh the README's table
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from replicate import files
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(value: object) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """ "m ± s" with the sample standard deviation (n − 1), or just the value for one member."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 1:
+        return f"{values[0]:.4f}"
+    return f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
+
+
+def ensemble_sizes(available: int) -> list[int]:
+    """The ensemble sizes a report shows: the sources' 1/5/10/15 that exist, and all members."""
+    return sorted({size for size in (1, 5, 10, 15) if size <= available} | {available})
+
+
+def read_history(path: str | os.PathLike) -> dict[str, list[float]]:
+    """A Keras CSVLogger file as column → values; columns that are all "NA" (CSVLogger writes val_*
+    columns even without validation data) are left out."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = [key for key in (rows[0] if rows else {}) if key != "epoch"]
+    return {key: [float(row[key]) for row in rows] for key in columns if any(row[key] != "NA" for row in rows)}
+
+
+def plot_training_curves(histories: dict[str, dict[str, list[float]]], path: str | os.PathLike) -> Path:
+    """Loss per epoch of every member (and validation loss where there is one), one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4))
+    for label, history in histories.items():
+        (line,) = axes.plot(range(1, len(history["loss"]) + 1), history["loss"], label=f"{label} train")
+        if "val_loss" in history:
+            axes.plot(
+                range(1, len(history["val_loss"]) + 1),
+                history["val_loss"],
+                "--",
+                color=line.get_color(),
+                label=f"{label} validation",
+            )
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("loss")
+    axes.set_title("Training curves")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", ncol=2)
+    return _save(figure, path)
+
+
+def plot_ensemble_size(
+    sizes: Sequence[int],
+    scores: Sequence[float],
+    path: str | os.PathLike,
+    *,
+    metric: str,
+    baselines: dict[str, float] | None = None,
+) -> Path:
+    """Score of the ensemble of the first k members against k, with horizontal baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6, 4))
+    axes.plot(sizes, scores, "o-", label="ensemble of the first k members")
+    for (label, value), style in zip((baselines or {}).items(), (":", "-.", "--"), strict=False):
+        axes.axhline(value, linestyle=style, color="grey", label=label)
+    axes.set_xlabel("members averaged (k)")
+    axes.set_ylabel(metric)
+    axes.set_xticks(list(sizes))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def _save(figure, path: str | os.PathLike) -> Path:
+    from matplotlib import pyplot
+
+    figure.tight_layout()
+    with files.atomic_path(path, suffix=".png") as temporary:
+        figure.savefig(temporary, dpi=110)
+    pyplot.close(figure)
+    return Path(path)
+
+
+def update_readme(readme: str | os.PathLike, key: str, markdown: str) -> bool:
+    """Replace the block between `<!-- results:KEY -->` and `<!-- /results:KEY -->` in the README.
+
+    Returns:
+        True if the README changed.
+    """
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    pattern = re.compile(rf"(<!-- results:{re.escape(key)} -->\n).*?(<!-- /results:{re.escape(key)} -->)", re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{readme}: no '<!-- results:{key} -->' ... '<!-- /results:{key} -->' block")
+    updated = pattern.sub(lambda match: match.group(1) + markdown.rstrip() + "\n" + match.group(2), text)
+    if updated != text:
+        files.write_text(readme, updated)
+    return updated != text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m replicate.report", description="Write a run's results table into the README."
+    )
+    parser.add_argument("run_dir", type=Path, help="a finished run folder (runs/<recipe>/<run-id>)")
+    parser.add_argument("--readme", type=Path, default=Path("README.md"), help="the README to update")
+    arguments = parser.parse_args(argv)
+    manifest = files.read_json(arguments.run_dir / "manifest.json")
+    task = importlib.import_module(f"replicate.{manifest['task']}")
+    table = task.results_table(arguments.run_dir)
+    changed = update_readme(arguments.readme, manifest["task"], table)
+    print(f"{arguments.readme}: results:{manifest['task']} {'updated' if changed else 'already up to date'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Command line: ``python -m replicate.synth <competition> --out DIR ...`` writes a synthetic dataset."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import NamedTuple
+
+from replicate.synth import dacon
+
+
+class Subcommand(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], dict]
+
+
+def _add_dacon_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder to write the dataset into")
+    parser.add_argument("--n-train", type=int, required=True, help="number of training clips")
+    parser.add_argument("--n-test", type=int, required=True, help="number of test clips")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--max-words", type=int, default=3, help="most words in one clip (default 3)")
+
+
+def _run_dacon(arguments: argparse.Namespace) -> dict:
+    return dacon.generate(
+        arguments.out, arguments.n_train, arguments.n_test, arguments.seed, max_words=arguments.max_words
+    )
+
+
+# One entry per competition; each becomes a subcommand.
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "dacon": Subcommand(
+        "DACON overlapping speech: 1 s clips of overlapping spoken words", _add_dacon_arguments, _run_dacon
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m replicate.synth", description=__doc__)
+    subparsers = parser.add_subparsers(dest="competition", required=True)
+    for name, subcommand in SUBCOMMANDS.items():
+        subparser = subparsers.add_parser(name, help=subcommand.help, description=subcommand.help)
+        subcommand.add_arguments(subparser)
+    arguments = parser.parse_args(argv)
+    try:
+        summary = SUBCOMMANDS[arguments.competition].run(arguments)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"wrote {summary['n_train']} train and {summary['n_test']} test clips to {summary['out_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

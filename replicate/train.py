@@ -1,0 +1,234 @@
+"""Training one member and a seed ensemble, with per-epoch checkpoints and resume.
+
+Layout of a run folder (`runs/<recipe>/<run-id>/`):
+
+    recipe.toml                 the resolved recipe
+    manifest.json               members, feature parameters, normalisation, class names, versions
+    members/seed-XX.keras       one saved model per finished member
+    members/seed-XX.history.csv its per-epoch history
+    checkpoints/seed-XX/        the unfinished member's last epoch (removed when it finishes)
+    tensorboard/seed-XX/        TensorBoard logs
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from replicate import files
+
+MANIFEST = "manifest.json"
+
+
+def member_name(seed: int) -> str:
+    return f"seed-{seed:02d}"
+
+
+def compile_model(model: keras.Model, train_recipe: dict) -> keras.Model:
+    """Compile with the recipe's optimizer, learning rate and loss, all Keras built-ins by name."""
+    optimizer = keras.optimizers.get(
+        {"class_name": train_recipe["optimizer"], "config": {"learning_rate": train_recipe["learning_rate"]}}
+    )
+    model.compile(optimizer=optimizer, loss=keras.losses.get(train_recipe["loss"]))
+    return model
+
+
+def train_member(
+    recipe: dict,
+    seed: int,
+    *,
+    run_dir: str | Path,
+    build_model: Callable[[], keras.Model],
+    train_data: Callable[[int], Any],
+    validation_data: Any = None,
+    callbacks: Iterable[keras.callbacks.Callback] = (),
+    verbose: int | str = "auto",
+) -> dict:
+    """Train one member and save it as `members/seed-XX.keras`; resume it if it was interrupted.
+
+    Args:
+        recipe: the resolved recipe; uses `train.epochs`, `train.optimizer`, `train.learning_rate`,
+            `train.loss`.
+        seed: seeds weights, dropout (`keras.utils.set_random_seed`) and the data order.
+        run_dir: the run folder.
+        build_model: returns a new, uncompiled model.
+        train_data: seed → the training `tf.data.Dataset` of this member.
+        validation_data: passed to `fit` (None: no validation, as the DACON source trained).
+        callbacks: extra callbacks, run after the checkpointing ones.
+        verbose: Keras progress display.
+
+    Returns:
+        The member's manifest entry: seed, file, epochs, wall time, training throughput, final metrics.
+    """
+    run_dir = Path(run_dir)
+    name = member_name(seed)
+    member_path = run_dir / "members" / f"{name}.keras"
+    history_path = run_dir / "members" / f"{name}.history.csv"
+    member_path.parent.mkdir(parents=True, exist_ok=True)
+
+    keras.utils.set_random_seed(seed)
+    model = compile_model(build_model(), recipe["train"])
+    dataset = train_data(seed)
+    epochs = recipe["train"]["epochs"]
+    timer = _EpochTimer()
+    started = time.perf_counter()
+    history = model.fit(
+        dataset,
+        epochs=epochs,
+        validation_data=validation_data,
+        shuffle=False,  # the dataset shuffles itself, seeded per member
+        verbose=verbose,
+        callbacks=[
+            keras.callbacks.BackupAndRestore(str(run_dir / "checkpoints" / name), delete_checkpoint=True),
+            keras.callbacks.CSVLogger(str(history_path), append=True),
+            keras.callbacks.TensorBoard(str(run_dir / "tensorboard" / name)),
+            timer,
+            *callbacks,
+        ],
+    )
+    seconds = time.perf_counter() - started
+    with files.atomic_path(member_path, suffix=".keras") as temporary:
+        model.save(temporary)
+    final = {key: float(values[-1]) for key, values in history.history.items() if values}
+    return {
+        "seed": seed,
+        "file": str(member_path.relative_to(run_dir)),
+        "epochs": epochs,
+        "epochs_this_session": len(history.epoch),
+        "train_seconds": round(seconds, 2),
+        "samples_per_second": round(timer.steps_per_second * recipe["train"]["batch_size"], 2),
+        "final": final,
+    }
+
+
+def train_ensemble(
+    recipe: dict,
+    seeds: Sequence[int],
+    *,
+    run_dir: str | Path,
+    manifest: dict,
+    log: Callable[[str], None] = print,
+    **member_arguments: Any,
+) -> dict:
+    """Train every seed's member in turn, keeping members that an earlier run finished.
+
+    The manifest is rewritten (atomically) after each member, so a killed run loses at most the epoch
+    in progress: started again with the same run folder, finished members are kept and the
+    interrupted one continues from its last checkpoint.
+
+    Args:
+        recipe: the resolved recipe.
+        seeds: one member per seed.
+        run_dir: the run folder.
+        manifest: what inference needs besides the members (task, features, normalisation, class names).
+        log: where progress lines go.
+        member_arguments: passed to `train_member` (build_model, train_data, validation_data, ...).
+
+    Returns:
+        The manifest, with its `members` list.
+    """
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / MANIFEST
+    previous = files.read_json(manifest_path) if manifest_path.is_file() else {}
+    finished = {
+        member["seed"]: member for member in previous.get("members", []) if (run_dir / member["file"]).is_file()
+    }
+    manifest = {**manifest, "members": [], "environment": environment()}
+    for index, seed in enumerate(seeds, start=1):
+        if seed in finished:
+            log(f"member {index}/{len(seeds)} (seed {seed}): already trained, kept")
+            manifest["members"].append(finished[seed])
+            continue
+        log(f"member {index}/{len(seeds)} (seed {seed}): training")
+        manifest["members"].append(train_member(recipe, seed, run_dir=run_dir, **member_arguments))
+        manifest["peak_memory_mb"] = peak_memory_mb()
+        files.write_json(manifest_path, manifest)
+    files.write_json(manifest_path, manifest)
+    return manifest
+
+
+def peak_memory_mb() -> dict:
+    """Peak resident memory so far of this process and of its finished child processes, in MiB."""
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024**2  # ru_maxrss: KiB on Linux, bytes on macOS
+    return {
+        "process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1),
+        "workers": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale, 1),
+    }
+
+
+def environment() -> dict:
+    """Package versions, git commit and machine of this run, for the manifest."""
+    import librosa
+    import numpy
+    import tensorflow
+
+    return {
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+        "tensorflow": tensorflow.__version__,
+        "numpy": numpy.__version__,
+        "librosa": librosa.__version__,
+        "git": git_commit(),
+        "machine": f"{platform.machine()} {platform.system()}, {_cpu_count()} CPU cores",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def git_commit() -> str:
+    """The commit of the package's checkout ("+dirty" with uncommitted changes), or "unknown"."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    """Steps per second over the epochs after the first (which includes graph tracing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+        self.seconds = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+        self.epoch_steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.epoch_steps += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.params.get("initial_epoch", 0) and self.params.get("epochs", 1) > epoch + 1:
+            return
+        self.seconds += time.perf_counter() - self.started
+        self.steps += self.epoch_steps
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.seconds if self.seconds else 0.0

@@ -1,0 +1,68 @@
+"""Audio reading: each unusable file is refused with its name and the reason; stated rules are applied."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from replicate.audio import AudioError, read_audio
+from tests.conftest import write_tone
+
+
+def test_reads_mono_float32(tmp_path):
+    samples, notes = read_audio(write_tone(tmp_path / "a.wav"), 16000, num_samples=16000)
+    assert samples.dtype == np.float32 and samples.shape == (16000,)
+    assert not any(vars(notes).values())
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "corrupt.wav"
+    path.write_bytes(b"RIFF\x10\x00\x00\x00WAVEnot really audio")
+    with pytest.raises(AudioError, match=r"corrupt\.wav: cannot read audio"):
+        read_audio(path, 16000)
+
+
+def test_empty_file_and_zero_length_audio(tmp_path):
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(AudioError, match=r"empty\.wav"):
+        read_audio(tmp_path / "empty.wav", 16000)
+    sf.write(tmp_path / "zero.wav", np.zeros(0, dtype=np.float32), 16000)
+    with pytest.raises(AudioError, match=r"zero\.wav: the file has no samples"):
+        read_audio(tmp_path / "zero.wav", 16000)
+
+
+def test_non_finite_samples(tmp_path):
+    samples = np.zeros(100, dtype=np.float32)
+    samples[10] = np.nan
+    sf.write(tmp_path / "nan.wav", samples, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"nan\.wav: the audio contains NaN"):
+        read_audio(tmp_path / "nan.wav", 16000)
+
+
+def test_wrong_sample_rate_is_refused_unless_resampling(tmp_path):
+    path = write_tone(tmp_path / "rate.wav", sample_rate=8000)
+    with pytest.raises(AudioError, match=r"rate\.wav: sample rate is 8000 Hz, the recipe expects 16000 Hz"):
+        read_audio(path, 16000)
+    samples, notes = read_audio(path, 16000, resample=True)
+    assert samples.shape == (16000,) and notes.resampled
+
+
+def test_several_channels_are_mixed_to_mono(tmp_path):
+    path = write_tone(tmp_path / "stereo.wav", channels=2, subtype="FLOAT")
+    samples, notes = read_audio(path, 16000)
+    both, _ = sf.read(path, dtype="float32")
+    np.testing.assert_allclose(samples, both.mean(axis=1), atol=1e-7)
+    assert notes.mixed_to_mono
+
+
+def test_length_rule(tmp_path):
+    short = write_tone(tmp_path / "short.wav", seconds=0.5)
+    with pytest.raises(AudioError, match=r"short\.wav: 8000 samples, the recipe expects exactly 16000"):
+        read_audio(short, 16000, num_samples=16000)
+    padded, notes = read_audio(short, 16000, num_samples=16000, fix_length=True)
+    assert padded.shape == (16000,) and notes.padded and not padded[8000:].any()
+    cropped, notes = read_audio(
+        write_tone(tmp_path / "long.wav", seconds=1.5), 16000, num_samples=16000, fix_length=True
+    )
+    assert cropped.shape == (16000,) and notes.cropped

@@ -1,0 +1,162 @@
+"""The DACON recipe: the competition layout and its errors, and the whole recipe end to end."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from replicate import dacon, files
+from tests.conftest import ROOT, run_python
+
+
+@pytest.fixture
+def data(dacon_data, tmp_path):
+    """A private copy of the tiny data set, to break."""
+    return shutil.copytree(dacon_data, tmp_path / "data")
+
+
+def test_layout_is_read_and_files_are_matched_by_id(dacon_data):
+    data = dacon.load_data(dacon_data)
+    assert len(data.class_names) == 30 and data.class_names[0] == "zero"
+    assert len(data.train_paths) == 24 and len(data.test_paths) == 8
+    assert all(path.stem == identifier for path, identifier in zip(data.train_paths, data.train_ids, strict=True))
+    np.testing.assert_allclose(data.train_targets.sum(axis=1), 1.0, atol=1e-5)
+    assert data.test_targets is not None and data.submission_columns[0] == "id"
+
+
+def test_missing_and_extra_files_list_the_ids(data):
+    (data / "train" / "3.wav").unlink()
+    (data / "train" / "7.wav").unlink()
+    shutil.copy(data / "test" / "0.wav", data / "train" / "999.wav")
+    with pytest.raises(dacon.DataError) as error:
+        dacon.load_data(data)
+    message = str(error.value)
+    assert "2 ids of train_answer.csv have no train/<id>.wav: 3, 7" in message
+    assert "1 wav files in" in message and "have no row in train_answer.csv: 999" in message
+
+
+def test_label_rows_are_checked(data):
+    answers = pd.read_csv(data / "train_answer.csv", dtype={"id": str})
+    answers.loc[2, "five"] += 0.5
+    answers = answers.astype({"six": object})
+    answers.loc[4, "six"] = "abc"
+    answers.to_csv(data / "train_answer.csv", index=False)
+    with pytest.raises(
+        dacon.DataError, match=r"train_answer.csv: non-numeric, empty or non-finite values in the rows of ids 4"
+    ):
+        dacon.load_data(data)
+    answers.loc[4, "six"] = 0
+    answers.to_csv(data / "train_answer.csv", index=False)
+    with pytest.raises(dacon.DataError, match=r"rows must sum to 1 .* ids 2(, 4)?$"):
+        dacon.load_data(data)
+
+
+def test_submission_template_must_have_the_training_columns(data):
+    template = pd.read_csv(data / "submission.csv", dtype={"id": str})
+    template.rename(columns={"nine": "nein"}).to_csv(data / "submission.csv", index=False)
+    with pytest.raises(dacon.DataError, match=r"submission.csv: columns after 'id' must be"):
+        dacon.load_data(data)
+
+
+def test_missing_table_and_folder(data, tmp_path):
+    with pytest.raises(dacon.DataError, match=r"nowhere: data folder not found"):
+        dacon.load_data(tmp_path / "nowhere")
+    shutil.rmtree(data / "test")
+    with pytest.raises(dacon.DataError, match=r"test: folder not found"):
+        dacon.load_data(data)
+    (data / "train_answer.csv").unlink()
+    with pytest.raises(dacon.DataError, match=r"train_answer.csv: file not found"):
+        dacon.load_data(data)
+
+
+def test_a_bad_wav_stops_the_run_naming_the_file(data, tmp_path):
+    (data / "train" / "5.wav").write_bytes(b"RIFF....WAVEgarbage")
+    import soundfile as sf
+
+    sf.write(data / "test" / "2.wav", np.zeros(16000, dtype=np.float32), 8000)
+    recipe = dacon.load_recipe("quick", [f"run.cache_dir={str(tmp_path / 'cache')!r}", "run.workers=1"])
+    with pytest.raises(dacon.feature_lib.FeatureCacheError, match=r"1 of 24 audio files cannot be used:\n  .*5\.wav"):
+        dacon.run(recipe, data, tmp_path / "run", progress=False, log=lambda _: None)
+
+
+def test_cli_rejects_a_bad_override_with_exit_code_2(dacon_data):
+    result = subprocess.run(
+        [sys.executable, "-m", "replicate.dacon", "--data", str(dacon_data), "--set", "train.epochs=-1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "error: train.epochs = -1: must be > 0" in result.stderr
+
+
+def test_recipe_end_to_end_and_inference_in_a_fresh_process(dacon_data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "replicate.dacon",
+            "--data",
+            str(dacon_data),
+            "--profile",
+            "quick",
+            "--seeds",
+            "2",
+            "--epochs",
+            "1",
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            f"run.cache_dir={str(tmp_path / 'cache')!r}",
+            "--set",
+            "train.batch_size=8",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"done: report {run_dir / 'report.md'}" in result.stdout
+
+    manifest = files.read_json(run_dir / "manifest.json")
+    assert [m["seed"] for m in manifest["members"]] == [0, 1]
+    assert manifest["input_shape"] == [64, 101, 4] and manifest["normalization"]["reference"] == "global"
+    assert (run_dir / "recipe.toml").is_file() and (run_dir / "training_curves.png").stat().st_size > 1000
+
+    submission = pd.read_csv(run_dir / "submission.csv", dtype={"id": str})
+    template = pd.read_csv(dacon_data / "submission.csv", dtype={"id": str})
+    assert list(submission.columns) == list(template.columns)
+    assert submission["id"].tolist() == template["id"].tolist()
+    np.testing.assert_allclose(submission.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-5)
+
+    scores = files.read_json(run_dir / "scores.json")["evaluations"]["test (synthetic answers)"]
+    assert len(scores["member_kl"]) == 2 and scores["prior_kl"] > 0
+    report = (run_dir / "report.md").read_text()
+    assert "source: 15-model average" in report and "0.3920" in report and "our synthetic data" in report
+
+    # A fresh process, without importing the package first: the member loads with plain Keras, and the
+    # Ensemble computes features from the wav files exactly as the run did.
+    test_files = sorted((dacon_data / "test").glob("*.wav"), key=lambda p: int(p.stem))
+    run_python(
+        "import numpy as np, keras\n"
+        f"model = keras.models.load_model({str(run_dir / 'members/seed-00.keras')!r}, safe_mode=True)\n"
+        "assert model.name == 'dacon_mish_resnet'\n"
+        "from replicate.ensemble import Ensemble\n"
+        f"ensemble = Ensemble.load({str(run_dir)!r})\n"
+        f"paths = {[str(p) for p in test_files]!r}\n"
+        f"np.save({str(tmp_path / 'files.npy')!r}, ensemble.predict_files(paths))\n"
+    )
+    saved = np.load(run_dir / "test_predictions.npz")
+    np.testing.assert_allclose(np.load(tmp_path / "files.npy"), saved["probabilities"].mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(submission.iloc[:, 1:].to_numpy(), saved["probabilities"].mean(axis=0), atol=1e-6)
+
+    # Running the same command again resumes: every member is kept.
+    again = subprocess.run(result.args, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.count("already trained, kept") == 2

@@ -1,0 +1,162 @@
+"""Features equal a direct librosa computation; the cache skips work, notices changes and resumes."""
+
+from __future__ import annotations
+
+import librosa
+import numpy as np
+import pytest
+import soundfile as sf
+
+from replicate import features
+from tests.conftest import write_tone
+
+RESOLUTIONS = [features.MelResolution(n, w, 160, 64) for n, w in ((256, 200), (512, 400), (1024, 800), (2048, 1600))]
+AUDIO = features.AudioSpec(sample_rate=16000, num_samples=16000)
+
+
+@pytest.fixture(scope="module")
+def clips() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    time = np.arange(16000) / 16000
+    tones = [0.2 * np.sin(2 * np.pi * f * time) for f in (220, 440, 880, 1760, 3000)]
+    return (np.stack(tones) + 0.01 * rng.normal(size=(5, 16000))).astype(np.float32)
+
+
+def _librosa_one_clip(clip: np.ndarray) -> np.ndarray:
+    return np.stack(
+        [
+            librosa.feature.melspectrogram(
+                y=clip, sr=16000, n_fft=r.n_fft, win_length=r.win_length, hop_length=r.hop_length, n_mels=r.n_mels
+            )
+            for r in RESOLUTIONS
+        ],
+        axis=-1,
+    )
+
+
+def test_batched_mel_power_equals_librosa_clip_by_clip(clips):
+    batched = features.mel_power(clips, 16000, RESOLUTIONS)
+    assert batched.shape == (5, 64, 101, 4) and batched.dtype == np.float32
+    expected = np.stack([_librosa_one_clip(clip) for clip in clips])
+    np.testing.assert_allclose(batched, expected, rtol=1e-5, atol=1e-10)
+
+
+def test_global_normalisation_reproduces_the_source(clips):
+    """The source: power_to_db(all clips of a channel, ref=np.max), then one mean/std over that array."""
+    power = features.mel_power(clips, 16000, RESOLUTIONS)
+    normalizer = features.Normalizer.fit([power[:3], power[3:]], "global")  # statistics over both parts
+    ours = normalizer(power)
+    for channel in range(4):
+        db = librosa.power_to_db(power[..., channel], ref=np.max)
+        expected = (db - db.mean()) / db.std()
+        np.testing.assert_allclose(ours[..., channel], expected, rtol=1e-4, atol=1e-4)
+    # A batch transformed on its own gives the same numbers (the statistics are global, not per batch).
+    np.testing.assert_array_equal(normalizer(power[1:2]), ours[1:2])
+
+
+def test_per_clip_reference_option(clips):
+    power = features.mel_power(clips, 16000, RESOLUTIONS)
+    normalizer = features.Normalizer.fit([power], "per_clip")
+    db = (normalizer(power) * np.float32(normalizer.std)) + np.float32(normalizer.mean)
+    for index in range(len(power)):
+        for channel in range(4):
+            expected = librosa.power_to_db(power[index, ..., channel], ref=np.max)
+            np.testing.assert_allclose(db[index, ..., channel], expected, atol=1e-3)
+
+
+def test_normalizer_round_trips_through_its_config(clips):
+    power = features.mel_power(clips, 16000, RESOLUTIONS)
+    normalizer = features.Normalizer.fit([power], "global")
+    again = features.Normalizer.from_config(normalizer.to_config())
+    np.testing.assert_array_equal(again(power), normalizer(power))
+    with pytest.raises(ValueError, match="reference"):
+        features.Normalizer.fit([power], "per_batch")
+
+
+def _tones(folder, count):
+    folder.mkdir(exist_ok=True)
+    return [write_tone(folder / f"{index}.wav") for index in range(count)]
+
+
+class CountingExtractor:
+    """mel_power that counts its calls in a file (it may run in another process) and can fail on demand."""
+
+    def __init__(self, counter, fail_after=None):
+        self.counter, self.fail_after = counter, fail_after
+
+    def __call__(self, audio):
+        calls = int(self.counter.read_text()) if self.counter.exists() else 0
+        if self.fail_after is not None and calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated kill")
+        self.counter.write_text(str(calls + 1))
+        return features.mel_power(audio, 16000, RESOLUTIONS[:1])
+
+
+def test_cache_is_reused_and_keyed_by_files_and_parameters(tmp_path):
+    paths = _tones(tmp_path / "wav", 5)
+    counter = tmp_path / "calls"
+    arguments = dict(
+        audio=AUDIO, params={"p": 1}, cache_dir=tmp_path / "cache", name="t", chunk_size=2, workers=1, progress=False
+    )
+    first, meta = features.cached_features(paths, extractor=CountingExtractor(counter), **arguments)
+    assert first.shape == (5, 64, 101, 1) and meta["count"] == 5 and counter.read_text() == "3"
+    samples, _ = sf.read(paths[4], dtype="float32")
+    np.testing.assert_allclose(first[4], _librosa_one_clip(samples)[..., :1], rtol=1e-5, atol=1e-10)
+    second, _ = features.cached_features(paths, extractor=CountingExtractor(counter), **arguments)
+    assert counter.read_text() == "3"  # nothing recomputed
+    assert isinstance(second, np.memmap)
+    np.testing.assert_array_equal(first, second)
+
+    features.cached_features(paths, extractor=CountingExtractor(counter), **{**arguments, "params": {"p": 2}})
+    assert counter.read_text() == "6"  # other parameters: computed anew
+    write_tone(paths[0], seconds=1.0, channels=2)  # a changed file: computed anew
+    features.cached_features(paths, extractor=CountingExtractor(counter), **arguments)
+    assert counter.read_text() == "9"
+
+
+def test_interrupted_extraction_resumes_from_the_last_chunk(tmp_path):
+    paths = _tones(tmp_path / "wav", 6)
+    counter = tmp_path / "calls"
+    arguments = dict(
+        audio=AUDIO, params={}, cache_dir=tmp_path / "cache", name="t", chunk_size=2, workers=1, progress=False
+    )
+    with pytest.raises(KeyboardInterrupt):
+        features.cached_features(paths, extractor=CountingExtractor(counter, fail_after=2), **arguments)
+    assert counter.read_text() == "2"
+    resumed, _ = features.cached_features(paths, extractor=CountingExtractor(counter), **arguments)
+    assert counter.read_text() == "3"  # only the third chunk was computed
+    fresh, _ = features.cached_features(
+        paths, extractor=CountingExtractor(tmp_path / "c2"), **{**arguments, "cache_dir": tmp_path / "other"}
+    )
+    np.testing.assert_array_equal(resumed, fresh)
+
+
+def test_every_bad_file_is_listed(tmp_path):
+    paths = _tones(tmp_path / "wav", 3)
+    (tmp_path / "wav" / "broken.wav").write_bytes(b"RIFF0000WAVEjunk")
+    (tmp_path / "wav" / "empty.wav").write_bytes(b"")
+    paths += [tmp_path / "wav" / "broken.wav", tmp_path / "wav" / "empty.wav"]
+    with pytest.raises(features.FeatureCacheError) as error:
+        features.cached_features(
+            paths,
+            audio=AUDIO,
+            extractor=CountingExtractor(tmp_path / "c"),
+            params={},
+            cache_dir=tmp_path / "cache",
+            name="t",
+            workers=1,
+            progress=False,
+        )
+    message = str(error.value)
+    assert message.startswith("2 of 5 audio files cannot be used")
+    assert "broken.wav" in message and "empty.wav" in message
+    assert not list((tmp_path / "cache").glob("t-*"))  # no finished cache was written
+
+
+def test_worker_processes_give_the_same_features(tmp_path):
+    paths = _tones(tmp_path / "wav", 4)
+    extractor = features.mel_power_extractor(16000, RESOLUTIONS)
+    arguments = dict(audio=AUDIO, extractor=extractor, params={}, name="t", chunk_size=2, progress=False)
+    parallel, _ = features.cached_features(paths, cache_dir=tmp_path / "a", workers=2, **arguments)
+    serial, _ = features.cached_features(paths, cache_dir=tmp_path / "b", workers=1, **arguments)
+    np.testing.assert_allclose(parallel, serial, rtol=1e-6, atol=1e-12)  # BLAS threads change round-off only

@@ -1,0 +1,97 @@
+"""Training engine: same seed → same weights; a killed ensemble resumes with finished members kept."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from models.dacon import build_dacon_model
+from replicate import files, pipeline, train
+from replicate.ensemble import Ensemble
+
+RNG = np.random.default_rng(0)
+FEATURES = RNG.normal(size=(32, 64, 101, 4)).astype(np.float32)
+TARGETS = RNG.dirichlet(np.ones(30), size=32).astype(np.float32)
+RECIPE = {"train": {"epochs": 2, "batch_size": 8, "optimizer": "Nadam", "learning_rate": 0.002, "loss": "KLDivergence"}}
+
+
+def _small_model():
+    inputs = keras.Input((64, 101, 4))
+    x = keras.layers.Conv2D(4, 3, strides=4, activation="mish")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Dropout(0.5)(keras.layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, keras.layers.Dense(30, activation="softmax")(x))
+
+
+def _arguments(build_model=_small_model):
+    return dict(
+        build_model=build_model,
+        train_data=lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed),
+        verbose=0,
+    )
+
+
+def test_same_seed_gives_identical_weights_with_the_source_model(tmp_path):
+    recipe = {"train": {**RECIPE["train"], "epochs": 1}}
+    arguments = {
+        **_arguments(build_dacon_model),
+        "train_data": lambda seed: pipeline.from_arrays(
+            FEATURES[:12], TARGETS[:12], batch_size=4, shuffle=True, seed=seed
+        ),
+    }
+    for run, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train.train_member(recipe, seed, run_dir=tmp_path / run, **arguments)
+    weights = {
+        run: keras.models.load_model(tmp_path / run / f"members/seed-0{seed}.keras").get_weights()
+        for run, seed in (("a", 0), ("b", 0), ("c", 1))
+    }
+    for first, second in zip(weights["a"], weights["b"], strict=True):
+        np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(weights["c"][0], weights["a"][0])
+
+
+class Kill(keras.callbacks.Callback):
+    """Stops the process the hard way at the end of the first epoch (after the checkpoint is written)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        raise KeyboardInterrupt("killed")
+
+
+def test_killed_ensemble_resumes_keeping_finished_members(tmp_path):
+    manifest = {"task": "test", "class_names": [str(i) for i in range(30)]}
+    with pytest.raises(KeyboardInterrupt):
+        original = train.train_member
+
+        def kill_second(recipe, seed, **arguments):
+            extra = [Kill()] if seed == 1 else []
+            return original(recipe, seed, callbacks=extra, **arguments)
+
+        train.train_member = kill_second
+        try:
+            train.train_ensemble(
+                RECIPE, [0, 1], run_dir=tmp_path, manifest=manifest, log=lambda _: None, **_arguments()
+            )
+        finally:
+            train.train_member = original
+    members = tmp_path / "members"
+    assert (members / "seed-00.keras").is_file() and not (members / "seed-01.keras").exists()
+    assert [m["seed"] for m in files.read_json(tmp_path / "manifest.json")["members"]] == [0]
+    assert (tmp_path / "checkpoints" / "seed-01").is_dir()  # the interrupted member's last epoch
+    finished_at = (members / "seed-00.keras").stat().st_mtime_ns
+
+    logged = []
+    result = train.train_ensemble(
+        RECIPE, [0, 1], run_dir=tmp_path, manifest=manifest, log=logged.append, **_arguments()
+    )
+    assert logged[0] == "member 1/2 (seed 0): already trained, kept"
+    assert (members / "seed-00.keras").stat().st_mtime_ns == finished_at
+    second = result["members"][1]
+    assert second["seed"] == 1 and second["epochs"] == 2 and second["epochs_this_session"] == 1  # resumed
+    assert [row for row in (members / "seed-01.history.csv").read_text().splitlines()[1:]][-1].startswith("1,")
+    assert not (tmp_path / "checkpoints" / "seed-01").exists()
+    ensemble = Ensemble.load(tmp_path)
+    assert ensemble.seeds == [0, 1]
+    probabilities = ensemble.predict(FEATURES[:5])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probabilities, ensemble.predict_members(FEATURES[:5]).mean(axis=0))
