@@ -10,7 +10,8 @@ SYNTH_DIR := data/synth
 DATA ?=
 SEEDS ?=
 EPOCHS ?=
-RECIPE_ARGS := $(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS))
+ARGS ?=
+RECIPE_ARGS := $(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
 .PHONY: install test test-all lint synth-dacon recipe-dacon clean
 
@@ -35,7 +36,7 @@ lint: install
 	$(BIN)/ruff format --check replicate models tests
 
 $(SYNTH_DIR)/dacon/train_answer.csv: | install
-	$(BIN)/python -m replicate.synth dacon --out $(SYNTH_DIR)/dacon --n-train 1000 --n-test 250 --seed 0 --max-words 1
+	$(BIN)/python -m replicate.synth dacon --out $(SYNTH_DIR)/dacon --n-train 800 --n-test 200 --seed 0 --max-words 2 --voices-per-word 2 --seen-test-voices
 
 synth-dacon: $(SYNTH_DIR)/dacon/train_answer.csv
 

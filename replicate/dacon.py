@@ -459,8 +459,8 @@ def write_report(run_dir: Path, scores: dict) -> Path:
                     m["seed"],
                     m["epochs"],
                     m["final"].get("loss", float("nan")),
-                    m["train_seconds"],
-                    m["samples_per_second"],
+                    f"{m['train_seconds']:.0f}",
+                    f"{m['samples_per_second']:.1f}",
                     *(e["member_kl"][i] for e in scores["evaluations"].values()),
                 )
                 for i, m in enumerate(manifest["members"])
@@ -477,12 +477,12 @@ def write_report(run_dir: Path, scores: dict) -> Path:
         f"`{recipe['features']['normalization']}` (mean {np.round(manifest['normalization']['mean'], 3).tolist()}, "
         f"std {np.round(manifest['normalization']['std'], 3).tolist()}).",
         f"- Clips: {manifest['data']['train_clips']} training, {manifest['data']['validation_clips']} validation, "
-        f"{manifest['data']['test_clips']} test. Audio changed to be usable (mixed to mono / resampled / "
-        f"padded / cropped): {manifest['data']['audio_changes']}.",
-        f"- Feature extraction (or cache read): {manifest['feature_seconds']} s; peak memory after features "
-        f"{manifest['feature_peak_memory_mb']} MiB, after training {manifest.get('peak_memory_mb', 'n/a')} MiB "
-        "(resident set of this process / of the extraction workers).",
-        f"- Environment: {manifest['environment']}.",
+        f"{manifest['data']['test_clips']} test. Audio changed to be usable: "
+        f"{report.audio_changes(manifest['data']['audio_changes'])}.",
+        f"- Feature extraction (or cache read): {manifest['feature_seconds']} s. Peak resident memory: "
+        f"{report.memory_line(manifest['feature_peak_memory_mb'])} after features, "
+        f"{report.memory_line(manifest.get('peak_memory_mb'))} after training.",
+        f"- Environment: {report.environment_line(manifest['environment'])}.",
         "",
     ]
     return files.write_text(run_dir / "report.md", "\n".join(lines))

@@ -86,7 +86,9 @@ def load_recipe(
     for override in overrides:
         key, value = parse_override(override)
         _merge(recipe, _nest(key, value), base, where=f"--set {override}")
-    recipe.setdefault("run", {})["profile"] = profile or "full"
+    run = recipe.setdefault("run", {})
+    if profile is not None or "profile" not in run:  # a resolved recipe (a run's recipe.toml) keeps its own
+        run["profile"] = profile or "full"
     for key, rule in (rules or {}).items():
         message = rule(get(recipe, key))
         if message:

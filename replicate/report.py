@@ -38,6 +38,31 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
 
 
+def audio_changes(changes_by_split: dict[str, dict[str, int]]) -> str:
+    """ "none", or e.g. "train: 3 mixed to mono, 1 padded" for the counts that are not zero."""
+    parts = []
+    for split, changes in changes_by_split.items():
+        done = [f"{count} {change.replace('_', ' ')}" for change, count in changes.items() if count]
+        if done:
+            parts.append(f"{split}: {', '.join(done)}")
+    return "; ".join(parts) or "none"
+
+
+def memory_line(peak: dict | None) -> str:
+    """Peak resident memory of the main process and of the (finished) worker processes."""
+    if not peak:
+        return "not measured"
+    return f"{peak['process']:.0f} MiB (main process), {peak['workers']:.0f} MiB (largest worker)"
+
+
+def environment_line(environment: dict) -> str:
+    return (
+        f"Python {environment['python']}, Keras {environment['keras']} ({environment['backend']} backend), "
+        f"TensorFlow {environment['tensorflow']}, NumPy {environment['numpy']}, librosa {environment['librosa']}; "
+        f"{environment['machine']}; commit {environment['git']}; {environment['date']}"
+    )
+
+
 def ensemble_sizes(available: int) -> list[int]:
     """The ensemble sizes a report shows: the sources' 1/5/10/15 that exist, and all members."""
     return sorted({size for size in (1, 5, 10, 15) if size <= available} | {available})

@@ -47,7 +47,8 @@ def test_saved_model_loads_in_a_fresh_process_in_safe_mode(tmp_path):
     run_python(
         "import numpy as np, keras\n"
         f"model = keras.models.load_model({str(tmp_path / 'model.keras')!r}, safe_mode=True)\n"
-        f"np.save({str(tmp_path / 'out.npy')!r}, model.predict(np.load({str(tmp_path / 'inputs.npy')!r}), verbose=0))\n",
+        f"inputs = np.load({str(tmp_path / 'inputs.npy')!r})\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, model.predict(inputs, verbose=0))\n",
         cwd=tmp_path,  # outside the repository: nothing of the package can be imported
     )
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)

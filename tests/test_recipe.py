@@ -17,6 +17,7 @@ def test_source_values_are_the_default():
         "learning_rate": 0.002,
         "loss": "KLDivergence",
         "validation_fraction": 0.0,
+        "recalibrate_batchnorm": False,
     }
     assert recipe["ensemble"]["seeds"] == 15
     assert recipe["features"]["n_fft"] == [256, 512, 1024, 2048]

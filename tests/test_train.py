@@ -51,29 +51,33 @@ def test_same_seed_gives_identical_weights_with_the_source_model(tmp_path):
     assert not np.array_equal(weights["c"][0], weights["a"][0])
 
 
-class Kill(keras.callbacks.Callback):
-    """Stops the process the hard way at the end of the first epoch (after the checkpoint is written)."""
+class KillSecondMember(keras.callbacks.Callback):
+    """Stops the run the hard way at the end of the second member's first epoch (after its checkpoint)."""
+
+    def __init__(self):
+        super().__init__()
+        self.members_started = 0
+
+    def on_train_begin(self, logs=None):
+        self.members_started += 1
 
     def on_epoch_end(self, epoch, logs=None):
-        raise KeyboardInterrupt("killed")
+        if self.members_started == 2:
+            raise KeyboardInterrupt("killed")
 
 
 def test_killed_ensemble_resumes_keeping_finished_members(tmp_path):
     manifest = {"task": "test", "class_names": [str(i) for i in range(30)]}
     with pytest.raises(KeyboardInterrupt):
-        original = train.train_member
-
-        def kill_second(recipe, seed, **arguments):
-            extra = [Kill()] if seed == 1 else []
-            return original(recipe, seed, callbacks=extra, **arguments)
-
-        train.train_member = kill_second
-        try:
-            train.train_ensemble(
-                RECIPE, [0, 1], run_dir=tmp_path, manifest=manifest, log=lambda _: None, **_arguments()
-            )
-        finally:
-            train.train_member = original
+        train.train_ensemble(
+            RECIPE,
+            [0, 1],
+            run_dir=tmp_path,
+            manifest=manifest,
+            log=lambda _: None,
+            callbacks=[KillSecondMember()],
+            **_arguments(),
+        )
     members = tmp_path / "members"
     assert (members / "seed-00.keras").is_file() and not (members / "seed-01.keras").exists()
     assert [m["seed"] for m in files.read_json(tmp_path / "manifest.json")["members"]] == [0]
@@ -95,3 +99,24 @@ def test_killed_ensemble_resumes_keeping_finished_members(tmp_path):
     probabilities = ensemble.predict(FEATURES[:5])
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(probabilities, ensemble.predict_members(FEATURES[:5]).mean(axis=0))
+
+
+def test_batchnorm_recalibration_averages_the_batch_statistics_with_final_weights():
+    inputs = keras.Input((4,))
+    outputs = keras.layers.BatchNormalization(momentum=0.99)(keras.layers.Dense(3)(inputs))
+    model = keras.Model(inputs, outputs)
+    data = np.random.default_rng(1).normal(2.0, 3.0, size=(40, 4)).astype(np.float32)
+    dataset = pipeline.from_arrays(data, np.zeros((40, 1), np.float32), batch_size=10)
+    kernel, bias = (weight.numpy() for weight in model.layers[1].weights)
+    batches = train.recalibrate_batchnorm(model, dataset, max_batches=3)
+    assert batches == 3
+    dense_outputs = [data[start : start + 10] @ kernel + bias for start in (0, 10, 20)]
+    batch_norm = model.layers[2]
+    np.testing.assert_allclose(
+        batch_norm.moving_mean.numpy(), np.mean([o.mean(0) for o in dense_outputs], 0), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        batch_norm.moving_variance.numpy(), np.mean([o.var(0) for o in dense_outputs], 0), rtol=1e-4
+    )
+    assert batch_norm.momentum == 0.99
+    np.testing.assert_array_equal(model.layers[1].weights[0].numpy(), kernel)  # nothing else changed

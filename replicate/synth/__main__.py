@@ -21,11 +21,21 @@ def _add_dacon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-test", type=int, required=True, help="number of test clips")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--max-words", type=int, default=3, help="most words in one clip (default 3)")
+    parser.add_argument("--voices-per-word", type=int, default=6, help="voice settings per word and split (default 6)")
+    parser.add_argument(
+        "--seen-test-voices", action="store_true", help="test clips reuse the training voices (default: unseen voices)"
+    )
 
 
 def _run_dacon(arguments: argparse.Namespace) -> dict:
     return dacon.generate(
-        arguments.out, arguments.n_train, arguments.n_test, arguments.seed, max_words=arguments.max_words
+        arguments.out,
+        arguments.n_train,
+        arguments.n_test,
+        arguments.seed,
+        max_words=arguments.max_words,
+        voices_per_word=arguments.voices_per_word,
+        unseen_test_voices=not arguments.seen_test_voices,
     )
 
 

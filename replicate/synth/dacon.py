@@ -94,19 +94,22 @@ def mix_clip(
     return mix.astype(np.float32), energies / total
 
 
-def _render_banks(rng: np.random.Generator, sample_rate: int) -> tuple[list[list[np.ndarray]], ...]:
-    """Render VARIANTS_PER_WORD utterances per word for train and for test, with disjoint voice settings."""
+def _render_banks(
+    rng: np.random.Generator, sample_rate: int, voices_per_word: int, unseen_test_voices: bool
+) -> tuple[list[list[np.ndarray]], ...]:
+    """Render `voices_per_word` utterances per word for train and for test: with `unseen_test_voices`,
+    the test utterances use other voice settings than the training ones, else the same utterances."""
     settings = list(itertools.product(ENGLISH_VOICES, VOICE_VARIANTS, PITCHES, RATES_WPM))
     train_bank, test_bank = [], []
     for word in WORDS:
-        chosen = rng.choice(len(settings), size=2 * VARIANTS_PER_WORD, replace=False)
+        chosen = rng.choice(len(settings), size=2 * voices_per_word, replace=False)
         utterances = []
         for setting_index in chosen:
             voice, variant, pitch, rate = settings[setting_index]
             audio = synthesize(word, voice=voice + variant, rate_wpm=rate, pitch=pitch, sample_rate=sample_rate)
             utterances.append(audio * (UTTERANCE_RMS / np.sqrt(np.mean(audio.astype(np.float64) ** 2))))
-        train_bank.append(utterances[:VARIANTS_PER_WORD])
-        test_bank.append(utterances[VARIANTS_PER_WORD:])
+        train_bank.append(utterances[:voices_per_word])
+        test_bank.append(utterances[voices_per_word:] if unseen_test_voices else utterances[:voices_per_word])
     return train_bank, test_bank
 
 
@@ -182,6 +185,8 @@ def generate(
     seed: int = 0,
     *,
     max_words: int = 3,
+    voices_per_word: int = VARIANTS_PER_WORD,
+    unseen_test_voices: bool = True,
     sample_rate: int = 16000,
     progress: bool = True,
 ) -> dict:
@@ -193,6 +198,9 @@ def generate(
         n_test: Number of test clips.
         seed: Seed of every random choice.
         max_words: Most words overlapping in one clip (1..30).
+        voices_per_word: Voice settings (voice, timbre, pitch, rate) per word and split.
+        unseen_test_voices: Test clips use other voice settings than training clips (unseen speakers);
+            if False, the same utterances (an easier, within-speaker test).
         sample_rate: Sample rate in Hz; every clip is one second long.
         progress: Show a progress bar over clips.
 
@@ -205,13 +213,15 @@ def generate(
         raise ValueError(f"n_test must be at least 1, got {n_test}")
     if not 1 <= max_words <= len(WORDS):
         raise ValueError(f"max_words must be between 1 and {len(WORDS)}, got {max_words}")
+    if not 1 <= voices_per_word <= 100:
+        raise ValueError(f"voices_per_word must be between 1 and 100, got {voices_per_word}")
     if sample_rate < 8000:
         raise ValueError(f"sample_rate must be at least 8000 Hz, got {sample_rate}")
 
     out_dir = Path(out_dir)
     streams = np.random.SeedSequence(seed).spawn(3)
     bank_rng, train_rng, test_rng = (np.random.default_rng(stream) for stream in streams)
-    train_bank, test_bank = _render_banks(bank_rng, sample_rate)
+    train_bank, test_bank = _render_banks(bank_rng, sample_rate, voices_per_word, unseen_test_voices)
     clip_settings = {"max_words": max_words, "sample_rate": sample_rate, "progress": progress}
     train_rows = _write_split(out_dir / "train", n_train, train_rng, train_bank, **clip_settings)
     test_rows = _write_split(out_dir / "test", n_test, test_rng, test_bank, **clip_settings)
@@ -225,7 +235,8 @@ def generate(
         "seed": seed,
         "max_words": max_words,
         "sample_rate": sample_rate,
-        "utterances_per_word": {"train": VARIANTS_PER_WORD, "test": VARIANTS_PER_WORD},
+        "voices_per_word": voices_per_word,
+        "unseen_test_voices": unseen_test_voices,
         "train_answer": str(out_dir / "train_answer.csv"),
         "test_answer": str(out_dir / "test_answer.csv"),
         "submission": str(out_dir / "submission.csv"),
