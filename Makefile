@@ -36,7 +36,7 @@ lint: install
 	$(BIN)/ruff format --check replicate models tests
 
 $(SYNTH_DIR)/dacon/train_answer.csv: | install
-	$(BIN)/python -m replicate.synth dacon --out $(SYNTH_DIR)/dacon --n-train 800 --n-test 200 --seed 0 --max-words 2 --voices-per-word 2 --seen-test-voices
+	$(BIN)/python -m replicate.synth dacon --out $(SYNTH_DIR)/dacon --n-train 800 --n-test 200 --seed 0 --max-words 2 --voices-per-word 1 --seen-test-voices
 
 synth-dacon: $(SYNTH_DIR)/dacon/train_answer.csv
 

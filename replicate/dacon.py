@@ -237,7 +237,9 @@ def inference_features(paths: Sequence[str | os.PathLike], manifest: dict) -> np
 
 
 def default_run_id(recipe: dict, data_root: Path) -> str:
-    """Same recipe and data folder → same run folder, so running a command again resumes it."""
+    """Same recipe and data folder → same run folder, so running a command again resumes it. The number
+    of seeds is left out: `--seeds 5` after `--seeds 3` keeps the 3 members and trains 2 more."""
+    recipe = {**recipe, "ensemble": {k: v for k, v in recipe["ensemble"].items() if k != "seeds"}}
     return f"{recipe['run']['profile']}-{recipe_lib.fingerprint([recipe, str(data_root.resolve())])}"
 
 
@@ -409,9 +411,14 @@ def results_table(run_dir: str | os.PathLike) -> str:
         f"KL divergence, lower is better. Ours: profile `{recipe['run']['profile']}`, {len(members)} members × "
         f"{recipe['train']['epochs']} epochs, {manifest['data']['train_clips']} training clips; "
         f"{manifest['environment']['machine']}, {manifest['environment']['date'][:10]}, "
-        f"commit {manifest['environment']['git'][:12]}."
+        f"commit {short_commit(manifest['environment']['git'])}."
     )
     return report.markdown_table(("model", "data", "KL"), rows) + "\n\n" + caption + "\n"
+
+
+def short_commit(commit: str) -> str:
+    """The first 12 hex digits, keeping a "+dirty" mark (uncommitted changes at run time)."""
+    return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
 def write_report(run_dir: Path, scores: dict) -> Path:

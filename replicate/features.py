@@ -76,6 +76,23 @@ def mel_power(audio: np.ndarray, sample_rate: int, resolutions: Sequence[MelReso
     return np.stack(channels, axis=-1).astype(np.float32, copy=False)
 
 
+def mfcc(audio: np.ndarray, sample_rate: int, *, n_mfcc: int, n_fft: int, hop_length: int, **mel_options) -> np.ndarray:
+    """librosa MFCCs of a batch of equal-length clips in one call: (clips, n_mfcc, frames), float32.
+
+    Args:
+        audio: float32 array (clips, samples).
+        sample_rate: sampling rate in Hz.
+        n_mfcc, n_fft, hop_length: as in `librosa.feature.mfcc`.
+        mel_options: further `librosa.feature.melspectrogram` arguments (e.g. n_mels, win_length).
+    """
+    import librosa
+
+    coefficients = librosa.feature.mfcc(
+        y=audio, sr=sample_rate, n_mfcc=n_mfcc, n_fft=n_fft, hop_length=hop_length, **mel_options
+    )
+    return coefficients.astype(np.float32, copy=False)
+
+
 def power_to_db(power: np.ndarray, ref: np.ndarray | float, top_db: float = 80.0, amin: float = 1e-10):
     """librosa.power_to_db with a given reference, term for term, so results are bit-identical.
 

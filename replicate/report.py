@@ -82,7 +82,7 @@ def plot_training_curves(histories: dict[str, dict[str, list[float]]], path: str
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot
+    from matplotlib import pyplot, ticker
 
     figure, axes = pyplot.subplots(figsize=(7, 4))
     for label, history in histories.items():
@@ -96,6 +96,7 @@ def plot_training_curves(histories: dict[str, dict[str, list[float]]], path: str
                 label=f"{label} validation",
             )
     axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     axes.set_ylabel("loss")
     axes.set_title("Training curves")
     axes.grid(alpha=0.3)

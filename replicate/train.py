@@ -114,7 +114,7 @@ def train_member(
     }
 
 
-def recalibrate_batchnorm(model: keras.Model, dataset, max_batches: int = 32) -> int:
+def recalibrate_batchnorm(model: keras.Model, dataset, max_batches: int = 16) -> int:
     """Replace every BatchNormalization layer's moving mean and variance by the average of its batch
     statistics over training batches, computed with the final weights ("precise BN").
 

@@ -160,3 +160,13 @@ def test_recipe_end_to_end_and_inference_in_a_fresh_process(dacon_data, tmp_path
     # Running the same command again resumes: every member is kept.
     again = subprocess.run(result.args, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.count("already trained, kept") == 2
+
+
+def test_default_run_folder_is_shared_by_seed_counts_only(tmp_path):
+    three = dacon.load_recipe("quick", ["ensemble.seeds=3"])
+    five = dacon.load_recipe("quick", ["ensemble.seeds=5"])
+    longer = dacon.load_recipe("quick", ["train.epochs=9"])
+    assert dacon.default_run_id(three, tmp_path) == dacon.default_run_id(five, tmp_path)  # grows the ensemble
+    assert dacon.default_run_id(three, tmp_path) != dacon.default_run_id(longer, tmp_path)
+    assert dacon.default_run_id(three, tmp_path) != dacon.default_run_id(three, tmp_path / "other")
+    assert dacon.default_run_id(three, tmp_path).startswith("quick-")

@@ -160,3 +160,11 @@ def test_worker_processes_give_the_same_features(tmp_path):
     parallel, _ = features.cached_features(paths, cache_dir=tmp_path / "a", workers=2, **arguments)
     serial, _ = features.cached_features(paths, cache_dir=tmp_path / "b", workers=1, **arguments)
     np.testing.assert_allclose(parallel, serial, rtol=1e-6, atol=1e-12)  # BLAS threads change round-off only
+
+
+def test_batched_mfcc_equals_librosa_clip_by_clip(clips):
+    batched = features.mfcc(clips, 16000, n_mfcc=13, n_fft=512, hop_length=160, n_mels=40)
+    assert batched.shape == (5, 13, 101) and batched.dtype == np.float32
+    for index, clip in enumerate(clips):
+        expected = librosa.feature.mfcc(y=clip, sr=16000, n_mfcc=13, n_fft=512, hop_length=160, n_mels=40)
+        np.testing.assert_allclose(batched[index], expected, rtol=1e-5, atol=1e-4)

@@ -29,7 +29,7 @@ def test_profile_and_overrides():
     recipe = dacon.load_recipe(
         "quick", ["train.batch_size=32", "features.normalization=train", "train.learning_rate=1"]
     )
-    assert recipe["ensemble"]["seeds"] == 3 and recipe["run"]["profile"] == "quick"
+    assert recipe["ensemble"]["seeds"] == 2 and recipe["run"]["profile"] == "quick"
     assert recipe["train"]["batch_size"] == 32
     assert recipe["features"]["normalization"] == "train"
     assert recipe["train"]["learning_rate"] == 1.0 and isinstance(recipe["train"]["learning_rate"], float)

@@ -1,0 +1,37 @@
+"""Report pieces: tables, summaries and the generated README block."""
+
+from __future__ import annotations
+
+import pytest
+
+from replicate import report
+
+
+def test_markdown_table_and_summaries():
+    table = report.markdown_table(("a", "b"), [(1, 0.123456), ("x", "y")])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.1235 |", "| x | y |"]
+    assert report.mean_std([1.0, 2.0, 3.0]) == "2.0000 ± 1.0000"
+    assert report.mean_std([0.5]) == "0.5000"
+    assert report.ensemble_sizes(3) == [1, 3]
+    assert report.ensemble_sizes(15) == [1, 5, 10, 15]
+    assert report.ensemble_sizes(12) == [1, 5, 10, 12]
+    assert report.audio_changes({"train": {"mixed_to_mono": 2, "padded": 0}, "test": {"padded": 0}}) == (
+        "train: 2 mixed to mono"
+    )
+    assert report.audio_changes({"train": {"padded": 0}}) == "none"
+
+
+def test_readme_block_is_replaced_and_only_it(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:dacon -->\nold\n<!-- /results:dacon -->\nafter\n")
+    assert report.update_readme(readme, "dacon", "| new |\n")
+    assert readme.read_text() == "intro\n<!-- results:dacon -->\n| new |\n<!-- /results:dacon -->\nafter\n"
+    assert not report.update_readme(readme, "dacon", "| new |")
+    with pytest.raises(ValueError, match="no '<!-- results:maic -->'"):
+        report.update_readme(readme, "maic", "x")
+
+
+def test_history_reader_skips_columns_csvlogger_fills_with_na(tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_text("epoch,loss,val_loss\n0,3.5,NA\n1,3.0,NA\n")
+    assert report.read_history(path) == {"loss": [3.5, 3.0]}
