@@ -376,13 +376,13 @@ def evaluate_and_report(
 
 def _scores(member_probabilities: np.ndarray, targets: np.ndarray, prior: np.ndarray) -> dict:
     """KL of each member, of the ensembles of the first k members, and of the training-prior baseline."""
-    per_member = [metrics.kl_divergence(targets, probabilities) for probabilities in member_probabilities]
-    sizes = list(range(1, len(member_probabilities) + 1))
-    by_size = [metrics.kl_divergence(targets, member_probabilities[:k].mean(axis=0)) for k in sizes]
+    from replicate.ensemble import score_members
+
+    scores = score_members(member_probabilities, targets, metrics.kl_divergence)
     return {
         "clips": len(targets),
-        "member_kl": per_member,
-        "ensemble_kl_by_size": dict(zip(map(str, sizes), by_size, strict=True)),
+        "member_kl": scores["member"],
+        "ensemble_kl_by_size": scores["ensemble_by_size"],
         "prior_kl": metrics.kl_divergence(targets, np.broadcast_to(prior, targets.shape)),
     }
 

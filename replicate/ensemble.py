@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import keras
@@ -74,3 +74,28 @@ class Ensemble:
     def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 256) -> np.ndarray:
         """The ensemble's probabilities for audio files: (files, classes)."""
         return self.predict(self.features(paths), batch_size)
+
+    def evaluate(self, inputs, targets: np.ndarray, metric: Callable, batch_size: int = 256) -> dict:
+        """Score every member and the ensembles of the first k members with `metric(targets, predictions)`."""
+        return score_members(self.predict_members(inputs, batch_size), targets, metric)
+
+
+def score_members(member_predictions: np.ndarray, targets: np.ndarray, metric: Callable) -> dict:
+    """Scores of each member and of the plain average of the first k members, for every k.
+
+    Args:
+        member_predictions: (members, rows, classes) probabilities.
+        targets: what `metric` compares them with.
+        metric: `metric(targets, predictions) -> float`, e.g. `metrics.kl_divergence`.
+
+    Returns:
+        {"member": [score per member], "ensemble_by_size": {"k": score of the first k averaged}}.
+    """
+    member_predictions = np.asarray(member_predictions)
+    return {
+        "member": [metric(targets, predictions) for predictions in member_predictions],
+        "ensemble_by_size": {
+            str(size): metric(targets, member_predictions[:size].mean(axis=0))
+            for size in range(1, len(member_predictions) + 1)
+        },
+    }

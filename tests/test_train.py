@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from models.dacon import build_dacon_model
-from replicate import files, pipeline, train
+from replicate import files, metrics, pipeline, train
 from replicate.ensemble import Ensemble
 
 RNG = np.random.default_rng(0)
@@ -99,6 +99,11 @@ def test_killed_ensemble_resumes_keeping_finished_members(tmp_path):
     probabilities = ensemble.predict(FEATURES[:5])
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(probabilities, ensemble.predict_members(FEATURES[:5]).mean(axis=0))
+    scores = ensemble.evaluate(FEATURES, TARGETS, metrics.kl_divergence)
+    members = ensemble.predict_members(FEATURES)
+    assert scores["member"] == [metrics.kl_divergence(TARGETS, p) for p in members]
+    assert scores["ensemble_by_size"]["2"] == pytest.approx(metrics.kl_divergence(TARGETS, members.mean(axis=0)))
+    assert scores["ensemble_by_size"]["2"] <= np.mean(scores["member"])  # KL is convex in the prediction
 
 
 def test_batchnorm_recalibration_averages_the_batch_statistics_with_final_weights():
