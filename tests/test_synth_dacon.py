@@ -140,3 +140,19 @@ def test_synthesize_speaks_a_word():
     assert not np.array_equal(audio, synthesize("seven", voice="en-us+f2"))
     with pytest.raises(RuntimeError, match="no voice"):
         synthesize("seven", voice="no-such-voice")
+
+
+def test_voice_settings_per_word_and_seen_or_unseen_test_voices():
+    rng = np.random.default_rng(0)
+    train_bank, test_bank = dacon._render_banks(rng, 16000, voices_per_word=1, unseen_test_voices=False)
+    assert len(train_bank) == 30 and all(len(utterances) == 1 for utterances in train_bank)
+    assert all(test[0] is train[0] for train, test in zip(train_bank, test_bank, strict=True))
+    train_bank, test_bank = dacon._render_banks(
+        np.random.default_rng(0), 16000, voices_per_word=2, unseen_test_voices=True
+    )
+    assert all(len(utterances) == 2 for utterances in test_bank)
+    assert not any(
+        np.array_equal(a, b) for train, test in zip(train_bank, test_bank, strict=True) for a in train for b in test
+    )
+    with pytest.raises(ValueError, match="voices_per_word"):
+        dacon.generate("unused", 1, 1, voices_per_word=0, progress=False)
