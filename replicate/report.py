@@ -130,6 +130,32 @@ def plot_ensemble_size(
     return _save(figure, path)
 
 
+def plot_confusion_matrix(
+    matrix: np.ndarray, class_names: Sequence[str], path: str | os.PathLike, *, title: str = "Confusion matrix"
+) -> Path:
+    """Counts with rows = true class, columns = predicted class; cells shaded by the row's share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    matrix = np.asarray(matrix)
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.55 * len(class_names) + 2)
+    figure, axes = pyplot.subplots(figsize=(size + 1, size))
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for row, column in np.ndindex(matrix.shape):
+        color = "white" if shares[row, column] > 0.5 else "black"
+        axes.text(column, row, str(int(matrix[row, column])), ha="center", va="center", color=color, fontsize=8)
+    axes.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right", fontsize=8)
+    axes.set_yticks(range(len(class_names)), class_names, fontsize=8)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, fraction=0.046, label="share of the true class")
+    return _save(figure, path)
+
+
 def _save(figure, path: str | os.PathLike) -> Path:
     from matplotlib import pyplot
 

@@ -33,12 +33,23 @@ def member_name(seed: int) -> str:
     return f"seed-{seed:02d}"
 
 
-def compile_model(model: keras.Model, train_recipe: dict) -> keras.Model:
-    """Compile with the recipe's optimizer, learning rate and loss, all Keras built-ins by name."""
-    optimizer = keras.optimizers.get(
-        {"class_name": train_recipe["optimizer"], "config": {"learning_rate": train_recipe["learning_rate"]}}
+def compile_model(model: keras.Model, train_recipe: dict, metrics: Sequence[Any] | None = None) -> keras.Model:
+    """Compile with the recipe's optimizer, learning rate and loss, all Keras built-ins by name.
+
+    Optional recipe keys: `loss_options` (the loss's constructor arguments, e.g. focal alpha/gamma),
+    `weight_decay` (the optimizer's decoupled weight decay), `jit_compile` (XLA; Keras's "auto" if absent).
+    """
+    optimizer_config = {"learning_rate": train_recipe["learning_rate"]}
+    if train_recipe.get("weight_decay"):
+        optimizer_config["weight_decay"] = train_recipe["weight_decay"]
+    optimizer = keras.optimizers.get({"class_name": train_recipe["optimizer"], "config": optimizer_config})
+    loss = keras.losses.get({"class_name": train_recipe["loss"], "config": dict(train_recipe.get("loss_options", {}))})
+    model.compile(
+        optimizer=optimizer,
+        loss=loss,
+        metrics=list(metrics) if metrics else None,
+        jit_compile=train_recipe.get("jit_compile", "auto"),
     )
-    model.compile(optimizer=optimizer, loss=keras.losses.get(train_recipe["loss"]))
     return model
 
 
@@ -51,6 +62,8 @@ def train_member(
     train_data: Callable[[int], Any],
     validation_data: Any = None,
     callbacks: Iterable[keras.callbacks.Callback] = (),
+    member_callbacks: Callable[[Path, str], Iterable[keras.callbacks.Callback]] | None = None,
+    metrics: Sequence[Any] | None = None,
     verbose: int | str = "auto",
 ) -> dict:
     """Train one member and save it as `members/seed-XX.keras`; resume it if it was interrupted.
@@ -64,6 +77,9 @@ def train_member(
         train_data: seed → the training `tf.data.Dataset` of this member.
         validation_data: passed to `fit` (None: no validation, as the DACON source trained).
         callbacks: extra callbacks, run after the checkpointing ones.
+        member_callbacks: (run_dir, member name) → callbacks made for this member only (e.g. a
+            best-epoch checkpoint that must not be shared between members).
+        metrics: compiled metrics, logged per epoch (validation ones too when there is validation data).
         verbose: Keras progress display.
 
     Returns:
@@ -76,7 +92,7 @@ def train_member(
     member_path.parent.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(seed)
-    model = compile_model(build_model(), recipe["train"])
+    model = compile_model(build_model(), recipe["train"], metrics=metrics)
     dataset = train_data(seed)
     epochs = recipe["train"]["epochs"]
     timer = _EpochTimer()
@@ -93,6 +109,7 @@ def train_member(
             keras.callbacks.TensorBoard(str(run_dir / "tensorboard" / name)),
             timer,
             *callbacks,
+            *(member_callbacks(run_dir, name) if member_callbacks else ()),
         ],
     )
     seconds = time.perf_counter() - started

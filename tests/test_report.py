@@ -35,3 +35,8 @@ def test_history_reader_skips_columns_csvlogger_fills_with_na(tmp_path):
     path = tmp_path / "h.csv"
     path.write_text("epoch,loss,val_loss\n0,3.5,NA\n1,3.0,NA\n")
     assert report.read_history(path) == {"loss": [3.5, 3.0]}
+
+
+def test_confusion_matrix_plot_is_written(tmp_path):
+    path = report.plot_confusion_matrix([[3, 1], [0, 2]], ["a", "b"], tmp_path / "confusion.png")
+    assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"

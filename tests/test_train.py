@@ -125,3 +125,19 @@ def test_batchnorm_recalibration_averages_the_batch_statistics_with_final_weight
     )
     assert batch_norm.momentum == 0.99
     np.testing.assert_array_equal(model.layers[1].weights[0].numpy(), kernel)  # nothing else changed
+
+
+def test_compile_model_passes_loss_options_weight_decay_and_metrics():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    recipe = {
+        "optimizer": "SGD",
+        "learning_rate": 0.01,
+        "weight_decay": 1e-4,
+        "loss": "CategoricalFocalCrossentropy",
+        "loss_options": {"alpha": 0.5, "gamma": 3.0},
+    }
+    train.compile_model(model, recipe, metrics=["accuracy"])
+    assert model.optimizer.weight_decay == pytest.approx(1e-4)
+    assert model.loss.alpha == 0.5 and model.loss.gamma == 3.0
+    history = model.fit(np.ones((4, 3)), np.eye(2)[[0, 1, 0, 1]], epochs=1, verbose=0)
+    assert "accuracy" in history.history
