@@ -12,7 +12,9 @@ Layout of a run folder (`runs/<recipe>/<run-id>/`):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import platform
 import resource
 import shutil
@@ -54,6 +56,28 @@ def compile_model(model: keras.Model, train_recipe: dict, metrics: Sequence[Any]
     return model
 
 
+@contextlib.contextmanager
+def dtype_policy(train_recipe: dict):
+    """Build and train under the recipe's Keras dtype policy: `train.precision`, "float32" when absent,
+    e.g. "mixed_bfloat16" or "mixed_float16" on a GPU (Keras then scales the loss for float16 itself)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(train_recipe.get("precision", "float32"))
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _under_recipe_precision(function):
+    @functools.wraps(function)
+    def wrapper(recipe, *args, **kwargs):
+        with dtype_policy(recipe["train"]):
+            return function(recipe, *args, **kwargs)
+
+    return wrapper
+
+
+@_under_recipe_precision
 def train_member(
     recipe: dict,
     seed: int,
@@ -108,6 +132,7 @@ def train_member(
     return entry
 
 
+@_under_recipe_precision
 def train_fused(
     recipe: dict,
     seeds: Sequence[int],
