@@ -12,7 +12,6 @@ from keras import layers
 
 from models.dacon import build_dacon_model
 from replicate import files, fused, pipeline, train
-from replicate.ensemble import Ensemble
 
 RNG = np.random.default_rng(3)
 FEATURES = RNG.normal(size=(24, 32, 32, 4)).astype(np.float32)
