@@ -54,6 +54,7 @@ RULES: dict[str, recipe_lib.Rule] = {
     "train.validation_fraction": recipe_lib.fraction,
     "train.fused": recipe_lib.positive,
     "train.precision": recipe_lib.one_of("float32", "mixed_bfloat16", "mixed_float16"),
+    "train.distribute": recipe_lib.one_of("none", "mirrored"),
     "ensemble.seeds": recipe_lib.positive,
     "ensemble.first_seed": recipe_lib.non_negative,
     "run.workers": recipe_lib.non_negative,

@@ -68,16 +68,35 @@ def dtype_policy(train_recipe: dict):
         keras.config.set_dtype_policy(previous)
 
 
-def _under_recipe_precision(function):
+def distribution_scope(train_recipe: dict):
+    """The scope to build and compile in: `train.distribute = "mirrored"` copies the model to every GPU
+    (every logical CPU on a machine without one) with `tf.distribute.MirroredStrategy`, each replica
+    taking a share of the batch; "none" (the default) trains on one device."""
+    mode = train_recipe.get("distribute", "none")
+    if mode == "none":
+        return contextlib.nullcontext()
+    if mode != "mirrored":
+        raise ValueError(f"train.distribute must be 'none' or 'mirrored', got {mode!r}")
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(f"train.distribute = 'mirrored' needs the TensorFlow backend, not {keras.backend.backend()}")
+    import tensorflow as tf
+
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([device.name for device in devices]).scope()
+
+
+def _under_recipe_settings(function):
+    """Run a training function under the recipe's dtype policy and distribution strategy."""
+
     @functools.wraps(function)
     def wrapper(recipe, *args, **kwargs):
-        with dtype_policy(recipe["train"]):
+        with dtype_policy(recipe["train"]), distribution_scope(recipe["train"]):
             return function(recipe, *args, **kwargs)
 
     return wrapper
 
 
-@_under_recipe_precision
+@_under_recipe_settings
 def train_member(
     recipe: dict,
     seed: int,
@@ -132,7 +151,7 @@ def train_member(
     return entry
 
 
-@_under_recipe_precision
+@_under_recipe_settings
 def train_fused(
     recipe: dict,
     seeds: Sequence[int],
