@@ -11,9 +11,10 @@ DATA ?=
 SEEDS ?=
 EPOCHS ?=
 ARGS ?=
+RECIPES ?= dacon
 RECIPE_ARGS := $(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
-.PHONY: install test test-all lint bench synth-dacon recipe-dacon clean
+.PHONY: install test test-all lint bench bench-recipes synth-dacon recipe-dacon clean
 
 install: $(STAMP)
 
@@ -38,6 +39,10 @@ lint: install
 # Features, training throughput per backend and fused ensembles; writes benchmarks/results/ and the README table.
 bench: install
 	$(BIN)/python -m benchmarks.run $(ARGS)
+
+# End-to-end wall time of every quick recipe from fresh synthetic data (tens of minutes; not part of bench).
+bench-recipes: install
+	$(BIN)/python -m benchmarks.run --skip-features --backends "" --recipes $(RECIPES)
 
 $(SYNTH_DIR)/dacon/train_answer.csv: | install
 	$(BIN)/python -m replicate.synth dacon --out $(SYNTH_DIR)/dacon --n-train 800 --n-test 200 --seed 0 --max-words 2 --voices-per-word 1 --seen-test-voices

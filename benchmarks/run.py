@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import features as features_benchmark
+from benchmarks import recipes as recipes_benchmark
 from benchmarks.training import MODELS
 from replicate import files, report
 
@@ -85,7 +86,7 @@ def extrapolation_table(results: dict[str, dict]) -> str:
     rows = []
     for name, workload in WORKLOADS.items():
         for label, result in sorted(results.items()):
-            measured = [m for m in result.get("training", []) if m["model"] == name]
+            measured = [m for m in result.get("training", {}).get("measurements", []) if m["model"] == name]
             if not measured:
                 continue
             best = max(measured, key=lambda m: m["samples_per_second"])
@@ -97,13 +98,20 @@ def extrapolation_table(results: dict[str, dict]) -> str:
     return report.markdown_table(("full recipe", "ours: measured on", "ours: training time", "source"), rows)
 
 
+def _section_line(section: dict) -> str:
+    return f"{section['machine']}, {section['date']}; `{section['command']}`"
+
+
 def readme_block(results: dict[str, dict]) -> str:
+    """Every results file's sections (each with its machine, date and command), then the extrapolation."""
     parts = []
     for label, result in sorted(results.items()):
-        parts += [f"**{label}** — {result['machine']}, {result['date']}; `{result['command']}`", ""]
+        parts += [f"**{label}**", ""]
         if result.get("features"):
             f = result["features"]
             parts += [
+                f"Features — {_section_line(f)}:",
+                "",
                 report.markdown_table(
                     ("features (DACON, 4 log-mel resolutions)", "clips/s", "peak RSS MiB"),
                     [
@@ -125,7 +133,17 @@ def readme_block(results: dict[str, dict]) -> str:
                 "",
             ]
         if result.get("training"):
-            parts += [training_table(result["training"]), ""]
+            training = result["training"]
+            parts += [f"Training — {_section_line(training)}:", "", training_table(training["measurements"]), ""]
+        if result.get("recipes"):
+            recipes = result["recipes"]
+            rows = [(r["command"], f"{r['wall_seconds'] / 60:.1f} min") for r in recipes["runs"]]
+            parts += [
+                f"End to end — {_section_line(recipes)}:",
+                "",
+                report.markdown_table(("quick profile, fresh synthetic data, venv installed", "wall time"), rows),
+                "",
+            ]
     parts += ["Extrapolated from the best measured throughput (training only; features are computed once):", ""]
     parts += [extrapolation_table(results), ""]
     return "\n".join(parts)
@@ -144,31 +162,44 @@ def main(argv=None) -> None:
     parser.add_argument("--precisions", default="float32", help="comma-separated dtype policies")
     parser.add_argument("--clips", type=int, default=1000, help="clips in the features benchmark")
     parser.add_argument("--skip-features", action="store_true", help="no features benchmark (e.g. on a GPU box)")
+    parser.add_argument("--recipes", default="", help="comma-separated recipes to time end to end (minutes each)")
     parser.add_argument("--label", help="results file name (default: cpu or gpu, from the device measured)")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the README from results/*.json")
     arguments = parser.parse_args(argv)
 
     if not arguments.table_only:
-        result = {
+        stamp = {
             "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()} {platform.system()}, {len(os.sched_getaffinity(0))} CPU cores",
             "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "training": [],
         }
+        measured = {}  # the sections this run measured replace those of the results file; the others stay
         if not arguments.skip_features:
             print(f"features: {arguments.clips} clips, the source's way and ours", flush=True)
-            result["features"] = features_benchmark.run(arguments.clips)
-            print(json.dumps(result["features"]), flush=True)
-        for backend in arguments.backends.split(","):
+            measured["features"] = {**features_benchmark.run(arguments.clips), **stamp}
+            print(json.dumps(measured["features"]), flush=True)
+        measurements = []
+        for backend in filter(None, arguments.backends.split(",")):
             for model in arguments.models.split(","):
                 for precision in arguments.precisions.split(","):
                     for fused in sorted({1, arguments.fused}):
                         print(f"training: {model} on {backend}, {precision}, {fused} fused", flush=True)
-                        result["training"].append(training_run(backend, model, fused, arguments.steps, precision))
-                        print(json.dumps(result["training"][-1]), flush=True)
-        devices = {m["device"] for m in result["training"]}
+                        measurements.append(training_run(backend, model, fused, arguments.steps, precision))
+                        print(json.dumps(measurements[-1]), flush=True)
+        if measurements:
+            measured["training"] = {**stamp, "measurements": measurements}
+        runs = []
+        for name in filter(None, arguments.recipes.split(",")):
+            print(f"recipe: make recipe-{name}, quick profile from fresh synthetic data", flush=True)
+            runs.append(recipes_benchmark.time_recipe(name))
+            print(json.dumps(runs[-1]), flush=True)
+        if runs:
+            measured["recipes"] = {**stamp, "runs": runs}
+        devices = {m["device"] for m in measurements}
         label = arguments.label or ("gpu" if any(not d.startswith("cpu") for d in devices) else "cpu")
-        path = files.write_json(RESULTS_DIR / f"{label}.json", result)
+        path = RESULTS_DIR / f"{label}.json"
+        previous = files.read_json(path) if path.is_file() else {}
+        files.write_json(path, {**previous, **measured})
         print(f"results: {path}")
     changed = report.update_readme(README, "bench", readme_block(load_results()))
     print(f"{README}: results:bench {'updated' if changed else 'already up to date'}")
