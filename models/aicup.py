@@ -25,9 +25,6 @@ from keras import initializers, layers
 
 NUM_FRAMES = 126  # 1 s at 44.1 kHz, hop 352, centred frames: 1 + 44100 // 352
 NUM_CLINICAL = 44  # the spec's clinical encoding
-# Pooling pads with this instead of −∞ (nothing in Keras pads with a constant): far below any activation
-# after BatchNormalization, so a padded cell never wins a max, and finite in float32.
-_PAD_VALUE = -1e9
 
 
 def _torch_default(fan_in: int):
@@ -45,17 +42,20 @@ def _batch_norm(name: str):
 
 
 def _max_pool_padded(x, name: str):
-    """`nn.MaxPool2d(2, padding=1)`: pad one cell of −∞ on every side, then 2×2 max pooling, stride 2.
+    """`nn.MaxPool2d(2, padding=1)`: 2×2 max pooling, stride 2, over the input padded by one cell of −∞.
 
-    Built from Keras layers only (so saved models load anywhere): a tensor of ones (0·x + 1), zero-padded,
-    marks the real cells; mapped to 0 inside and `_PAD_VALUE` on the border and added to the zero-padded input.
+    A window never holds only padding, so −∞ padding equals repeating the edge row and column (the max of
+    a window is then its real cells' max either way). Keras has no padding layer but zeros, so the edges
+    are repeated with Cropping2D and Concatenate: exact, and built from Keras layers only.
     """
-    padded = layers.ZeroPadding2D(1, name=f"{name}_pad")(x)
-    ones = layers.Rescaling(scale=0.0, offset=1.0, name=f"{name}_ones")(x)
-    inside = layers.ZeroPadding2D(1, name=f"{name}_inside")(ones)
-    border = layers.Rescaling(scale=-_PAD_VALUE, offset=_PAD_VALUE, name=f"{name}_border")(inside)
-    padded = layers.Add(name=f"{name}_pad_value")([padded, border])
-    return layers.MaxPooling2D(2, name=f"{name}_pool")(padded)
+    height, width = x.shape[1], x.shape[2]
+    first_row = layers.Cropping2D(((0, height - 1), (0, 0)), name=f"{name}_first_row")(x)
+    last_row = layers.Cropping2D(((height - 1, 0), (0, 0)), name=f"{name}_last_row")(x)
+    x = layers.Concatenate(axis=1, name=f"{name}_pad_rows")([first_row, x, last_row])
+    first_column = layers.Cropping2D(((0, 0), (0, width - 1)), name=f"{name}_first_column")(x)
+    last_column = layers.Cropping2D(((0, 0), (width - 1, 0)), name=f"{name}_last_column")(x)
+    x = layers.Concatenate(axis=2, name=f"{name}_pad_columns")([first_column, x, last_column])
+    return layers.MaxPooling2D(2, name=f"{name}_pool")(x)
 
 
 def _conv_block(x, filters: int, kernel_size: tuple[int, int], name: str):
