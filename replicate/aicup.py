@@ -38,8 +38,6 @@ from replicate import files, metrics, report
 from replicate import recipe as recipe_lib
 from replicate.task import DataError, listing, short_commit
 
-__all__ = ["DataError", "load_data", "read_table", "ClinicalEncoder", "run", "main"]
-
 CLASS_NAMES = ("Phonotrauma", "Incomplete glottic closure", "Vocal palsy", "Neoplasm", "Normal")  # labels 1-5
 LABEL_COLUMN = "Disease category"
 ID_COLUMN = "ID"
