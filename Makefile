@@ -13,7 +13,7 @@ EPOCHS ?=
 ARGS ?=
 RECIPE_ARGS := $(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
-.PHONY: install test test-all lint synth-dacon recipe-dacon synth-aicup recipe-aicup clean
+.PHONY: install test test-all lint bench synth-dacon recipe-dacon synth-aicup recipe-aicup clean
 
 install: $(STAMP)
 
@@ -32,8 +32,12 @@ test-all: install
 	$(BIN)/python -m pytest -m "slow or not slow"
 
 lint: install
-	$(BIN)/ruff check replicate models tests
-	$(BIN)/ruff format --check replicate models tests
+	$(BIN)/ruff check replicate models tests benchmarks
+	$(BIN)/ruff format --check replicate models tests benchmarks
+
+# Features, training throughput per backend and fused ensembles; writes benchmarks/results/ and the README table.
+bench: install
+	$(BIN)/python -m benchmarks.run $(ARGS)
 
 $(SYNTH_DIR)/dacon/train_answer.csv: | install
 	$(BIN)/python -m replicate.synth dacon --out $(SYNTH_DIR)/dacon --n-train 800 --n-test 200 --seed 0 --max-words 2 --voices-per-word 1 --seen-test-voices

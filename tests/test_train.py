@@ -206,3 +206,11 @@ def test_best_epoch_refuses_a_score_without_the_monitored_value():
     model = train.compile_model(_small_model(), RECIPE["train"])
     with pytest.raises(ValueError, match="without the monitored 'val_score'"):
         model.fit(pipeline.from_arrays(FEATURES, TARGETS, batch_size=8), epochs=1, callbacks=[best], verbose=0)
+
+
+def test_members_train_and_save_under_the_recipes_precision(tmp_path):
+    recipe = {"train": {**RECIPE["train"], "epochs": 1, "precision": "mixed_bfloat16"}}
+    train.train_member(recipe, 0, run_dir=tmp_path, **_arguments())
+    model = keras.models.load_model(tmp_path / "members" / "seed-00.keras")
+    assert model.layers[1].dtype_policy.name == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == "float32"  # the process's policy is left as it was
