@@ -14,7 +14,7 @@ ARGS ?=
 RECIPES ?= dacon
 RECIPE_ARGS := $(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
-.PHONY: install test test-all lint bench bench-recipes synth-dacon recipe-dacon clean
+.PHONY: install test test-all lint bench bench-recipes synth-dacon recipe-dacon synth-aicup recipe-aicup clean
 
 install: $(STAMP)
 
@@ -56,6 +56,20 @@ recipe-dacon: synth-dacon
 else
 recipe-dacon: install
 	$(BIN)/python -m replicate.dacon --data $(DATA) $(RECIPE_ARGS)
+endif
+
+$(SYNTH_DIR)/aicup/Training_Dataset/training_datalist.csv: | install
+	$(BIN)/python -m replicate.synth aicup --out $(SYNTH_DIR)/aicup --n-train 600 --n-public 150 --n-private 150 --seed 0
+
+synth-aicup: $(SYNTH_DIR)/aicup/Training_Dataset/training_datalist.csv
+
+# Without DATA: the quick profile on synthetic data (multimodal and audio only). With DATA=/path: the source recipe.
+ifeq ($(DATA),)
+recipe-aicup: synth-aicup
+	$(BIN)/python -m replicate.aicup --data $(SYNTH_DIR)/aicup --profile quick $(RECIPE_ARGS)
+else
+recipe-aicup: install
+	$(BIN)/python -m replicate.aicup --data $(DATA) $(RECIPE_ARGS)
 endif
 
 clean:
