@@ -38,6 +38,15 @@ MODELS: dict[str, ModelBenchmark] = {
     "dacon": ModelBenchmark(
         "models.dacon:build_dacon_model", {"log_mel": (64, 101, 4)}, 30, "KLDivergence", "Nadam", 0.002, 16
     ),
+    "aicup": ModelBenchmark(  # the n_mfcc = 13 variant, multimodal
+        "models.aicup:build_aicup_model",
+        {"mfcc_13": (13, 126, 1), "clinical": (44,)},
+        5,
+        "CategoricalCrossentropy",
+        "SGD",
+        0.01,
+        32,
+    ),
 }
 
 

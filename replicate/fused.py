@@ -38,6 +38,7 @@ CHANNEL_WISE = (
     layers.GlobalMaxPooling2D,
     layers.Resizing,
     layers.ZeroPadding2D,
+    layers.Cropping2D,
     layers.Add,
 )
 
@@ -98,9 +99,9 @@ def _fused_call(layer, arguments: list, count: int):
         config = layer.get_config()
         config.update(filters=layer.filters * count, groups=layer.groups * count)
         return layers.Conv2D.from_config(config)(arguments[0])
-    if isinstance(layer, CHANNEL_WISE):
+    if isinstance(layer, CHANNEL_WISE) or _along_other_axes(layer, arguments):
         packed = type(layer).from_config(layer.get_config())
-        return packed(arguments if isinstance(layer, layers.Add) else arguments[0])
+        return packed(arguments if isinstance(layer, (layers.Add, layers.Concatenate)) else arguments[0])
     if isinstance(layer, layers.Flatten):
         # Member k's features must be its own (height, width, channel) flattening, in block k.
         x = arguments[0]
@@ -128,6 +129,18 @@ def _fused_call(layer, arguments: list, count: int):
         x = layers.Concatenate(axis=-1, name=name)(blocks)
         return layers.Reshape((*x.shape[1:-2], count * x.shape[-1]), name=f"{name}_packed")(x)
     raise ValueError(f"cannot fuse layer {name!r} of type {type(layer).__name__}: no packed form is defined for it")
+
+
+def _along_other_axes(layer, arguments: list) -> bool:
+    """A concatenation or weightless normalisation along axes other than the channel axis, which treats
+    every channel (so every member's block) on its own."""
+    rank = len(arguments[0].shape)
+    if isinstance(layer, layers.Concatenate):
+        return layer.axis % rank != rank - 1
+    if isinstance(layer, layers.LayerNormalization) and not (layer.center or layer.scale):
+        axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
+        return all(axis % rank != rank - 1 for axis in axes)
+    return False
 
 
 def _weighted_pairs(fused: keras.Model, members: Sequence[keras.Model]):

@@ -201,3 +201,19 @@ def test_fused_training_refuses_per_member_callbacks(tmp_path):
             train_data=lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8),
             member_callbacks=lambda run_dir, name: [keras.callbacks.ReduceLROnPlateau()],
         )
+
+
+def test_the_ai_cup_model_with_its_edge_padding_and_frame_standardisation_fuses():
+    from models.aicup import build_aicup_model
+
+    build = functools.partial(build_aicup_model, n_mfcc=13, clinical_units=(8,), head_units=8)
+    members = _members(2, build)
+    model = fused.pack(fused.fuse(members[0], 2), members)
+    mfcc = RNG.normal(size=(3, 13, 126, 2)).astype(np.float32)
+    clinical = RNG.normal(size=(3, 88)).astype(np.float32)
+    outputs = model.predict({"mfcc_13": mfcc, "clinical": clinical}, verbose=0)
+    for k, member in enumerate(members):
+        expected = member.predict(
+            {"mfcc_13": mfcc[..., k : k + 1], "clinical": clinical[:, 44 * k : 44 * (k + 1)]}, verbose=0
+        )
+        np.testing.assert_allclose(outputs[k], expected, atol=1e-5)
