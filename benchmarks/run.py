@@ -35,6 +35,11 @@ WORKLOADS = {
         "samples": 100_000 * 187 * 15,  # spec/dacon.md: ~100,000 train files; 187 epochs; 15 seeds
         "source": "≈ 142 h (9.5 h per model, RTX 2060 Super)",  # spec/dacon.md, "Ensemble"
     },
+    "aicup": {
+        "what": "AI CUP: 750 persons × 150 epochs × 5 variants × 15 seeds (n_mfcc 13's speed)",
+        "samples": 750 * 150 * 5 * 15,  # spec/aicup.md: ~1,000 persons, fold 0 of 4 trains; 150 epochs
+        "source": "not reported (5 variants × 1 seed)",
+    },
 }
 
 
