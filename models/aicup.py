@@ -115,8 +115,12 @@ def build_aicup_model(
         raise ValueError(f"conv_filters must give the three blocks' filters, got {conv_filters}")
 
     mfcc = keras.Input(shape=(n_mfcc, num_frames, 1), name=mfcc_input_name(n_mfcc))
-    # The source's `(x - x.mean(axis=0)) / x.std(axis=0)` over the coefficients of each frame.
-    x = layers.LayerNormalization(axis=1, center=False, scale=False, epsilon=1e-12, name="frame_standardization")(mfcc)
+    # The source's `(x - x.mean(axis=0)) / x.std(axis=0)` over the coefficients of each frame. Axes (1, 3)
+    # rather than 1: over the single channel the statistics are the same, and Keras's PyTorch backend
+    # normalises a lone middle axis wrongly (it hands it to F.layer_norm, which takes the trailing axes).
+    x = layers.LayerNormalization(axis=(1, 3), center=False, scale=False, epsilon=1e-12, name="frame_standardization")(
+        mfcc
+    )
     for index, (filters, kernel_size) in enumerate(zip(conv_filters, ((3, 3), (3, 10), (3, 10)), strict=True)):
         x = _conv_block(x, filters, kernel_size, name=f"block{index + 1}")
     x = layers.GlobalAveragePooling2D(name="audio_pool")(x)

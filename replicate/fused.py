@@ -99,6 +99,8 @@ def _fused_call(layer, arguments: list, count: int):
         config = layer.get_config()
         config.update(filters=layer.filters * count, groups=layer.groups * count)
         return layers.Conv2D.from_config(config)(arguments[0])
+    if isinstance(layer, layers.LayerNormalization) and not (layer.center or layer.scale):
+        return _standardize_per_member(layer, arguments[0], count)
     if isinstance(layer, CHANNEL_WISE) or _along_other_axes(layer, arguments):
         packed = type(layer).from_config(layer.get_config())
         return packed(arguments if isinstance(layer, (layers.Add, layers.Concatenate)) else arguments[0])
@@ -132,15 +134,34 @@ def _fused_call(layer, arguments: list, count: int):
 
 
 def _along_other_axes(layer, arguments: list) -> bool:
-    """A concatenation or weightless normalisation along axes other than the channel axis, which treats
-    every channel (so every member's block) on its own."""
+    """A concatenation along an axis other than the channel axis, which keeps every channel (so every
+    member's block) apart."""
     rank = len(arguments[0].shape)
-    if isinstance(layer, layers.Concatenate):
-        return layer.axis % rank != rank - 1
-    if isinstance(layer, layers.LayerNormalization) and not (layer.center or layer.scale):
-        axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
-        return all(axis % rank != rank - 1 for axis in axes)
-    return False
+    return isinstance(layer, layers.Concatenate) and layer.axis % rank != rank - 1
+
+
+def _standardize_per_member(layer, x, count: int):
+    """A weightless LayerNormalization over axes that hold one member's values only.
+
+    The member's channel axis may be among its axes only where the member has one channel (its statistics
+    are then those of the other axes). The normalised axes are moved to the end, normalised there and moved
+    back: a normalisation over trailing axes is the one every backend computes alike.
+    """
+    rank = len(x.shape)
+    axes = {axis % rank for axis in ([layer.axis] if isinstance(layer.axis, int) else layer.axis)}
+    if rank - 1 in axes:
+        if x.shape[-1] != count:
+            raise ValueError(
+                f"cannot fuse layer {layer.name!r}: it normalises over the channel axis, which would mix members"
+            )
+        axes.discard(rank - 1)
+    kept = [axis for axis in range(1, rank) if axis not in axes]
+    order = kept + sorted(axes)
+    inverse = [order.index(axis) + 1 for axis in range(1, rank)]
+    config = {**layer.get_config(), "axis": list(range(len(kept) + 1, rank))}
+    x = layers.Permute(order, name=f"{layer.name}_axes_last")(x)
+    x = layers.LayerNormalization.from_config(config)(x)
+    return layers.Permute(inverse, name=f"{layer.name}_axes_back")(x)
 
 
 def _weighted_pairs(fused: keras.Model, members: Sequence[keras.Model]):

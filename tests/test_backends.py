@@ -10,8 +10,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from models.aicup import build_aicup_model
+from models.dacon import build_dacon_model
 from tests.conftest import ROOT
 
 # TensorFlow made unimportable: a machine with only JAX or PyTorch must be able to run this.
@@ -34,24 +37,39 @@ TORCH = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="Py
 
 
 @TORCH
-def test_models_and_fused_models_predict_on_torch():
+@pytest.mark.parametrize("recipe", ["dacon", "aicup"])
+def test_saved_members_predict_the_same_on_torch_and_fuse_there(tmp_path, recipe):
+    rng = np.random.default_rng(0)
+    if recipe == "dacon":
+        model = build_dacon_model(input_shape=(32, 32, 4))
+        inputs = {"log_mel": rng.normal(size=(3, 32, 32, 4)).astype(np.float32)}
+    else:
+        model = build_aicup_model(n_mfcc=13)
+        inputs = {"mfcc_13": rng.normal(size=(3, 13, 126, 1)), "clinical": rng.normal(size=(3, 44))}
+        inputs = {key: value.astype(np.float32) for key, value in inputs.items()}
+    model.save(tmp_path / "member.keras")
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    np.save(tmp_path / "tensorflow.npy", model.predict(inputs, verbose=0))
     output = _run(
         "torch",
         "import numpy as np, keras\n"
-        "from models.dacon import build_dacon_model\n"
         "from replicate import fused\n"
         "assert keras.backend.backend() == 'torch'\n"
-        "members = [build_dacon_model(input_shape=(32, 32, 4)) for _ in range(2)]\n"
-        "model = fused.pack(fused.fuse(members[0], 2), members)\n"
-        "x = np.random.default_rng(0).normal(size=(3, 32, 32, 8)).astype('float32')\n"
-        "outputs = model.predict(x, verbose=0)\n"
-        "np.testing.assert_allclose(outputs[1], members[1].predict(x[..., 4:], verbose=0), atol=1e-5)\n"
+        f"member = keras.models.load_model({str(tmp_path / 'member.keras')!r})\n"
+        f"inputs = dict(np.load({str(tmp_path / 'inputs.npz')!r}))\n"
+        f"np.testing.assert_allclose(member.predict(inputs, verbose=0), np.load({str(tmp_path / 'tensorflow.npy')!r}),"
+        " atol=1e-5)\n"
+        "model = fused.pack(fused.fuse(member, 2), [member, member])\n"
+        "stacked = {key: np.concatenate([value, value[::-1]], axis=-1) for key, value in inputs.items()}\n"
+        "outputs = model.predict(stacked, verbose=0)\n"
+        "reversed_inputs = {key: value[::-1] for key, value in inputs.items()}\n"
+        "np.testing.assert_allclose(outputs[1], member.predict(reversed_inputs, verbose=0), atol=1e-5)\n"
         "print('ok', [o.shape for o in outputs])\n",
     )
-    assert "ok [(3, 30), (3, 30)]" in output
+    assert f"ok [(3, {model.output_shape[-1]}), (3, {model.output_shape[-1]})]" in output
 
 
 @TORCH
 def test_the_training_benchmark_trains_a_fused_ensemble_on_torch():
-    output = _run("torch", "from benchmarks import training; print(training.measure('dacon', fused=2, steps=1))")
+    output = _run("torch", "from benchmarks import training; print(training.measure('aicup', fused=2, steps=1))")
     assert "'backend': 'torch'" in output and "'fused': 2" in output
