@@ -916,8 +916,11 @@ def _evaluate_persons(
 
     masked = score_members(member_probabilities, targets, person_f1(True))
     unmasked = score_members(member_probabilities, targets, person_f1(False))
+    chosen = masked if inference["label_masking"] else unmasked
     ensemble = member_probabilities.mean(axis=0)
-    predicted, _ = person_predictions(ensemble, token_person, persons, table, tie_rule=inference["tie_rule"])
+    predicted, _ = person_predictions(
+        ensemble, token_person, persons, table, masking=inference["label_masking"], tie_rule=inference["tie_rule"]
+    )
     token_targets = targets[token_person]
     group_masks = np.stack([table.mask(p.sex, p.age) for p in persons])[token_person]
     token_scores = {}
@@ -930,8 +933,11 @@ def _evaluate_persons(
     return {
         "persons": len(persons),
         "tokens": len(token_person),
-        "member_macro_f1": masked["member"],
-        "ensemble_macro_f1_by_size": masked["ensemble_by_size"],
+        "label_masking": inference["label_masking"],
+        "member_macro_f1": chosen["member"],
+        "ensemble_macro_f1_by_size": chosen["ensemble_by_size"],
+        "member_macro_f1_masked": masked["member"],
+        "ensemble_macro_f1_by_size_masked": masked["ensemble_by_size"],
         "member_macro_f1_unmasked": unmasked["member"],
         "ensemble_macro_f1_by_size_unmasked": unmasked["ensemble_by_size"],
         "majority_macro_f1": metrics.macro_f1(targets, np.full(len(targets), majority), labels=labels),
@@ -977,7 +983,12 @@ def evaluate_and_report(
         with files.atomic_path(run_dir / "test_predictions.npz", suffix=".npz") as temporary:
             np.savez(temporary, seeds=np.array(ensemble.seeds), probabilities=members, rows=rows, person=token_person)
         predicted, probabilities = person_predictions(
-            members.mean(axis=0), token_person, data.test, table, tie_rule=inference["tie_rule"]
+            members.mean(axis=0),
+            token_person,
+            data.test,
+            table,
+            masking=inference["label_masking"],
+            tie_rule=inference["tie_rule"],
         )
         write_submission(run_dir / "submission.csv", data.test, predicted, probabilities)
         log(f"submission: {run_dir / 'submission.csv'}")
@@ -1135,11 +1146,12 @@ def write_report(run_dir: Path, scores: dict, data: MaicData, train_store: Token
             np.array(evaluation["confusion_matrix"]),
             list(DIAGNOSES),
             run_dir / f"confusion_{slug}.png",
-            title=f"Persons, {split}: ensemble, label masking",
+            title=f"Persons, {split}: ensemble, {'label masking' if evaluation['label_masking'] else 'no masking'}",
         )
         size = str(len(evaluation["member_macro_f1"]))
+        masking_word = "label masking" if evaluation["label_masking"] else "no label masking"
         lines += [
-            f"### {split}: per diagnosis (ensemble of {size}, label masking)",
+            f"### {split}: per diagnosis (ensemble of {size}, {masking_word})",
             "",
             report.markdown_table(
                 ("diagnosis", "F1", "persons"),
@@ -1160,12 +1172,12 @@ def write_report(run_dir: Path, scores: dict, data: MaicData, train_store: Token
                 [
                     (
                         f"person macro F1, {size}-member ensemble",
-                        evaluation["ensemble_macro_f1_by_size"][size],
+                        evaluation["ensemble_macro_f1_by_size_masked"][size],
                         evaluation["ensemble_macro_f1_by_size_unmasked"][size],
                     ),
                     (
                         "person macro F1, single member mean",
-                        float(np.mean(evaluation["member_macro_f1"])),
+                        float(np.mean(evaluation["member_macro_f1_masked"])),
                         float(np.mean(evaluation["member_macro_f1_unmasked"])),
                     ),
                     (
