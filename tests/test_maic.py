@@ -4,16 +4,14 @@ crops, splits, and the whole recipe end to end on a tiny data set."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from replicate import files, maic
 from replicate.task import DataError
-from tests.conftest import ROOT, run_python
 
 TOKENS = [(0, 10), (12, 40), (45, 120)]  # (start, end) columns, end exclusive
 
@@ -338,11 +336,8 @@ def synthetic(tmp_path_factory):
     return out
 
 
-def test_recipe_end_to_end_and_resume(synthetic, tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "replicate.maic",
+def test_recipe_end_to_end_and_resume(synthetic, tmp_path, capsys):
+    arguments = [
         "--data",
         str(synthetic),
         "--run-dir",
@@ -356,10 +351,9 @@ def test_recipe_end_to_end_and_resume(synthetic, tmp_path):
         f"run.cache_dir='{tmp_path / 'cache'}'",
         *[argument for setting in TINY for argument in ("--set", setting)],
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert maic.main(arguments) == 0
     run_dir = tmp_path / "run"
-    assert f"done: report {run_dir / 'report.md'}, submission {run_dir / 'submission.csv'}" in result.stdout
+    assert f"done: report {run_dir / 'report.md'}, submission {run_dir / 'submission.csv'}" in capsys.readouterr().out
     submission = (run_dir / "submission.csv").read_text().splitlines()
     assert submission[0] == "wav_code,diagnosis," + ",".join(f"p_{name}" for name in maic.DIAGNOSES)
     assert len(submission) == 7
@@ -376,15 +370,14 @@ def test_recipe_end_to_end_and_resume(synthetic, tmp_path):
     history = (run_dir / "members" / "seed-00.history.csv").read_text()
     assert "val_macro_f1" in history.splitlines()[0]
 
-    # The member loads in a fresh process, outside the package, in safe mode.
-    run_python(
-        f"import keras\nkeras.models.load_model({str(run_dir / 'members' / 'seed-00.keras')!r}, safe_mode=True)\n",
-        cwd=tmp_path,
-    )
+    # New persons are diagnosed exactly as the test persons were.
+    predicted = maic.predict_persons(run_dir, synthetic / "test", cache_dir=str(tmp_path / "cache"))
+    written = pd.read_csv(run_dir / "submission.csv")
+    assert predicted["diagnosis"].tolist() == written["diagnosis"].tolist()
+    np.testing.assert_allclose(predicted.iloc[:, 2:].to_numpy(), written.iloc[:, 2:].to_numpy(), atol=2e-6)
     # Again: the member is kept, the tokens come from the cache.
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "already trained, kept" in again.stdout
+    assert maic.main(arguments) == 0
+    assert "already trained, kept" in capsys.readouterr().out
     from replicate import report as report_lib
 
     readme = tmp_path / "README.md"
@@ -393,25 +386,9 @@ def test_recipe_end_to_end_and_resume(synthetic, tmp_path):
     assert "ours: majority class (Normal)" in readme.read_text()
 
 
-def test_a_bad_data_folder_is_one_line_on_stderr(tmp_path):
+def test_a_bad_data_folder_is_one_line_on_stderr(tmp_path, capsys):
     write_person(tmp_path / "train", "a")
     _rewrite_csv(tmp_path / "train" / "a.csv", rows=100)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "replicate.maic",
-            "--data",
-            str(tmp_path),
-            "--run-dir",
-            str(tmp_path / "run"),
-            "--no-progress",
-            "--set",
-            f"run.cache_dir='{tmp_path / 'cache'}'",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().endswith("a.csv: 100 rows, expected 128 (one per mel band)")
+    arguments = ["--data", str(tmp_path), "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert maic.main([*arguments, "--set", f"run.cache_dir='{tmp_path / 'cache'}'"]) == 2
+    assert capsys.readouterr().err.strip().endswith("a.csv: 100 rows, expected 128 (one per mel band)")
