@@ -1196,6 +1196,11 @@ def write_report(run_dir: Path, scores: dict, data: MaicData, train_store: Token
         for member in manifest["members"]
     }
     report.plot_training_curves(histories, run_dir / "training_curves.png")
+    monitor = recipe["train"]["monitor"]
+    curves = "![training curves](training_curves.png)"
+    if any(monitor in history for history in histories.values()):
+        report.plot_history_metric(histories, monitor, run_dir / "validation_f1.png", label=f"{monitor} (validation)")
+        curves += " ![validation F1](validation_f1.png)"
     counts = manifest["data"]["counts"]
     lines = [
         f"# MAIC 2021 voice pathology — run `{run_dir.name}`",
@@ -1299,7 +1304,7 @@ def write_report(run_dir: Path, scores: dict, data: MaicData, train_store: Token
             ],
         ),
         "",
-        "![training curves](training_curves.png)",
+        curves,
         "",
         "## Data and tokens",
         "",

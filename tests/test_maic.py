@@ -364,7 +364,7 @@ def test_recipe_end_to_end_and_resume(synthetic, tmp_path, capsys):
     report = (run_dir / "report.md").read_text()
     for heading in ("## Sub-classes", "## Label masking", "confusion matrix", "0.5759", "0.7346"):
         assert heading in report
-    assert (run_dir / "confusion_test.png").is_file()
+    assert (run_dir / "confusion_test.png").is_file() and (run_dir / "validation_f1.png").is_file()
     manifest = files.read_json(run_dir / "manifest.json")
     assert manifest["members"][0]["best_epoch"] in (1, 2)
     history = (run_dir / "members" / "seed-00.history.csv").read_text()
