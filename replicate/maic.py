@@ -1085,6 +1085,14 @@ def predict_persons(
     return submission_table(persons, predicted, probabilities)
 
 
+def inference_features(paths: Sequence[str | os.PathLike], manifest: dict) -> np.ndarray:
+    """`Ensemble.features` hook: MAIC predicts persons (tokens, masking, votes), not single files."""
+    raise NotImplementedError(
+        "a MAIC ensemble diagnoses persons: use replicate.maic.predict_persons(run_dir, folder) for a folder of "
+        "<id>.csv + JSON files"
+    )
+
+
 def submission_table(persons: Sequence[Person], predicted: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:
     """wav_code, predicted diagnosis ("" for a person without tokens), p_<diagnosis> per person."""
     table = pd.DataFrame(probabilities, columns=[f"p_{name}" for name in DIAGNOSES])

@@ -375,6 +375,10 @@ def test_recipe_end_to_end_and_resume(synthetic, tmp_path, capsys):
     written = pd.read_csv(run_dir / "submission.csv")
     assert predicted["diagnosis"].tolist() == written["diagnosis"].tolist()
     np.testing.assert_allclose(predicted.iloc[:, 2:].to_numpy(), written.iloc[:, 2:].to_numpy(), atol=2e-6)
+    from replicate.ensemble import Ensemble
+
+    with pytest.raises(NotImplementedError, match="predict_persons"):
+        Ensemble.load(run_dir).features([synthetic / "test" / "test_0000.csv"])
     # Again: the member is kept, the tokens come from the cache.
     assert maic.main(arguments) == 0
     assert "already trained, kept" in capsys.readouterr().out
