@@ -52,6 +52,7 @@ RULES: dict[str, recipe_lib.Rule] = {
     "train.optimizer": recipe_lib.one_of("Nadam", "Adam", "AdamW", "SGD", "RMSprop"),
     "train.loss": recipe_lib.one_of("KLDivergence", "CategoricalCrossentropy"),
     "train.validation_fraction": recipe_lib.fraction,
+    "train.fused": recipe_lib.positive,
     "ensemble.seeds": recipe_lib.positive,
     "ensemble.first_seed": recipe_lib.non_negative,
     "run.workers": recipe_lib.non_negative,
