@@ -14,7 +14,7 @@ ARGS ?=
 RECIPES ?= dacon
 RECIPE_ARGS := $(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
-.PHONY: install test test-all lint bench bench-recipes synth-dacon recipe-dacon synth-aicup recipe-aicup clean
+.PHONY: install test test-all lint bench bench-recipes synth-dacon recipe-dacon synth-maic recipe-maic synth-aicup recipe-aicup clean
 
 install: $(STAMP)
 
@@ -56,6 +56,20 @@ recipe-dacon: synth-dacon
 else
 recipe-dacon: install
 	$(BIN)/python -m replicate.dacon --data $(DATA) $(RECIPE_ARGS)
+endif
+
+$(SYNTH_DIR)/maic/test_answer.csv: | install
+	$(BIN)/python -m replicate.synth maic --out $(SYNTH_DIR)/maic --n-train 200 --n-test 80 --seed 0
+
+synth-maic: $(SYNTH_DIR)/maic/test_answer.csv
+
+# Without DATA: the quick profile on synthetic data. With DATA=/path: the full source recipe.
+ifeq ($(DATA),)
+recipe-maic: synth-maic
+	$(BIN)/python -m replicate.maic --data $(SYNTH_DIR)/maic --profile quick $(RECIPE_ARGS)
+else
+recipe-maic: install
+	$(BIN)/python -m replicate.maic --data $(DATA) $(RECIPE_ARGS)
 endif
 
 $(SYNTH_DIR)/aicup/Training_Dataset/training_datalist.csv: | install

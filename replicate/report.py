@@ -104,6 +104,29 @@ def plot_training_curves(histories: dict[str, dict[str, list[float]]], path: str
     return _save(figure, path)
 
 
+def plot_history_metric(
+    histories: dict[str, dict[str, list[float]]], key: str, path: str | os.PathLike, *, label: str | None = None
+) -> Path:
+    """One logged value (e.g. "val_macro_f1" written by `train.BestEpoch`) per epoch for every member that
+    has it, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot, ticker
+
+    figure, axes = pyplot.subplots(figsize=(7, 4))
+    for name, history in histories.items():
+        if key in history:
+            axes.plot(range(1, len(history[key]) + 1), history[key], "o-", markersize=3, label=name)
+    axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    axes.set_ylabel(label or key)
+    axes.set_title(label or key)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
 def plot_ensemble_size(
     sizes: Sequence[int],
     scores: Sequence[float],

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import NamedTuple
 
-from replicate.synth import aicup, dacon
+from replicate.synth import aicup, dacon, maic
 
 
 class Subcommand(NamedTuple):
@@ -39,6 +39,22 @@ def _run_dacon(arguments: argparse.Namespace) -> dict:
     )
 
 
+def _add_maic_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder to write the dataset into")
+    parser.add_argument("--n-train", type=int, required=True, help="number of training persons")
+    parser.add_argument("--n-test", type=int, required=True, help="number of test persons")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--single-json", action="store_true", help="metadata and annotation in one <id>.json (default: two files)"
+    )
+
+
+def _run_maic(arguments: argparse.Namespace) -> dict:
+    return maic.generate(
+        arguments.out, arguments.n_train, arguments.n_test, arguments.seed, single_json=arguments.single_json
+    )
+
+
 def _add_aicup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write the dataset into")
     parser.add_argument("--n-train", type=int, required=True, help="persons of the training list")
@@ -55,6 +71,11 @@ def _run_aicup(arguments: argparse.Namespace) -> dict:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "dacon": Subcommand(
         "DACON overlapping speech: 1 s clips of overlapping spoken words", _add_dacon_arguments, _run_dacon
+    ),
+    "maic": Subcommand(
+        "MAIC 2021 voice pathology: per-person 128-band mel CSVs of 17 tokens, metadata and annotation JSON",
+        _add_maic_arguments,
+        _run_maic,
     ),
     "aicup": Subcommand(
         "AI CUP 2023 pathological voice: sustained vowels at 44.1 kHz and 26 clinical fields per person",
@@ -75,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = SUBCOMMANDS[arguments.competition].run(arguments)
     except ValueError as error:
         parser.error(str(error))
-    print(f"wrote {summary['n_train']} train and {summary['n_test']} test clips to {summary['out_dir']}")
+    unit = summary.get("unit", "clips")
+    print(f"wrote {summary['n_train']} train and {summary['n_test']} test {unit} to {summary['out_dir']}")
     return 0
 
 

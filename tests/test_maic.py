@@ -1,0 +1,398 @@
+"""The MAIC recipe: the competition layout and its errors, token cache, sub-classes, masking, voting,
+crops, splits, and the whole recipe end to end on a tiny data set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from replicate import files, maic
+from replicate.task import DataError
+
+TOKENS = [(0, 10), (12, 40), (45, 120)]  # (start, end) columns, end exclusive
+
+
+def write_person(
+    folder: Path,
+    person_id: str,
+    *,
+    sex="M",
+    age=60.0,
+    diagnosis="Normal",
+    frames=130,
+    tokens=TOKENS,
+    skip=(),
+    single_json=False,
+    seed=0,
+):
+    """A handmade person: a random (128, frames) CSV and its metadata + annotation JSON(s)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    values = np.random.default_rng(seed).uniform(-80, 0, size=(128, frames))
+    np.savetxt(folder / f"{person_id}.csv", values, fmt="%.2f", delimiter=",")
+    metadata = {"wav_code": person_id, "source_type": "test", "age": age, "sex": sex}
+    if diagnosis is not None:
+        metadata["diagnosis"] = diagnosis
+    annotation = {
+        "tokens": [
+            {
+                "token_no": number,
+                "token_skip": "skip" if number in skip else "normal",
+                "token_pronounce": "normal",
+                "startFrame": start,
+                "endFrame": end,
+            }
+            for number, (start, end) in enumerate(tokens, start=1)
+        ]
+    }
+    if single_json:
+        (folder / f"{person_id}.json").write_text(json.dumps({**metadata, **annotation}))
+    else:
+        (folder / f"{person_id}.json").write_text(json.dumps(metadata))
+        (folder / f"{person_id}_annotation.json").write_text(json.dumps(annotation))
+
+
+def _store(persons, tmp_path, name="t"):
+    return maic.token_store(
+        persons, mel_bins=128, drop_skipped=True, cache_dir=tmp_path / "cache", name=name, progress=False
+    )
+
+
+# --- loader --------------------------------------------------------------------------------------
+
+
+def test_one_or_two_json_files_per_person(tmp_path):
+    write_person(tmp_path / "train", "a", skip=(2,))
+    write_person(tmp_path / "train", "b", sex="F", age=40.5, diagnosis="Nodules", single_json=True)
+    data = maic.load_data(tmp_path)
+    assert [p.person_id for p in data.train] == ["a", "b"] and data.test == [] and data.test_answers is None
+    a, b = data.train
+    assert (a.sex, a.age, a.diagnosis, len(a.json_paths)) == ("M", 60.0, "Normal", 2)
+    assert (b.sex, b.age, b.diagnosis, len(b.json_paths)) == ("F", 40.5, "Nodules", 1)
+    assert [(t.start, t.stop, t.skip) for t in a.tokens] == [(0, 10, False), (12, 40, True), (45, 120, False)]
+
+
+def test_skipped_tokens_are_dropped_and_counted(tmp_path):
+    write_person(tmp_path / "train", "a", skip=(2,))
+    store = _store(maic.load_data(tmp_path).train, tmp_path)
+    assert store.lengths.tolist() == [10, 75] and store.token_no.tolist() == [1, 3]
+    assert store.counts["tokens_skipped"] == 1 and store.counts["tokens_kept"] == 2
+    mel = np.loadtxt(tmp_path / "train" / "a.csv", delimiter=",")
+    np.testing.assert_allclose(store.frames[store.offsets[1] : store.offsets[1] + 75].T, mel[:, 45:120], atol=1e-4)
+
+
+def test_the_token_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
+    write_person(tmp_path / "train", "a")
+    persons = maic.load_data(tmp_path).train
+    first = _store(persons, tmp_path)
+    monkeypatch.setattr(maic, "read_mel_csv", lambda *a: (_ for _ in ()).throw(AssertionError("CSV parsed again")))
+    second = _store(persons, tmp_path)
+    np.testing.assert_array_equal(np.asarray(first.frames), np.asarray(second.frames))
+    write_person(tmp_path / "train", "a", seed=1)  # the file changed: parsed anew
+    with pytest.raises(AssertionError, match="CSV parsed again"):
+        _store(maic.load_data(tmp_path).train, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda d: _drop_field(d / "a.json", "age"), r"missing field\(s\) age for person a"),
+        (lambda d: _drop_field(d / "a.json", "diagnosis"), r"missing field\(s\) diagnosis for person a"),
+        (lambda d: _set_field(d / "a.json", "sex", "X"), r"a.json: sex must be 'M' or 'F', got 'X'"),
+        (lambda d: _set_field(d / "a.json", "diagnosis", "Flu"), r"a.json: diagnosis 'Flu' is not one of"),
+        (lambda d: _set_field(d / "a.json", "age", "old"), r"a.json: age must be a number"),
+        (lambda d: (d / "a_annotation.json").unlink(), r"no token annotation .* for person a"),
+        (lambda d: _token_field(d, "endFrame", None), r"a_annotation.json: token 1: missing field\(s\) endFrame"),
+        (lambda d: _token_field(d, "token_skip", "maybe"), r"token 1: token_skip must be 'normal' or 'skip'"),
+        (lambda d: (d / "a.json").unlink(), r"a_annotation.json: missing field\(s\) sex, age, diagnosis for person a"),
+        (lambda d: [p.unlink() for p in d.glob("*.json")], r"a.csv: no JSON for this person"),
+        (lambda d: (d / "zz.json").write_text("{}"), r"1 JSON files belong to no <id>.csv: zz.json"),
+        (lambda d: (d / "a.json").write_text("{not json"), r"a.json: not valid JSON"),
+    ],
+)
+def test_json_errors_name_the_file_and_field(tmp_path, breakage, message):
+    write_person(tmp_path / "train", "a")
+    breakage(tmp_path / "train")
+    with pytest.raises(DataError, match=message):
+        maic.load_data(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda p: _rewrite_csv(p, rows=127), r"a.csv: 127 rows, expected 128"),
+        (lambda p: _rewrite_csv(p, cell="abc"), r"a.csv: non-numeric cell 'abc' at row 3, column 5"),
+        (lambda p: _rewrite_csv(p, cell="inf"), r"a.csv: 1 empty or non-finite cells, the first at row 3, column 5"),
+        (lambda p: _rewrite_csv(p, cell=""), r"a.csv: 1 empty or non-finite cells, the first at row 3, column 5"),
+        (lambda p: _rewrite_csv(p, frames=100), r"a.csv: token 3 spans frames 45..119 but the CSV has 100 columns"),
+    ],
+)
+def test_csv_errors_name_the_file_and_cell(tmp_path, breakage, message):
+    write_person(tmp_path / "train", "a")
+    breakage(tmp_path / "train" / "a.csv")
+    with pytest.raises(DataError, match=message):
+        _store(maic.load_data(tmp_path).train, tmp_path)
+
+
+def _drop_field(path, key):
+    content = json.loads(path.read_text())
+    del content[key]
+    path.write_text(json.dumps(content))
+
+
+def _set_field(path, key, value):
+    content = json.loads(path.read_text())
+    content[key] = value
+    path.write_text(json.dumps(content))
+
+
+def _token_field(folder, key, value):
+    path = folder / "a_annotation.json"
+    content = json.loads(path.read_text())
+    if value is None:
+        del content["tokens"][0][key]
+    else:
+        content["tokens"][0][key] = value
+    path.write_text(json.dumps(content))
+
+
+def _rewrite_csv(path, rows=128, frames=130, cell=None):
+    lines = path.read_text().splitlines()[:rows]
+    lines = [",".join(line.split(",")[:frames]) for line in lines]
+    if cell is not None:
+        row = lines[2].split(",")
+        row[4] = cell
+        lines[2] = ",".join(row)
+    path.write_text("\n".join(lines) + "\n")
+
+
+# --- sub-classes, masking and voting -------------------------------------------------------------
+
+
+def _person(diagnosis, sex, age, identifier="p"):
+    return maic.Person(identifier, Path(f"{identifier}.csv"), [], sex, age, diagnosis)
+
+
+def test_sub_classes_are_derived_from_the_data_and_masked_by_group():
+    persons = [
+        _person("Normal", "M", 70),
+        _person("Cancer", "M", 60),
+        _person("Normal", "M", 30),
+        _person("Normal", "F", 54.9),
+        _person("Nodules", "F", 30),
+        _person("Cancer", "M", 61),  # same combination again: no new sub-class
+    ]
+    table = maic.SubclassTable.from_persons(persons)
+    assert table.entries == (
+        ("Normal", "M", "55+"),
+        ("Cancer", "M", "55+"),
+        ("Normal", "M", "<55"),
+        ("Normal", "F", "<55"),
+        ("Nodules", "F", "<55"),
+    )
+    assert table.labels == ["L1", "L2", "L3", "L4", "L5"] and table.diagnosis_index.tolist() == [0, 1, 0, 0, 3]
+    assert [table.subclass_of(p) for p in persons] == [0, 1, 2, 3, 4, 1]
+    assert table.mask("M", 55.0).tolist() == [True, True, False, False, False]  # 55 is "55 and over"
+    assert table.mask("F", 20.0).tolist() == [False, False, False, True, True]
+    assert table.mask("F", 80.0).all()  # no sub-class of women 55+ in the data: nothing masked
+    assert maic.SubclassTable.from_config(table.to_config()) == table
+    with pytest.raises(ValueError, match="not a sub-class"):
+        table.subclass_of(_person("Paralysis", "F", 30))
+    plain = maic.SubclassTable.from_persons(persons, subdivide=False)
+    assert [entry[0] for entry in plain.entries] == ["Normal", "Cancer", "Nodules"] and plain.mask("F", 80).all()
+
+
+def test_masking_changes_the_vote():
+    table = maic.SubclassTable((("Normal", "M", "55+"), ("Cancer", "M", "55+"), ("Nodules", "F", "<55")))
+    woman = _person(None, "F", 30)
+    # Two tokens prefer Cancer (impossible for a young woman), one prefers Nodules.
+    probabilities = np.array([[0.1, 0.6, 0.3], [0.1, 0.6, 0.3], [0.1, 0.2, 0.7]])
+    person = np.zeros(3, dtype=int)
+    unmasked, _ = maic.person_predictions(probabilities, person, [woman], table, masking=False)
+    masked, person_probabilities = maic.person_predictions(probabilities, person, [woman], table, masking=True)
+    assert maic.DIAGNOSES[unmasked[0]] == "Cancer" and maic.DIAGNOSES[masked[0]] == "Nodules"
+    np.testing.assert_allclose(person_probabilities[0, maic.DIAGNOSES.index("Nodules")], 1.0)
+
+
+def test_votes_and_the_tie_rule():
+    # Diagnosis probabilities of four tokens: two vote Normal (0), two vote Cancer (1) → a tie.
+    tokens = np.zeros((4, 6))
+    tokens[0, [0, 1]] = [0.55, 0.45]
+    tokens[1, [0, 1]] = [0.55, 0.45]
+    tokens[2, [0, 1]] = [0.05, 0.95]
+    tokens[3, [0, 1]] = [0.40, 0.60]
+    winner, votes = maic.vote(tokens, "probability")
+    assert votes.tolist() == [2, 2, 0, 0, 0, 0]
+    assert winner == 1  # Cancer: summed probability 2.45 against 1.55
+    assert maic.vote(tokens, "first")[0] == 0  # the first tied diagnosis in DIAGNOSES order
+    assert maic.vote(tokens[:3], "probability")[0] == 0  # a clear majority needs no tie rule
+    with pytest.raises(ValueError, match="tie_rule"):
+        maic.vote(tokens, "coin")
+
+
+# --- crops, splits -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def long_tokens(tmp_path):
+    write_person(tmp_path / "train", "a", frames=400, tokens=[(0, 300), (300, 330), (330, 400)])
+    persons = maic.load_data(tmp_path).train
+    store = _store(persons, tmp_path)
+    inputs = maic.Inputs(frames=64, mean=0.0, std=1.0, age_scale=100.0)
+    return store, persons, inputs
+
+
+def _epochs(dataset, count):
+    return [np.concatenate([batch["mel"] for batch, _ in dataset]) for _ in range(count)]
+
+
+def test_training_crops_differ_across_epochs_and_repeat_for_the_seed(long_tokens):
+    store, persons, inputs = long_tokens
+    aux = inputs.aux(persons)[store.person]
+    labels = np.eye(2, dtype=np.float32)[np.zeros(len(store), dtype=int)]
+    rows = np.arange(len(store))
+
+    def dataset(seed):
+        return maic.token_dataset(store, rows, aux, inputs, batch_size=3, labels=labels, seed=seed)
+
+    first, second = _epochs(dataset(5), 2)
+    assert first.shape == (3, 128, 64, 1)
+    assert not np.array_equal(first[0], second[0])  # the 300-frame token: a new crop each epoch
+    np.testing.assert_array_equal(first[1, :, 30:], 0.0)  # the 30-frame token: zero-padded at the end
+    np.testing.assert_array_equal(first[1, :, :30, 0], store.frames[store.offsets[1] : store.offsets[1] + 30].T)
+    again = _epochs(dataset(5), 2)
+    np.testing.assert_array_equal(again[0], first)
+    np.testing.assert_array_equal(again[1], second)
+    crop = first[0, :, :, 0]  # the crop is a contiguous 64-frame window of the token
+    token = np.asarray(store.frames[:300]).T
+    assert any(np.array_equal(token[:, start : start + 64], crop) for start in range(300 - 64 + 1))
+
+
+def test_inference_crops_are_identical_for_the_seed(long_tokens):
+    store, persons, inputs = long_tokens
+    aux = inputs.aux(persons)[store.person]
+    rows = np.arange(len(store))
+    starts = maic.crop_offsets(store.lengths, 64, seed=0)
+    assert starts[1] == 0 and 0 <= starts[0] <= 300 - 64 and 0 <= starts[2] <= 70 - 64
+    assert np.array_equal(starts, maic.crop_offsets(store.lengths, 64, seed=0))
+    assert not np.array_equal(maic.crop_offsets(np.full(50, 300), 64, 0), maic.crop_offsets(np.full(50, 300), 64, 1))
+
+    def batches(batch_size):
+        dataset = maic.token_dataset(store, rows, aux, inputs, batch_size=batch_size, starts=starts)
+        return [np.concatenate([batch["mel"] for batch in dataset]) for _ in range(2)]
+
+    one, two = batches(1)
+    np.testing.assert_array_equal(one, two)
+    np.testing.assert_array_equal(batches(3)[0], one)  # whatever the batching
+
+
+def test_person_split_has_no_person_on_both_sides(tmp_path):
+    diagnoses = ["Normal"] * 10 + ["Cancer"] * 4 + ["Paralysis"] * 6
+    for index, diagnosis in enumerate(diagnoses):
+        write_person(tmp_path / "train", f"p{index:02d}", diagnosis=diagnosis, frames=130, seed=index)
+    persons = maic.load_data(tmp_path).train
+    store = _store(persons, tmp_path)
+    recipe = maic.load_recipe(overrides=["split.by=person", "split.validation_fraction=0.2"])
+    train_rows, validation_rows = maic.split_rows(store, persons, recipe)
+    train_persons, validation_persons = set(store.person[train_rows]), set(store.person[validation_rows])
+    assert train_persons.isdisjoint(validation_persons) and train_persons | validation_persons == set(range(20))
+    assert {persons[p].diagnosis for p in validation_persons} == {"Normal", "Cancer", "Paralysis"}
+    token_recipe = maic.load_recipe()
+    train_rows, validation_rows = maic.split_rows(store, persons, token_recipe)
+    assert len(validation_rows) == round(0.05 * len(store)) and not set(train_rows) & set(validation_rows)
+
+
+def test_recipe_rules():
+    from replicate.recipe import RecipeError
+
+    assert maic.load_recipe()["train"]["loss_options"] == {"alpha": 0.25, "gamma": 2.0}
+    with pytest.raises(RecipeError, match="split.by"):
+        maic.load_recipe(overrides=["split.by=speaker"])
+    with pytest.raises(RecipeError, match="stage_strides"):
+        maic.load_recipe(overrides=["model.stage_strides=[1]"])
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+TINY = [
+    "model.resized_mel_bins=128",
+    "model.stem_filters=4",
+    "model.stage_filters=[4, 8]",
+    "model.dense_units=[8, 8]",
+    "split.validation_fraction=0.2",
+    "split.by=person",
+]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from replicate.synth import maic as synth
+
+    out = tmp_path_factory.mktemp("maic-data")
+    synth.generate(out, n_train=14, n_test=6, seed=2, progress=False)
+    return out
+
+
+def test_recipe_end_to_end_and_resume(synthetic, tmp_path, capsys):
+    arguments = [
+        "--data",
+        str(synthetic),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--seeds",
+        "1",
+        "--epochs",
+        "2",
+        "--no-progress",
+        "--set",
+        f"run.cache_dir='{tmp_path / 'cache'}'",
+        *[argument for setting in TINY for argument in ("--set", setting)],
+    ]
+    assert maic.main(arguments) == 0
+    run_dir = tmp_path / "run"
+    assert f"done: report {run_dir / 'report.md'}, submission {run_dir / 'submission.csv'}" in capsys.readouterr().out
+    submission = (run_dir / "submission.csv").read_text().splitlines()
+    assert submission[0] == "wav_code,diagnosis," + ",".join(f"p_{name}" for name in maic.DIAGNOSES)
+    assert len(submission) == 7
+    scores = files.read_json(run_dir / "scores.json")
+    test = scores["evaluations"]["test (synthetic answers)"]
+    assert test["persons"] == 6 and len(test["member_macro_f1"]) == 1 and 0 <= test["majority_macro_f1"] < 0.2
+    assert set(scores["evaluations"]) == {"test (synthetic answers)", "validation persons"}
+    report = (run_dir / "report.md").read_text()
+    for heading in ("## Sub-classes", "## Label masking", "confusion matrix", "0.5759", "0.7346"):
+        assert heading in report
+    assert (run_dir / "confusion_test.png").is_file() and (run_dir / "validation_f1.png").is_file()
+    manifest = files.read_json(run_dir / "manifest.json")
+    assert manifest["members"][0]["best_epoch"] in (1, 2)
+    history = (run_dir / "members" / "seed-00.history.csv").read_text()
+    assert "val_macro_f1" in history.splitlines()[0]
+
+    # New persons are diagnosed exactly as the test persons were.
+    predicted = maic.predict_persons(run_dir, synthetic / "test", cache_dir=str(tmp_path / "cache"))
+    written = pd.read_csv(run_dir / "submission.csv")
+    assert predicted["diagnosis"].tolist() == written["diagnosis"].tolist()
+    np.testing.assert_allclose(predicted.iloc[:, 2:].to_numpy(), written.iloc[:, 2:].to_numpy(), atol=2e-6)
+    from replicate.ensemble import Ensemble
+
+    with pytest.raises(NotImplementedError, match="predict_persons"):
+        Ensemble.load(run_dir).features([synthetic / "test" / "test_0000.csv"])
+    # Again: the member is kept, the tokens come from the cache.
+    assert maic.main(arguments) == 0
+    assert "already trained, kept" in capsys.readouterr().out
+    from replicate import report as report_lib
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:maic -->\n<!-- /results:maic -->\n")
+    assert report_lib.update_readme(readme, "maic", maic.results_table(run_dir))
+    assert "ours: majority class (Normal)" in readme.read_text()
+
+
+def test_a_bad_data_folder_is_one_line_on_stderr(tmp_path, capsys):
+    write_person(tmp_path / "train", "a")
+    _rewrite_csv(tmp_path / "train" / "a.csv", rows=100)
+    arguments = ["--data", str(tmp_path), "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert maic.main([*arguments, "--set", f"run.cache_dir='{tmp_path / 'cache'}'"]) == 2
+    assert capsys.readouterr().err.strip().endswith("a.csv: 100 rows, expected 128 (one per mel band)")
