@@ -701,11 +701,7 @@ def run(
 
     data_root = Path(data_root)
     data = load_data(data_root)
-    run_dir = (
-        Path(run_dir) if run_dir else Path(recipe["run"]["runs_dir"]) / "aicup" / task.default_run_id(recipe, data_root)
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    task.write_recipe(run_dir, recipe)
+    run_dir = task.open_run_dir(recipe, data_root, run_dir)
     log(f"run folder: {run_dir}")
     log(
         f"data: {len(data.train.ids)} training persons"
@@ -1074,7 +1070,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv,
         prog="python -m replicate.aicup",
         description="AI CUP 2023 pathological voice, 6th private: MFCC CNN + clinical MLP, five-variant ensemble.",
-        data_help="data folder: Training_Dataset/training_datalist.csv + training_voice_data/, and the public/private "
+        data_help="Training_Dataset/training_datalist.csv + training_voice_data/, and the public/private "
         "test lists and folders (spaces instead of underscores also work)",
         load_recipe=load_recipe,
         run=run,

@@ -740,11 +740,7 @@ def run(
 
     data_root = Path(data_root)
     data = load_data(data_root, recipe["data"]["end_frame_inclusive"])
-    run_dir = (
-        Path(run_dir) if run_dir else Path(recipe["run"]["runs_dir"]) / "maic" / task.default_run_id(recipe, data_root)
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    task.write_recipe(run_dir, recipe)
+    run_dir = task.open_run_dir(recipe, data_root, run_dir)
     log(f"run folder: {run_dir}")
     log(f"data: {len(data.train)} training persons, {len(data.test)} test persons")
 

@@ -41,6 +41,19 @@ def seeds_of(recipe: dict) -> list[int]:
     return list(range(first, first + recipe["ensemble"]["seeds"]))
 
 
+def open_run_dir(recipe: dict, data_root: Path, run_dir: str | Path | None = None) -> Path:
+    """The run folder (`runs/<task>/<profile>-<hash>` unless one is given), created, with the resolved
+    recipe written into it."""
+    run_dir = (
+        Path(run_dir)
+        if run_dir
+        else Path(recipe["run"]["runs_dir"]) / recipe["task"] / default_run_id(recipe, data_root)
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_recipe(run_dir, recipe)
+    return run_dir
+
+
 def write_recipe(run_dir: Path, recipe: dict) -> Path:
     """The resolved recipe as `recipe.toml` in the run folder (read back with `recipe.load_recipe(path)`)."""
     import tomli_w
