@@ -11,7 +11,6 @@ scores (where answers exist) → `report.md`.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -24,14 +23,11 @@ import numpy as np
 import pandas as pd
 
 from replicate import features as feature_lib
-from replicate import files, metrics, report
+from replicate import files, metrics, report, task
 from replicate import recipe as recipe_lib
+from replicate.task import DataError
 
 ANSWER_TOLERANCE = 1e-3  # a label row must sum to 1 within this
-
-
-class DataError(ValueError):
-    """The data folder does not have the competition's layout; the message names the file and rows."""
 
 
 def _equal_lengths(value) -> str | None:
@@ -118,19 +114,21 @@ def read_answers(path: Path, class_names: Sequence[str] | None = None, check_row
         raise DataError(f"{path}: needs at least two label columns after 'id'")
     duplicated = table["id"][table["id"].duplicated()].tolist()
     if duplicated:
-        raise DataError(f"{path}: duplicated ids {_listing(duplicated)}")
+        raise DataError(f"{path}: duplicated ids {task.listing(duplicated)}")
     values = table[columns].apply(pd.to_numeric, errors="coerce")
     bad = table["id"][values.isna().any(axis=1) | ~np.isfinite(values).all(axis=1)].tolist()
     if bad:
-        raise DataError(f"{path}: non-numeric, empty or non-finite values in the rows of ids {_listing(bad)}")
+        raise DataError(f"{path}: non-numeric, empty or non-finite values in the rows of ids {task.listing(bad)}")
     if check_rows:
         negative = table["id"][(values < 0).any(axis=1)].tolist()
         if negative:
-            raise DataError(f"{path}: negative shares in the rows of ids {_listing(negative)}")
+            raise DataError(f"{path}: negative shares in the rows of ids {task.listing(negative)}")
         sums = values.sum(axis=1)
         off = table["id"][(sums - 1).abs() > ANSWER_TOLERANCE].tolist()
         if off:
-            raise DataError(f"{path}: rows must sum to 1 (±{ANSWER_TOLERANCE}); they do not for ids {_listing(off)}")
+            raise DataError(
+                f"{path}: rows must sum to 1 (±{ANSWER_TOLERANCE}); they do not for ids {task.listing(off)}"
+            )
     table[columns] = values.astype(np.float32)
     return table
 
@@ -144,9 +142,9 @@ def match_files(folder: Path, ids: Sequence[str], table: Path) -> list[Path]:
     extra = sorted(set(on_disk) - set(ids))
     problems = []
     if missing:
-        problems.append(f"{len(missing)} ids of {table.name} have no {folder.name}/<id>.wav: {_listing(missing)}")
+        problems.append(f"{len(missing)} ids of {table.name} have no {folder.name}/<id>.wav: {task.listing(missing)}")
     if extra:
-        problems.append(f"{len(extra)} wav files in {folder} have no row in {table.name}: {_listing(extra)}")
+        problems.append(f"{len(extra)} wav files in {folder} have no row in {table.name}: {task.listing(extra)}")
     if problems:
         raise DataError("; ".join(problems))
     return [on_disk[identifier] for identifier in ids]
@@ -178,12 +176,6 @@ def load_data(root: str | os.PathLike) -> DaconData:
         test_targets=test_targets,
         submission_columns=list(submission.columns),
     )
-
-
-def _listing(values: Sequence, limit: int = 10) -> str:
-    values = list(values)
-    shown = ", ".join(map(str, values[:limit]))
-    return f"{shown} (and {len(values) - limit} more)" if len(values) > limit else shown
 
 
 # --- features ------------------------------------------------------------------------------------
@@ -236,13 +228,6 @@ def inference_features(paths: Sequence[str | os.PathLike], manifest: dict) -> np
 # --- the run -------------------------------------------------------------------------------------
 
 
-def default_run_id(recipe: dict, data_root: Path) -> str:
-    """Same recipe and data folder → same run folder, so running a command again resumes it. The number
-    of seeds is left out: `--seeds 5` after `--seeds 3` keeps the 3 members and trains 2 more."""
-    recipe = {**recipe, "ensemble": {k: v for k, v in recipe["ensemble"].items() if k != "seeds"}}
-    return f"{recipe['run']['profile']}-{recipe_lib.fingerprint([recipe, str(data_root.resolve())])}"
-
-
 def run(
     recipe: dict,
     data_root: str | os.PathLike,
@@ -258,10 +243,10 @@ def run(
     data_root = Path(data_root)
     data = load_data(data_root)
     run_dir = (
-        Path(run_dir) if run_dir else Path(recipe["run"]["runs_dir"]) / "dacon" / default_run_id(recipe, data_root)
+        Path(run_dir) if run_dir else Path(recipe["run"]["runs_dir"]) / "dacon" / task.default_run_id(recipe, data_root)
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_recipe(run_dir, recipe)
+    task.write_recipe(run_dir, recipe)
     log(f"run folder: {run_dir}")
     log(f"data: {len(data.train_ids)} training clips, {len(data.test_ids)} test clips, {len(data.class_names)} classes")
 
@@ -304,9 +289,7 @@ def run(
         "feature_seconds": round(feature_seconds, 2),
         "feature_peak_memory_mb": feature_memory,
     }
-    seeds = list(
-        range(recipe["ensemble"]["first_seed"], recipe["ensemble"]["first_seed"] + recipe["ensemble"]["seeds"])
-    )
+    seeds = task.seeds_of(recipe)
     model_recipe = recipe["model"]
     manifest = train.train_ensemble(
         recipe,
@@ -411,14 +394,9 @@ def results_table(run_dir: str | os.PathLike) -> str:
         f"KL divergence, lower is better. Ours: profile `{recipe['run']['profile']}`, {len(members)} members × "
         f"{recipe['train']['epochs']} epochs, {manifest['data']['train_clips']} training clips; "
         f"{manifest['environment']['machine']}, {manifest['environment']['date'][:10]}, "
-        f"commit {short_commit(manifest['environment']['git'])}."
+        f"commit {task.short_commit(manifest['environment']['git'])}."
     )
     return report.markdown_table(("model", "data", "KL"), rows) + "\n\n" + caption + "\n"
-
-
-def short_commit(commit: str) -> str:
-    """The first 12 hex digits, keeping a "+dirty" mark (uncommitted changes at run time)."""
-    return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
 def write_report(run_dir: Path, scores: dict) -> Path:
@@ -495,49 +473,18 @@ def write_report(run_dir: Path, scores: dict) -> Path:
     return files.write_text(run_dir / "report.md", "\n".join(lines))
 
 
-def _write_recipe(run_dir: Path, recipe: dict) -> None:
-    import tomli_w
-
-    files.write_text(run_dir / "recipe.toml", tomli_w.dumps(recipe))
-
-
 # --- command line --------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    return task.main(
+        argv,
         prog="python -m replicate.dacon",
         description="DACON overlapping-speech 3rd-place solution: features, seed ensemble, submission, report.",
+        data_help="train/, test/, train_answer.csv, submission.csv",
+        load_recipe=load_recipe,
+        run=run,
     )
-    parser.add_argument(
-        "--data", type=Path, required=True, help="data folder: train/, test/, train_answer.csv, submission.csv"
-    )
-    parser.add_argument("--profile", help="recipe profile, e.g. 'quick' (default: the full source recipe)")
-    parser.add_argument("--recipe", help="a recipe TOML file instead of recipes/dacon.toml")
-    parser.add_argument("--seeds", type=int, help="number of ensemble members (ensemble.seeds)")
-    parser.add_argument("--epochs", type=int, help="epochs per member (train.epochs)")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe value"
-    )
-    parser.add_argument(
-        "--run-dir", type=Path, help="run folder (default: runs/dacon/<profile>-<hash>; reused to resume)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    arguments = parser.parse_args(argv)
-
-    overrides = list(arguments.set)
-    if arguments.seeds is not None:
-        overrides.append(f"ensemble.seeds={arguments.seeds}")
-    if arguments.epochs is not None:
-        overrides.append(f"train.epochs={arguments.epochs}")
-    try:
-        recipe = load_recipe(arguments.profile, overrides, arguments.recipe)
-        run_dir = run(recipe, arguments.data, arguments.run_dir, progress=not arguments.no_progress)
-    except (recipe_lib.RecipeError, DataError, feature_lib.FeatureCacheError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"done: report {run_dir / 'report.md'}, submission {run_dir / 'submission.csv'}")
-    return 0
 
 
 if __name__ == "__main__":

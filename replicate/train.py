@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -77,8 +78,8 @@ def train_member(
         train_data: seed → the training `tf.data.Dataset` of this member.
         validation_data: passed to `fit` (None: no validation, as the DACON source trained).
         callbacks: extra callbacks, run after the checkpointing ones.
-        member_callbacks: (run_dir, member name) → callbacks made for this member only (e.g. a
-            best-epoch checkpoint that must not be shared between members).
+        member_callbacks: (run_dir, member name) → callbacks made for this member only, which run before
+            the logging ones: stateful callbacks (`BestEpoch`, ReduceLROnPlateau, EarlyStopping) go here.
         metrics: compiled metrics, logged per epoch (validation ones too when there is validation data).
         verbose: Keras progress display.
 
@@ -96,6 +97,7 @@ def train_member(
     dataset = train_data(seed)
     epochs = recipe["train"]["epochs"]
     timer = _EpochTimer()
+    own_callbacks = list(member_callbacks(run_dir, name)) if member_callbacks else []
     started = time.perf_counter()
     history = model.fit(
         dataset,
@@ -104,12 +106,12 @@ def train_member(
         shuffle=False,  # the dataset shuffles itself, seeded per member
         verbose=verbose,
         callbacks=[
+            *own_callbacks,  # first: the scores they add to an epoch's logs reach the logger and the others
             keras.callbacks.BackupAndRestore(str(run_dir / "checkpoints" / name), delete_checkpoint=True),
             keras.callbacks.CSVLogger(str(history_path), append=True),
             keras.callbacks.TensorBoard(str(run_dir / "tensorboard" / name)),
             timer,
             *callbacks,
-            *(member_callbacks(run_dir, name) if member_callbacks else ()),
         ],
     )
     seconds = time.perf_counter() - started
@@ -119,7 +121,7 @@ def train_member(
     with files.atomic_path(member_path, suffix=".keras") as temporary:
         model.save(temporary)
     final = {key: float(values[-1]) for key, values in history.history.items() if values}
-    return {
+    entry = {
         "seed": seed,
         "file": str(member_path.relative_to(run_dir)),
         "epochs": epochs,
@@ -129,6 +131,87 @@ def train_member(
         "batchnorm_recalibration_batches": recalibrated,
         "final": final,
     }
+    for callback in own_callbacks:
+        if isinstance(callback, BestEpoch) and callback.best_epoch:
+            entry.update(best_epoch=callback.best_epoch, best={callback.monitor: callback.best})
+    return entry
+
+
+class BestEpoch(keras.callbacks.Callback):
+    """Score the model on held-out data every few epochs, log the scores, and keep the best epoch's weights.
+
+    The sources chose their final weights by a validation score that Keras cannot compute as a streaming
+    metric (person-level macro F1, UAR, AUC/pAUC per machine ID), so the score is any function of the model.
+    The values go into the epoch's logs, where the CSV history, ReduceLROnPlateau and EarlyStopping read them
+    (`train_member` runs member callbacks first for that reason). At the end of training the best weights
+    are put back; with `path`, they and the best score are also kept on disk, so a member resumed after a
+    kill still ends with the best epoch of the whole run.
+
+    Args:
+        score: model → {name: value}, e.g. `lambda model: {"val_uar": ...}`; must include `monitor`.
+        monitor: the value that decides the best epoch.
+        mode: "max" (higher is better) or "min".
+        every: score every `every` epochs (and always after the last epoch).
+        path: a folder for the best weights and score (removed when training ends), or None (memory only).
+
+    Example:
+        >>> best = BestEpoch(lambda model: {"val_uar": uar(model)}, monitor="val_uar")
+        >>> model.fit(dataset, epochs=150, callbacks=[best])   # the model now has the best epoch's weights
+        >>> best.best_epoch, best.best                           # e.g. (87, 0.7305)
+    """
+
+    def __init__(self, score, *, monitor: str, mode: str = "max", every: int = 1, path=None):
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.score = score
+        self.monitor = monitor
+        self.mode = mode
+        self.every = every
+        self.path = Path(path) if path is not None else None
+        self.best: float | None = None
+        self.best_epoch = 0  # 1-based; 0 until an epoch was scored
+        self._best_weights = None
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best if self.mode == "max" else value < self.best
+
+    def on_train_begin(self, logs=None):
+        state = self.path / "best.json" if self.path else None
+        if state is not None and state.is_file():  # a resumed member: its best so far is on disk
+            saved = files.read_json(state)
+            self.best, self.best_epoch = saved["best"], saved["best_epoch"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        last = epoch + 1 == self.params.get("epochs")
+        if (epoch + 1) % self.every and not last:
+            return
+        scores = {key: float(value) for key, value in self.score(self.model).items()}
+        if self.monitor not in scores:
+            raise ValueError(f"the score function returned {sorted(scores)}, without the monitored {self.monitor!r}")
+        if logs is not None:
+            logs.update(scores)
+        if not self._better(scores[self.monitor]):
+            return
+        self.best, self.best_epoch = scores[self.monitor], epoch + 1
+        if self.path is None:
+            self._best_weights = self.model.get_weights()
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        with files.atomic_path(self.path / "best.weights.h5", suffix=".weights.h5") as temporary:
+            self.model.save_weights(temporary)
+        files.write_json(self.path / "best.json", {"best": self.best, "best_epoch": self.best_epoch})
+
+    def on_train_end(self, logs=None):
+        if self.path is not None and (self.path / "best.weights.h5").is_file():
+            self.model.load_weights(self.path / "best.weights.h5")
+            shutil.rmtree(self.path)
+        elif self._best_weights is not None:
+            self.model.set_weights(self._best_weights)
 
 
 def recalibrate_batchnorm(model: keras.Model, dataset, max_batches: int = 16) -> int:

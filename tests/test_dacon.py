@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from replicate import dacon, files
+from replicate import dacon, files, task
 from tests.conftest import ROOT, run_python
 
 
@@ -166,7 +166,7 @@ def test_default_run_folder_is_shared_by_seed_counts_only(tmp_path):
     three = dacon.load_recipe("quick", ["ensemble.seeds=3"])
     five = dacon.load_recipe("quick", ["ensemble.seeds=5"])
     longer = dacon.load_recipe("quick", ["train.epochs=9"])
-    assert dacon.default_run_id(three, tmp_path) == dacon.default_run_id(five, tmp_path)  # grows the ensemble
-    assert dacon.default_run_id(three, tmp_path) != dacon.default_run_id(longer, tmp_path)
-    assert dacon.default_run_id(three, tmp_path) != dacon.default_run_id(three, tmp_path / "other")
-    assert dacon.default_run_id(three, tmp_path).startswith("quick-")
+    assert task.default_run_id(three, tmp_path) == task.default_run_id(five, tmp_path)  # grows the ensemble
+    assert task.default_run_id(three, tmp_path) != task.default_run_id(longer, tmp_path)
+    assert task.default_run_id(three, tmp_path) != task.default_run_id(three, tmp_path / "other")
+    assert task.default_run_id(three, tmp_path).startswith("quick-")

@@ -141,3 +141,68 @@ def test_compile_model_passes_loss_options_weight_decay_and_metrics():
     assert model.loss.alpha == 0.5 and model.loss.gamma == 3.0
     history = model.fit(np.ones((4, 3)), np.eye(2)[[0, 1, 0, 1]], epochs=1, verbose=0)
     assert "accuracy" in history.history
+
+
+class _ScriptedScores:
+    """A score function that returns the next of fixed values and remembers the weights it was shown."""
+
+    def __init__(self, values):
+        self.values = list(values)
+        self.weights = []
+
+    def __call__(self, model):
+        self.weights.append([w.copy() for w in model.get_weights()])
+        return {"val_score": self.values[len(self.weights) - 1]}
+
+
+@pytest.mark.parametrize("persist", [False, True])
+def test_best_epoch_logs_its_score_and_restores_the_best_weights(tmp_path, persist):
+    scores = _ScriptedScores([0.2, 0.7, 0.4, 0.5])
+    recipe = {"train": {**RECIPE["train"], "epochs": 4}}
+    best_dir = tmp_path / "run" / "checkpoints" / "seed-00.best"
+
+    def member_callbacks(run_dir, name):
+        return [train.BestEpoch(scores, monitor="val_score", path=best_dir if persist else None)]
+
+    entry = train.train_member(recipe, 0, run_dir=tmp_path / "run", member_callbacks=member_callbacks, **_arguments())
+    assert entry["best_epoch"] == 2 and entry["best"] == {"val_score": 0.7}
+    saved = keras.models.load_model(tmp_path / "run" / "members" / "seed-00.keras").get_weights()
+    for restored, best in zip(saved, scores.weights[1], strict=True):
+        np.testing.assert_array_equal(restored, best)
+    assert not np.array_equal(saved[0], scores.weights[3][0])  # the last epoch's weights were replaced
+    history = np.genfromtxt(tmp_path / "run" / "members" / "seed-00.history.csv", delimiter=",", names=True)
+    np.testing.assert_allclose(history["val_score"], [0.2, 0.7, 0.4, 0.5])
+    assert len(history) == 4 and not best_dir.exists()  # the on-disk copy is removed once the member is saved
+
+
+def test_best_epoch_scores_every_few_epochs_and_after_the_last(tmp_path):
+    scores = _ScriptedScores([0.3, 0.1, 0.2])
+    best = train.BestEpoch(scores, monitor="val_score", mode="min", every=2)
+    model = train.compile_model(_small_model(), RECIPE["train"])
+    model.fit(pipeline.from_arrays(FEATURES, TARGETS, batch_size=8), epochs=5, callbacks=[best], verbose=0)
+    assert len(scores.weights) == 3  # after epochs 2, 4 and 5 (the last)
+    assert best.best_epoch == 4 and best.best == 0.1
+
+
+def test_best_epoch_resumes_with_the_best_score_kept_on_disk(tmp_path):
+    model = train.compile_model(_small_model(), RECIPE["train"])
+    data = pipeline.from_arrays(FEATURES, TARGETS, batch_size=8)
+    first = train.BestEpoch(_ScriptedScores([0.9]), monitor="val_score", path=tmp_path / "best")
+    first.set_model(model)
+    first.set_params({"epochs": 3})
+    first.on_train_begin()
+    first.on_epoch_end(0, {})  # the run is killed after this epoch: on_train_end never runs
+    best_weights = [w.copy() for w in model.get_weights()]
+    model.fit(data, epochs=1, verbose=0)  # the resumed run's weights move on
+    resumed = train.BestEpoch(_ScriptedScores([0.5, 0.6]), monitor="val_score", path=tmp_path / "best")
+    model.fit(data, initial_epoch=1, epochs=3, callbacks=[resumed], verbose=0)
+    assert resumed.best_epoch == 1 and resumed.best == 0.9
+    for restored, best in zip(model.get_weights(), best_weights, strict=True):
+        np.testing.assert_array_equal(restored, best)
+
+
+def test_best_epoch_refuses_a_score_without_the_monitored_value():
+    best = train.BestEpoch(lambda model: {"val_other": 1.0}, monitor="val_score")
+    model = train.compile_model(_small_model(), RECIPE["train"])
+    with pytest.raises(ValueError, match="without the monitored 'val_score'"):
+        model.fit(pipeline.from_arrays(FEATURES, TARGETS, batch_size=8), epochs=1, callbacks=[best], verbose=0)
