@@ -51,11 +51,11 @@ ANOMALIES = {
     "fan": ("bearing", "imbalance", "harmonics", "drift", "rubbing"),
     "pump": ("drift", "harmonics", "rubbing", "bearing"),
     "slider": ("rubbing", "bearing", "drift"),
-    "valve": ("drift", "extra_clicks", "rubbing"),
+    "valve": ("drift", "extra_clicks", "harmonics", "rubbing"),
     "ToyCar": ("bearing", "imbalance", "harmonics", "drift"),
     "ToyConveyor": ("bearing", "rubbing", "drift", "imbalance"),
 }
-STRENGTH_RANGE = (0.15, 1.0)  # anomaly strength, uniform: weak faults are hard to tell from normal
+STRENGTH_RANGE = (0.25, 1.0)  # anomaly strength, uniform: weak faults are hard to tell from normal
 SNR_RANGE_DB = (8.0, 20.0)  # machine sound over background noise, per clip
 RMS = 0.05
 SAMPLE_RATE = 16000
@@ -71,9 +71,10 @@ def id_parameters(machine: str, machine_id: str) -> dict:
         return low * (high / low) ** rank
 
     return {
+        "rank": rank,
         "base": spread(
-            {"fan": 12, "pump": 4, "slider": 0.6, "valve": 1.5, "ToyCar": 90, "ToyConveyor": 1.0}[machine],
-            {"fan": 40, "pump": 12, "slider": 2.0, "valve": 5.0, "ToyCar": 320, "ToyConveyor": 4.0}[machine],
+            {"fan": 12, "pump": 4, "slider": 0.6, "valve": 2.5, "ToyCar": 90, "ToyConveyor": 1.0}[machine],
+            {"fan": 40, "pump": 12, "slider": 2.0, "valve": 8.0, "ToyCar": 320, "ToyConveyor": 4.0}[machine],
         ),
         "blades": int(rng.integers(3, 8)),
         "resonance": float(rng.uniform(300, 3500)),
@@ -93,15 +94,16 @@ def machine_sound(machine: str, parameters: dict, seconds: float, rng: np.random
     p["base"] *= rng.uniform(0.985, 1.015)  # operating-point variation of one clip
     kind = anomaly["kind"] if anomaly else None
     strength = anomaly["strength"] if anomaly else 0.0
-    if kind == "drift":
-        p["base"] *= 1 + rng.choice([-1, 1]) * 0.10 * strength
-        p["resonance"] *= 1 + rng.choice([-1, 1]) * 0.12 * strength
+    if kind == "drift":  # speed and resonance drift (towards the middle of the type's range, where other IDs are)
+        direction = 1.0 if p["rank"] < 0.5 else -1.0
+        p["base"] *= 1 + direction * 0.15 * strength
+        p["resonance"] *= 1 + rng.choice([-1, 1]) * 0.15 * strength
     harmonics = p["harmonics"].copy()
     if kind == "harmonics":
         if rng.random() < 0.5:
             harmonics[int(np.argmax(harmonics))] *= 1 - strength  # a missing harmonic
         else:
-            harmonics[int(rng.integers(len(harmonics)))] += 1.2 * strength  # an extra one
+            harmonics[int(rng.integers(len(harmonics)))] += 1.5 * strength  # an extra one
     generate = {
         "fan": _fan,
         "pump": _pump,
@@ -114,14 +116,14 @@ def machine_sound(machine: str, parameters: dict, seconds: float, rng: np.random
     level = np.sqrt(np.mean(sound**2)) + 1e-12
     if kind == "imbalance":  # amplitude modulation at the rotation rate (or the motor's)
         rate = p["base"] if machine == "fan" else p["hum"] / 4
-        sound = sound * (1 + 0.7 * strength * np.sin(2 * np.pi * rate * time + rng.uniform(0, 2 * np.pi)))
+        sound = sound * (1 + 0.8 * strength * np.sin(2 * np.pi * rate * time + rng.uniform(0, 2 * np.pi)))
     elif kind == "bearing":  # periodic impulses of a damaged race, ringing at a high resonance
-        sound = sound + 1.0 * strength * level * _impulses(
+        sound = sound + 1.5 * strength * level * _impulses(
             time, rng.uniform(40, 160), rng.uniform(3000, 6000), 800, rng
         )
     elif kind == "rubbing":  # intermittent band-limited friction noise
         bursts = _band_noise(n, rng.uniform(1500, 4000), 0.6, rng) * _gate(time, rng.uniform(2, 6), 0.5, rng)
-        sound = sound + 1.2 * strength * level * bursts
+        sound = sound + 1.5 * strength * level * bursts
     return sound
 
 
@@ -197,7 +199,10 @@ def _valve(time, p, harmonics, rng, kind, strength):
     rate = p["base"] * (1 + 0.5 * strength if kind == "extra_clicks" else 1)
     clicks = _impulses(time, rate, p["resonance"] * 1.5, p["decay"] * 2, rng, jitter=0.03)
     second = _impulses(time, rate, p["resonance"] * 0.7, p["decay"], rng, jitter=0.03)
-    return clicks + 0.5 * second + 0.15 * _low_noise(len(time), p["cutoff"], rng)
+    sound = clicks + 0.5 * second + 0.15 * _low_noise(len(time), p["cutoff"], rng)
+    if kind == "harmonics":  # a contaminated seat: the click rings at an extra resonance
+        sound = sound + 1.5 * strength * _impulses(time, rate, rng.uniform(500, 6000), p["decay"], rng, jitter=0.03)
+    return sound
 
 
 def _toy_car(time, p, harmonics, rng, kind, strength):
