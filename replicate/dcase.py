@@ -523,7 +523,8 @@ def training_dataset(
     """Shuffled batches of (log-mel crop, one-hot ID) with mixup; ((x, y), y) for a margin model."""
     from replicate import pipeline
 
-    targets = np.eye(num_classes, dtype=np.float32)[class_indices]
+    targets = np.zeros((len(arrays.train_power), num_classes), dtype=np.float32)  # indexed by row, like features
+    targets[rows, class_indices] = 1.0
     dataset = pipeline.from_arrays(
         arrays.train_power,
         targets,
@@ -1050,16 +1051,16 @@ def results_table(run_dir: str | os.PathLike) -> str:
                     f"{100 * result['ensemble']['mean_pauc']:.2f}",
                 )
             )
-    members = manifest.get("members") or []
+    seeds = len(scores["groups"][scores["final_group"]]["seeds"])
+    seconds = recipe["data"]["clip_samples"] / recipe["data"]["sample_rate"]
     caption = (
         f"Mean over machine types of AUC and pAUC (p = {recipe['score']['max_fpr']}), in %. Ours: profile "
-        f"`{recipe['run']['profile']}`, set-up `{recipe['train']['setup']}`, {len(scores['groups'][scores['final_group']]['seeds'])} "
+        f"`{recipe['run']['profile']}`, set-up `{recipe['train']['setup']}`, {seeds} "
         f"seeds × {recipe['train']['epochs']} epochs, {len(manifest['class_names'])} IDs, "
-        f"{manifest['data']['train_clips']} training clips of {recipe['data']['clip_samples'] / recipe['data']['sample_rate']:g} s; "
+        f"{manifest['data']['train_clips']} training clips of {seconds:g} s; "
         f"{manifest['environment']['machine']}, {manifest['environment']['date'][:10]}, "
         f"commit {task.short_commit(manifest['environment']['git'])}."
     )
-    del members
     return report.markdown_table(("model", "data", "AUC", "pAUC"), rows) + "\n\n" + caption + "\n"
 
 
@@ -1152,6 +1153,9 @@ def write_report(run_dir: Path, recipe: dict, data: DcaseData, arrays: Arrays, g
                 )
             )
     features = recipe["features"]
+    ignored = manifest["data"]["ignored_files"]
+    whole = manifest["input_shape"][1] == manifest["clip_frames"]
+    input_note = "whole clip" if whole else "random crops in training, the mean over windows in testing"
     lines = [
         f"# DCASE 2020 Task 2 — run `{run_dir.name}`",
         "",
@@ -1178,7 +1182,8 @@ def write_report(run_dir: Path, recipe: dict, data: DcaseData, arrays: Arrays, g
         ),
         "",
         f"Mean AUC {100 * final_dev['mean_auc']:.2f}, pAUC {100 * final_dev['mean_pauc']:.2f}; harmonic mean AUC "
-        f"{100 * final_dev['hmean_auc']:.2f}, pAUC {100 * final_dev['hmean_pauc']:.2f} (ours; source columns: real data).",
+        f"{100 * final_dev['hmean_auc']:.2f}, pAUC {100 * final_dev['hmean_pauc']:.2f} "
+        "(ours; source columns: real data).",
         "",
         "![ROC curves](roc_dev.png)",
         "",
@@ -1205,15 +1210,15 @@ def write_report(run_dir: Path, recipe: dict, data: DcaseData, arrays: Arrays, g
         "## Features and data",
         "",
         f"- Log-mel: {recipe['data']['sample_rate']} Hz, n_fft {features['n_fft']}, hop {features['hop_length']}, "
-        f"{features['n_mels']} mels; clips of {manifest['clip_frames']} frames, model input {tuple(manifest['input_shape'])}"
-        f" ({'whole clip' if manifest['input_shape'][1] == manifest['clip_frames'] else 'random crops in training, window average in testing'}).",
+        f"{features['n_mels']} mels; clips of {manifest['clip_frames']} frames, model input "
+        f"{tuple(manifest['input_shape'])} ({input_note}).",
         f"- dB reference `{features['db_reference']}`, top_db {features['top_db']}; z-score from the training clips "
         f"(mean {manifest['normalization']['mean'][0]:.3f}, std {manifest['normalization']['std'][0]:.3f}).",
         f"- Clips: {manifest['data']['train_clips']} training, {manifest['data']['dev_test_clips']} development test, "
         f"{manifest['data']['eval_test_clips']} evaluation test (ground truth: "
         f"{'yes, synthetic' if manifest['data']['eval_ground_truth'] else 'none'}). Audio changed to be usable: "
         f"{report.audio_changes(manifest['data']['audio_changes'])}. Files ignored (not .wav): "
-        f"{len(manifest['data']['ignored_files'])}{': ' + task.listing(manifest['data']['ignored_files']) if manifest['data']['ignored_files'] else ''}.",
+        f"{len(ignored)}{': ' + task.listing(ignored) if ignored else ''}.",
         "- Official files: `dev/anomaly_score_<type>_id_<ID>.csv`, `dev/result.csv`"
         + (", `eval/anomaly_score_<type>_id_<ID>.csv`" if manifest["data"]["eval_test_clips"] else "")
         + (", `eval/result.csv`" if manifest["data"]["eval_ground_truth"] else "")

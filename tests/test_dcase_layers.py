@@ -39,7 +39,9 @@ def test_margin_logits_equal_a_direct_numpy_computation(margin_type, mixed):
     expected = _numpy_margin_logits(embeddings, kernel, labels, margin_type, 30.0, 0.5)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
     plain = keras.ops.convert_to_numpy(layer(embeddings))
-    np.testing.assert_allclose(plain, _numpy_margin_logits(embeddings, kernel, 0 * labels, margin_type, 30, 0.5), atol=1e-4)
+    np.testing.assert_allclose(
+        plain, _numpy_margin_logits(embeddings, kernel, 0 * labels, margin_type, 30, 0.5), atol=1e-4
+    )
     # the margin lowers exactly the labelled logits
     assert (logits[labels == 1] < plain[labels == 1]).all()
     np.testing.assert_allclose(logits[labels == 0], plain[labels == 0], atol=1e-5)
@@ -98,7 +100,9 @@ def _numpy_schedule(step, steps_per_epoch, max_lr, first, mult, warmup, min_lr=0
 @pytest.mark.parametrize(("mult", "min_lr"), [(2, 0.0), (1, 1e-5)])
 def test_schedule_shape_equals_a_direct_computation(mult, min_lr):
     steps_per_epoch = 5
-    schedule = WarmupCosineRestarts(2e-4, steps_per_epoch, first_cycle_epochs=10, cycle_mult=mult, warmup_epochs=2, min_lr=min_lr)
+    schedule = WarmupCosineRestarts(
+        2e-4, steps_per_epoch, first_cycle_epochs=10, cycle_mult=mult, warmup_epochs=2, min_lr=min_lr
+    )
     steps = np.arange(75 * steps_per_epoch)
     values = keras.ops.convert_to_numpy(schedule(steps))
     expected = np.array([_numpy_schedule(s, steps_per_epoch, 2e-4, 10, mult, 2, min_lr) for s in steps])
@@ -115,7 +119,11 @@ def test_schedule_serialises_inside_an_optimizer():
     optimizer = keras.optimizers.Adam(learning_rate=schedule)
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert isinstance(restored.learning_rate, float) or restored._learning_rate.get_config() == schedule.get_config()
-    for arguments in ({"steps_per_epoch": 0}, {"steps_per_epoch": 3, "warmup_epochs": 10}, {"steps_per_epoch": 3, "cycle_mult": 1.5}):
+    for arguments in (
+        {"steps_per_epoch": 0},
+        {"steps_per_epoch": 3, "warmup_epochs": 10},
+        {"steps_per_epoch": 3, "cycle_mult": 1.5},
+    ):
         with pytest.raises(ValueError):
             WarmupCosineRestarts(1e-3, **arguments)
 

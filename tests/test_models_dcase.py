@@ -39,13 +39,20 @@ def test_ir_margin_model_structure():
     assert not any(isinstance(layer, keras.layers.GlobalAveragePooling2D) for layer in model.layers)
     head = ["head_bn1", "head_dropout", "head_flatten", "head_fc", "embedding", "classifier"]
     assert [model.get_layer(name).__class__.__name__ for name in head] == [
-        "BatchNormalization", "Dropout", "Flatten", "Dense", "BatchNormalization", "CosineMarginClassifier"
+        "BatchNormalization",
+        "Dropout",
+        "Flatten",
+        "Dense",
+        "BatchNormalization",
+        "CosineMarginClassifier",
     ]
     assert model.get_layer("embedding").output.shape == (None, 24)
     assert isinstance(model.get_layer("classifier"), CosineMarginClassifier)
 
 
-@pytest.mark.parametrize("arguments", [{"input_shape": (32, 16)}, {"num_classes": 1}, {"blocks": (3, 4, 6)}, {"dropout": 1.0}])
+@pytest.mark.parametrize(
+    "arguments", [{"input_shape": (32, 16)}, {"num_classes": 1}, {"blocks": (3, 4, 6)}, {"dropout": 1.0}]
+)
 def test_bad_arguments_are_refused(arguments):
     with pytest.raises(ValueError):
         build_ir_resnet50_margin(**{**SMALL, **arguments})
@@ -109,4 +116,6 @@ def test_finetune_model_trains_only_a_classifier_started_from_the_integrated_col
     np.testing.assert_allclose(after["embedding"], before["embedding"], atol=1e-5)
     if head == "arcface":  # same cosines, restricted to the three classes
         restricted = before["probabilities"][:, classes]
-        np.testing.assert_allclose(after["probabilities"], restricted / restricted.sum(axis=1, keepdims=True), atol=1e-5)
+        np.testing.assert_allclose(
+            after["probabilities"], restricted / restricted.sum(axis=1, keepdims=True), atol=1e-5
+        )

@@ -79,11 +79,18 @@ def id_parameters(machine: str, machine_id: str) -> dict:
         "blades": int(rng.integers(3, 8)),
         "resonance": float(rng.uniform(300, 3500)),
         "harmonics": rng.uniform(0.2, 1.0, size=8) ** 2,
-        "hum": float(rng.uniform(50, 140)),
-        "cutoff": float(rng.uniform(150, 2500)),
+        "hum": 50 * (140 / 50) ** _permuted_rank("hum", machine, ids, machine_id),
+        "cutoff": 150 * (2500 / 150) ** _permuted_rank("cutoff", machine, ids, machine_id),
         "decay": float(rng.uniform(60, 300)),
         "noise_level": float(rng.uniform(0.2, 0.6)),
     }
+
+
+def _permuted_rank(what: str, machine: str, ids: Sequence[str], machine_id: str) -> float:
+    """The ID's place in [0, 1] along a second (or third) axis, in another order than the first one, so
+    that IDs close in one parameter are far apart in another."""
+    order = _rng("order", what, machine).permutation(len(ids))
+    return (float(order[list(ids).index(machine_id)]) + 0.5) / len(ids)
 
 
 def machine_sound(machine: str, parameters: dict, seconds: float, rng: np.random.Generator, anomaly: dict | None):
@@ -100,10 +107,11 @@ def machine_sound(machine: str, parameters: dict, seconds: float, rng: np.random
         p["resonance"] *= 1 + rng.choice([-1, 1]) * 0.15 * strength
     harmonics = p["harmonics"].copy()
     if kind == "harmonics":
+        # among the first three harmonics, which every machine's tonal part uses
         if rng.random() < 0.5:
-            harmonics[int(np.argmax(harmonics))] *= 1 - strength  # a missing harmonic
+            harmonics[int(np.argmax(harmonics[:3]))] *= 1 - strength  # a missing harmonic
         else:
-            harmonics[int(rng.integers(len(harmonics)))] += 1.5 * strength  # an extra one
+            harmonics[int(rng.integers(3))] += 1.5 * strength  # an extra one
     generate = {
         "fan": _fan,
         "pump": _pump,
