@@ -55,6 +55,14 @@ ANOMALIES = {
     "ToyCar": ("bearing", "imbalance", "harmonics", "drift"),
     "ToyConveyor": ("bearing", "rubbing", "drift", "imbalance"),
 }
+BASE_RANGES = {  # the rate that sets each machine's rhythm or pitch, Hz, over a type's IDs
+    "fan": (12.0, 40.0),
+    "pump": (4.0, 12.0),
+    "slider": (0.6, 2.0),
+    "valve": (2.5, 8.0),
+    "ToyCar": (90.0, 320.0),
+    "ToyConveyor": (1.0, 4.0),
+}
 STRENGTH_RANGE = (0.25, 1.0)  # anomaly strength, uniform: weak faults are hard to tell from normal
 SNR_RANGE_DB = (8.0, 20.0)  # machine sound over background noise, per clip
 RMS = 0.05
@@ -62,27 +70,31 @@ SAMPLE_RATE = 16000
 
 
 def id_parameters(machine: str, machine_id: str) -> dict:
-    """The fixed parameters of one machine: its place in its type's range, plus a little ID-specific jitter."""
+    """The fixed parameters of one machine: its type's family values, moved by ID-specific amounts.
+
+    IDs of a type are machines of one kind (as in MIMII and ToyADMOS): they share the blade count,
+    resonances, harmonic profile and hum of their type and differ by steps of a few percent to ~20 % in
+    each, along differently ordered axes, so telling them apart needs the fine detail that faults disturb.
+    """
     ids = sorted(DEV_IDS[machine] + EVAL_IDS[machine])
     rank = (ids.index(machine_id) + 0.5) / len(ids)
+    family = _rng("type", machine)
     rng = _rng("id", machine, machine_id)
+    low, high = BASE_RANGES[machine]
 
-    def spread(low, high):  # log-spaced over the IDs, shuffled so neighbouring IDs differ in several ways
-        return low * (high / low) ** rank
+    def around(value, what, spread):  # value × spread^(±1/2), the ID's place along one axis
+        return value * spread ** (_permuted_rank(what, machine, ids, machine_id) - 0.5)
 
     return {
         "rank": rank,
-        "base": spread(
-            {"fan": 12, "pump": 4, "slider": 0.6, "valve": 2.5, "ToyCar": 90, "ToyConveyor": 1.0}[machine],
-            {"fan": 40, "pump": 12, "slider": 2.0, "valve": 8.0, "ToyCar": 320, "ToyConveyor": 4.0}[machine],
-        ),
-        "blades": int(rng.integers(3, 8)),
-        "resonance": float(rng.uniform(300, 3500)),
-        "harmonics": rng.uniform(0.2, 1.0, size=8) ** 2,
-        "hum": 50 * (140 / 50) ** _permuted_rank("hum", machine, ids, machine_id),
-        "cutoff": 150 * (2500 / 150) ** _permuted_rank("cutoff", machine, ids, machine_id),
-        "decay": float(rng.uniform(60, 300)),
-        "noise_level": float(rng.uniform(0.2, 0.6)),
+        "base": low * (high / low) ** rank,  # rotation / pulse / click rate, log-spaced over the IDs
+        "blades": int(family.integers(3, 8)),
+        "resonance": around(float(family.uniform(500, 3000)), "resonance", 1.6),
+        "harmonics": family.uniform(0.2, 1.0, size=8) ** 2 * rng.uniform(0.6, 1.4, size=8),
+        "hum": around(float(family.uniform(60, 120)), "hum", 1.4),
+        "cutoff": around(float(family.uniform(300, 2000)), "cutoff", 2.0),
+        "decay": float(family.uniform(60, 300)) * rng.uniform(0.85, 1.15),
+        "noise_level": float(family.uniform(0.2, 0.6)) * rng.uniform(0.85, 1.15),
     }
 
 
