@@ -881,7 +881,8 @@ def evaluate_and_write(run_dir, recipe, data, arrays, groups, ground_truth, *, l
                     if scores[split][m] is None:
                         scores[split][m] = np.full((len(members), len(split_clips[split])), np.nan)
                     for k, member in enumerate(members):
-                        scores[split][m][k, rows[split]] = member["scores"][split][m]
+                        if split in member["scores"]:  # a machine type may have no clips of a split
+                            scores[split][m][k, rows[split]] = member["scores"][split][m]
             embeddings[types] = (rows["dev"], members[0]["dev_embeddings"])
         group_result = {"seeds": seeds}
         for split, by_method in scores.items():
