@@ -1026,10 +1026,10 @@ def results_table(run_dir: str | os.PathLike) -> str:
                 f"{entry['eval_pauc']:.2f}",
             )
         )
-    method = scores["method"]
     head = recipe["model"]["head"]
+    shown = [scores["method"]] + (["softmax"] if scores["method"] != "softmax" else [])  # the source's score too
     for group, group_scores in scores["groups"].items():
-        for split in ("dev", "eval"):
+        for split, method in ((split, method) for split in ("dev", "eval") for method in shown):
             if split not in group_scores:
                 continue
             result = group_scores[split][method]
