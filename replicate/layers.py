@@ -151,8 +151,8 @@ class WarmupCosineRestarts(keras.optimizers.schedules.LearningRateSchedule):
 
     Example:
         >>> schedule = WarmupCosineRestarts(2e-4, steps_per_epoch=100)
-        >>> float(schedule(0)), float(schedule(200)), float(schedule(1000))   # start, peak, restart
-        (0.0, 0.0002, 0.0)
+        >>> [round(float(schedule(step)), 6) for step in (0, 200, 600, 1000)]   # start, peak, mid-cycle, restart
+        [0.0, 0.0002, 0.0001, 0.0]
     """
 
     def __init__(
