@@ -1055,8 +1055,8 @@ def results_table(run_dir: str | os.PathLike) -> str:
     seeds = len(scores["groups"][scores["final_group"]]["seeds"])
     seconds = recipe["data"]["clip_samples"] / recipe["data"]["sample_rate"]
     caption = (
-        f"Mean over machine types of AUC and pAUC (p = {recipe['score']['max_fpr']}), in %. Ours: profile "
-        f"`{recipe['run']['profile']}`, set-up `{recipe['train']['setup']}`, {seeds} "
+        f"Mean over machine types of AUC and pAUC (p = {recipe['score']['max_fpr']}), in % (50 = chance). Ours: "
+        f"profile `{recipe['run']['profile']}`, set-up `{recipe['train']['setup']}`, {seeds} "
         f"seeds × {recipe['train']['epochs']} epochs, {len(manifest['class_names'])} IDs, "
         f"{manifest['data']['train_clips']} training clips of {seconds:g} s; "
         f"{manifest['environment']['machine']}, {manifest['environment']['date'][:10]}, "
