@@ -11,9 +11,10 @@ DATA ?=
 SEEDS ?=
 EPOCHS ?=
 ARGS ?=
+RECIPES ?= dacon
 RECIPE_ARGS := $(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
-.PHONY: install test test-all lint synth-dacon recipe-dacon synth-dcase recipe-dcase clean
+.PHONY: install test test-all lint bench bench-recipes synth-dacon recipe-dacon synth-aicup recipe-aicup synth-dcase recipe-dcase clean
 
 install: $(STAMP)
 
@@ -32,8 +33,16 @@ test-all: install
 	$(BIN)/python -m pytest -m "slow or not slow"
 
 lint: install
-	$(BIN)/ruff check replicate models tests
-	$(BIN)/ruff format --check replicate models tests
+	$(BIN)/ruff check replicate models tests benchmarks
+	$(BIN)/ruff format --check replicate models tests benchmarks
+
+# Features, training throughput per backend and fused ensembles; writes benchmarks/results/ and the README table.
+bench: install
+	$(BIN)/python -m benchmarks.run $(ARGS)
+
+# End-to-end wall time of every quick recipe from fresh synthetic data (tens of minutes; not part of bench).
+bench-recipes: install
+	$(BIN)/python -m benchmarks.run --skip-features --backends "" --recipes $(RECIPES)
 
 $(SYNTH_DIR)/dacon/train_answer.csv: | install
 	$(BIN)/python -m replicate.synth dacon --out $(SYNTH_DIR)/dacon --n-train 800 --n-test 200 --seed 0 --max-words 2 --voices-per-word 1 --seen-test-voices
@@ -47,6 +56,20 @@ recipe-dacon: synth-dacon
 else
 recipe-dacon: install
 	$(BIN)/python -m replicate.dacon --data $(DATA) $(RECIPE_ARGS)
+endif
+
+$(SYNTH_DIR)/aicup/Training_Dataset/training_datalist.csv: | install
+	$(BIN)/python -m replicate.synth aicup --out $(SYNTH_DIR)/aicup --n-train 600 --n-public 150 --n-private 150 --seed 0
+
+synth-aicup: $(SYNTH_DIR)/aicup/Training_Dataset/training_datalist.csv
+
+# Without DATA: the quick profile on synthetic data (multimodal and audio only). With DATA=/path: the source recipe.
+ifeq ($(DATA),)
+recipe-aicup: synth-aicup
+	$(BIN)/python -m replicate.aicup --data $(SYNTH_DIR)/aicup --profile quick $(RECIPE_ARGS)
+else
+recipe-aicup: install
+	$(BIN)/python -m replicate.aicup --data $(DATA) $(RECIPE_ARGS)
 endif
 
 # DCASE 2020 Task 2: all six machine types, 2 development + 1 evaluation ID each, 2-s clips (the quick demo).

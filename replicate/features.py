@@ -77,20 +77,26 @@ def mel_power(audio: np.ndarray, sample_rate: int, resolutions: Sequence[MelReso
 
 
 def mfcc(audio: np.ndarray, sample_rate: int, *, n_mfcc: int, n_fft: int, hop_length: int, **mel_options) -> np.ndarray:
-    """librosa MFCCs of a batch of equal-length clips in one call: (clips, n_mfcc, frames), float32.
+    """librosa MFCCs of a batch of equal-length clips, equal to `librosa.feature.mfcc` clip by clip.
+
+    The mel spectrograms and the DCT run on the whole batch in one call; the dB conversion runs per clip,
+    because `power_to_db`'s top_db floor (80 dB below the maximum) is taken over the whole array it is given,
+    so on a batch a loud clip would raise the floor of a quiet one.
 
     Args:
         audio: float32 array (clips, samples).
         sample_rate: sampling rate in Hz.
         n_mfcc, n_fft, hop_length: as in `librosa.feature.mfcc`.
         mel_options: further `librosa.feature.melspectrogram` arguments (e.g. n_mels, win_length).
+
+    Returns:
+        float32 array (clips, n_mfcc, frames).
     """
     import librosa
 
-    coefficients = librosa.feature.mfcc(
-        y=audio, sr=sample_rate, n_mfcc=n_mfcc, n_fft=n_fft, hop_length=hop_length, **mel_options
-    )
-    return coefficients.astype(np.float32, copy=False)
+    mel = librosa.feature.melspectrogram(y=audio, sr=sample_rate, n_fft=n_fft, hop_length=hop_length, **mel_options)
+    db = np.stack([librosa.power_to_db(clip) for clip in mel]) if mel.ndim == 3 else librosa.power_to_db(mel)
+    return librosa.feature.mfcc(S=db, n_mfcc=n_mfcc).astype(np.float32, copy=False)
 
 
 def power_to_db(power: np.ndarray, ref: np.ndarray | float, top_db: float = 80.0, amin: float = 1e-10):

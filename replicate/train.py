@@ -12,7 +12,9 @@ Layout of a run folder (`runs/<recipe>/<run-id>/`):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import platform
 import resource
 import shutil
@@ -54,6 +56,47 @@ def compile_model(model: keras.Model, train_recipe: dict, metrics: Sequence[Any]
     return model
 
 
+@contextlib.contextmanager
+def dtype_policy(train_recipe: dict):
+    """Build and train under the recipe's Keras dtype policy: `train.precision`, "float32" when absent,
+    e.g. "mixed_bfloat16" or "mixed_float16" on a GPU (Keras then scales the loss for float16 itself)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(train_recipe.get("precision", "float32"))
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def distribution_scope(train_recipe: dict):
+    """The scope to build and compile in: `train.distribute = "mirrored"` copies the model to every GPU
+    (every logical CPU on a machine without one) with `tf.distribute.MirroredStrategy`, each replica
+    taking a share of the batch; "none" (the default) trains on one device."""
+    mode = train_recipe.get("distribute", "none")
+    if mode == "none":
+        return contextlib.nullcontext()
+    if mode != "mirrored":
+        raise ValueError(f"train.distribute must be 'none' or 'mirrored', got {mode!r}")
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(f"train.distribute = 'mirrored' needs the TensorFlow backend, not {keras.backend.backend()}")
+    import tensorflow as tf
+
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([device.name for device in devices]).scope()
+
+
+def _under_recipe_settings(function):
+    """Run a training function under the recipe's dtype policy and distribution strategy."""
+
+    @functools.wraps(function)
+    def wrapper(recipe, *args, **kwargs):
+        with dtype_policy(recipe["train"]), distribution_scope(recipe["train"]):
+            return function(recipe, *args, **kwargs)
+
+    return wrapper
+
+
+@_under_recipe_settings
 def train_member(
     recipe: dict,
     seed: int,
@@ -88,25 +131,141 @@ def train_member(
     """
     run_dir = Path(run_dir)
     name = member_name(seed)
-    member_path = run_dir / "members" / f"{name}.keras"
-    history_path = run_dir / "members" / f"{name}.history.csv"
-    member_path.parent.mkdir(parents=True, exist_ok=True)
-
     keras.utils.set_random_seed(seed)
     model = compile_model(build_model(), recipe["train"], metrics=metrics)
     dataset = train_data(seed)
-    epochs = recipe["train"]["epochs"]
-    timer = _EpochTimer()
     own_callbacks = list(member_callbacks(run_dir, name)) if member_callbacks else []
+    history, seconds, timer = _fit(
+        model, dataset, recipe, run_dir, name, validation_data, own_callbacks, callbacks, verbose
+    )
+    entry = _save_member(model, recipe, seed, run_dir, train_data)
+    entry.update(
+        epochs_this_session=len(history.epoch),
+        train_seconds=round(seconds, 2),
+        samples_per_second=round(timer.steps_per_second * recipe["train"]["batch_size"], 2),
+        final={key: float(values[-1]) for key, values in history.history.items() if values},
+    )
+    for callback in own_callbacks:
+        if isinstance(callback, BestEpoch) and callback.best_epoch:
+            entry.update(best_epoch=callback.best_epoch, best={callback.monitor: callback.best})
+    return entry
+
+
+@_under_recipe_settings
+def train_fused(
+    recipe: dict,
+    seeds: Sequence[int],
+    *,
+    run_dir: str | Path,
+    build_model: Callable[[], keras.Model],
+    train_data: Callable[[int], Any],
+    validation_data: Any = None,
+    callbacks: Iterable[keras.callbacks.Callback] = (),
+    member_callbacks: Callable[[Path, str], Iterable[keras.callbacks.Callback]] | None = None,
+    metrics: Sequence[Any] | None = None,
+    verbose: int | str = "auto",
+) -> list[dict]:
+    """Train one member per seed as one fused model (`replicate.fused`) and save each as `train_member` does.
+
+    Each member starts from the weights `train_member` would give it (its seed, then the builder) and sees
+    its own seeded batches, so the result equals training them one by one up to float rounding and dropout
+    masks. Interrupted, the group resumes from its last finished epoch (`checkpoints/fused-XX-YY/`).
+
+    Args:
+        recipe, run_dir, build_model, train_data, validation_data, callbacks, metrics, verbose: as for
+            `train_member`; validation data are given to every member.
+        seeds: the members trained together.
+        member_callbacks: not supported: their state (best epoch, learning-rate plateaus, early stopping)
+            is per member, and the fused members share one optimizer step.
+
+    Returns:
+        The members' manifest entries, each with `fused` (the group's seeds and wall time).
+    """
+    from replicate import fused
+
+    if member_callbacks is not None:
+        raise ValueError(
+            "train.fused trains members in one model, which cannot run per-member callbacks (best epoch, "
+            "ReduceLROnPlateau, early stopping); set train.fused = 1 for this recipe"
+        )
+    run_dir = Path(run_dir)
+    members, datasets = [], []
+    for seed in seeds:  # the same order of seeding, building and data as train_member's
+        keras.utils.set_random_seed(seed)
+        members.append(build_model())
+        datasets.append(train_data(seed))
+    model = compile_model(fused.fuse(members[0], len(seeds)), recipe["train"], metrics=metrics)
+    fused.pack(model, members)
+    if validation_data is not None:
+        validation_data = fused.stack_datasets([validation_data] * len(seeds))
+    name = "fused-" + "-".join(f"{seed:02d}" for seed in seeds)
+    history, seconds, timer = _fit(
+        model, fused.stack_datasets(datasets), recipe, run_dir, name, validation_data, [], callbacks, verbose
+    )
+    group_history = {key: values for key, values in history.history.items() if values}
+    entries = []
+    for k, (seed, member) in enumerate(zip(seeds, fused.unpack(model, members), strict=True)):
+        # The fused model's own optimizer state stays with the group; each member is saved compiled afresh.
+        compile_model(member, recipe["train"], metrics=metrics)
+        entry = _save_member(member, recipe, seed, run_dir, train_data)
+        _write_member_history(
+            run_dir / "members" / f"{name}.history.csv", k, run_dir / "members" / f"{member_name(seed)}.history.csv"
+        )
+        entry.update(
+            epochs_this_session=len(history.epoch),
+            train_seconds=round(seconds / len(seeds), 2),
+            samples_per_second=round(timer.steps_per_second * recipe["train"]["batch_size"] * len(seeds), 2),
+            final=_member_logs(group_history, k),
+            fused={"seeds": list(seeds), "train_seconds": round(seconds, 2)},
+        )
+        entries.append(entry)
+    return entries
+
+
+def _member_logs(logs: dict, k: int) -> dict:
+    """Member k's values among a fused model's logs ("member_k_loss" → "loss", "val_member_k_x" → "val_x")."""
+    prefix = f"member_{k}_"
+    own = {}
+    for key, values in logs.items():
+        validation = key.startswith("val_")
+        bare = key[4:] if validation else key
+        if bare.startswith(prefix):
+            own[("val_" if validation else "") + bare[len(prefix) :]] = float(values[-1])
+    return own
+
+
+def _write_member_history(group_path: Path, k: int, path: Path) -> None:
+    """Member k's columns of a fused group's CSV history, as a member's own history file."""
+    import csv
+
+    with open(group_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = ["epoch", *_member_logs({key: [0] for key in rows[0] if key != "epoch"}, k)] if rows else ["epoch"]
+    prefix = f"member_{k}_"
+    with files.atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(
+                [row["epoch"]]
+                + [row[f"val_{prefix}{c[4:]}" if c.startswith("val_") else f"{prefix}{c}"] for c in columns[1:]]
+            )
+
+
+def _fit(model, dataset, recipe, run_dir: Path, name: str, validation_data, first_callbacks, callbacks, verbose):
+    """`model.fit` for the recipe's epochs with the run folder's checkpoint, history and TensorBoard logs."""
+    history_path = run_dir / "members" / f"{name}.history.csv"
+    history_path.parent.mkdir(parents=True, exist_ok=True)
+    timer = _EpochTimer()
     started = time.perf_counter()
     history = model.fit(
         dataset,
-        epochs=epochs,
+        epochs=recipe["train"]["epochs"],
         validation_data=validation_data,
         shuffle=False,  # the dataset shuffles itself, seeded per member
         verbose=verbose,
         callbacks=[
-            *own_callbacks,  # first: the scores they add to an epoch's logs reach the logger and the others
+            *first_callbacks,  # first: the scores they add to an epoch's logs reach the logger and the others
             keras.callbacks.BackupAndRestore(str(run_dir / "checkpoints" / name), delete_checkpoint=True),
             keras.callbacks.CSVLogger(str(history_path), append=True),
             keras.callbacks.TensorBoard(str(run_dir / "tensorboard" / name)),
@@ -114,27 +273,23 @@ def train_member(
             *callbacks,
         ],
     )
-    seconds = time.perf_counter() - started
+    return history, time.perf_counter() - started, timer
+
+
+def _save_member(model, recipe: dict, seed: int, run_dir: Path, train_data) -> dict:
+    """Recalibrate BatchNormalization if the recipe says so, save `members/seed-XX.keras` atomically."""
+    member_path = run_dir / "members" / f"{member_name(seed)}.keras"
     recalibrated = 0
     if recipe["train"].get("recalibrate_batchnorm", False):
         recalibrated = recalibrate_batchnorm(model, train_data(seed))
     with files.atomic_path(member_path, suffix=".keras") as temporary:
         model.save(temporary)
-    final = {key: float(values[-1]) for key, values in history.history.items() if values}
-    entry = {
+    return {
         "seed": seed,
         "file": str(member_path.relative_to(run_dir)),
-        "epochs": epochs,
-        "epochs_this_session": len(history.epoch),
-        "train_seconds": round(seconds, 2),
-        "samples_per_second": round(timer.steps_per_second * recipe["train"]["batch_size"], 2),
+        "epochs": recipe["train"]["epochs"],
         "batchnorm_recalibration_batches": recalibrated,
-        "final": final,
     }
-    for callback in own_callbacks:
-        if isinstance(callback, BestEpoch) and callback.best_epoch:
-            entry.update(best_epoch=callback.best_epoch, best={callback.monitor: callback.best})
-    return entry
 
 
 class BestEpoch(keras.callbacks.Callback):
@@ -255,7 +410,8 @@ def train_ensemble(
     log: Callable[[str], None] = print,
     **member_arguments: Any,
 ) -> dict:
-    """Train every seed's member in turn, keeping members that an earlier run finished.
+    """Train every seed's member in turn (or `train.fused` of them at a time), keeping members that an
+    earlier run finished.
 
     The manifest is rewritten (atomically) after each member, so a killed run loses at most the epoch
     in progress: started again with the same run folder, finished members are kept and the
@@ -275,19 +431,27 @@ def train_ensemble(
     run_dir = Path(run_dir)
     manifest_path = run_dir / MANIFEST
     previous = files.read_json(manifest_path) if manifest_path.is_file() else {}
-    finished = {
-        member["seed"]: member for member in previous.get("members", []) if (run_dir / member["file"]).is_file()
-    }
+    trained = {member["seed"]: member for member in previous.get("members", []) if (run_dir / member["file"]).is_file()}
     manifest = {**manifest, "members": [], "environment": environment()}
-    for index, seed in enumerate(seeds, start=1):
-        if seed in finished:
-            log(f"member {index}/{len(seeds)} (seed {seed}): already trained, kept")
-            manifest["members"].append(finished[seed])
-            continue
-        log(f"member {index}/{len(seeds)} (seed {seed}): training")
-        manifest["members"].append(train_member(recipe, seed, run_dir=run_dir, **member_arguments))
+    position = {seed: index for index, seed in enumerate(seeds, start=1)}
+    for seed in seeds:
+        if seed in trained:
+            log(f"member {position[seed]}/{len(seeds)} (seed {seed}): already trained, kept")
+    width = recipe["train"].get("fused", 1)
+    pending = [seed for seed in seeds if seed not in trained]
+    for group in (pending[start : start + width] for start in range(0, len(pending), width)):
+        which = ", ".join(f"{position[seed]}/{len(seeds)} (seed {seed})" for seed in group)
+        if len(group) == 1:
+            log(f"member {which}: training")
+            trained[group[0]] = train_member(recipe, group[0], run_dir=run_dir, **member_arguments)
+        else:
+            log(f"members {which}: training as one fused model")
+            entries = train_fused(recipe, group, run_dir=run_dir, **member_arguments)
+            trained.update(zip(group, entries, strict=True))
+        manifest["members"] = [trained[seed] for seed in seeds if seed in trained]
         manifest["peak_memory_mb"] = peak_memory_mb()
         files.write_json(manifest_path, manifest)
+    manifest["members"] = [trained[seed] for seed in seeds]
     files.write_json(manifest_path, manifest)
     return manifest
 

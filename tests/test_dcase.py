@@ -266,11 +266,19 @@ TINY_RUN = [
 ]
 
 
-@pytest.mark.parametrize("setup", ["finetune", pytest.param("per_machine", marks=pytest.mark.slow)])
-def test_tiny_run_writes_official_files_and_members_that_load_alone(one_type_data, tmp_path, capsys, setup):
+@pytest.mark.parametrize(
+    ("setup", "head"),
+    [
+        ("finetune", "arcface"),
+        pytest.param("per_machine", "cosface", marks=pytest.mark.slow),
+        pytest.param("integrated", "softmax", marks=pytest.mark.slow),
+    ],
+)
+def test_tiny_run_writes_official_files_and_members_that_load_alone(one_type_data, tmp_path, capsys, setup, head):
     run_dir = tmp_path / "run"
     arguments = ["--data", str(one_type_data), "--profile", "quick", "--seeds", "1", "--run-dir", str(run_dir)]
     arguments += ["--no-progress", "--set", f"setup={setup}", "--set", f"run.cache_dir='{tmp_path / 'cache'}'"]
+    arguments += ["--set", f"model.head={head}"]
     for item in TINY_RUN:
         arguments += ["--set", item]
     assert dcase.main(arguments) == 0
@@ -290,7 +298,7 @@ def test_tiny_run_writes_official_files_and_members_that_load_alone(one_type_dat
     assert scores["final_group"] == setup and sorted(scores["groups"][setup]["dev"]) == sorted(dcase.SCORE_METHODS)
     for name in ("report.md", "roc_dev.png", "embeddings_dev.png", "training_curves.png"):
         assert (run_dir / name).is_file(), name
-    member = run_dir / setup / "valve" / "members" / "seed-00.keras"
+    member = (run_dir if setup == "integrated" else run_dir / setup / "valve") / "members" / "seed-00.keras"
     history = (member.parent / "seed-00.history.csv").read_text().splitlines()
     assert "dev_score" in history[0] and history[2].split(",")[3] != "nan"  # scored at epoch 2
     run_python(

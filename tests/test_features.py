@@ -168,3 +168,13 @@ def test_batched_mfcc_equals_librosa_clip_by_clip(clips):
     for index, clip in enumerate(clips):
         expected = librosa.feature.mfcc(y=clip, sr=16000, n_mfcc=13, n_fft=512, hop_length=160, n_mels=40)
         np.testing.assert_allclose(batched[index], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_batched_mfcc_keeps_each_clips_own_db_floor(clips):
+    # power_to_db floors at 80 dB below the maximum of what it is given: a loud clip in the batch must not
+    # change a quiet clip's floor.
+    mixed = np.stack([clips[0] * 30.0, clips[1] * 0.001, np.zeros_like(clips[2])]).astype(np.float32)
+    batched = features.mfcc(mixed, 16000, n_mfcc=13, n_fft=512, hop_length=160, n_mels=40)
+    for index, clip in enumerate(mixed):
+        expected = librosa.feature.mfcc(y=clip, sr=16000, n_mfcc=13, n_fft=512, hop_length=160, n_mels=40)
+        np.testing.assert_allclose(batched[index], expected, rtol=1e-5, atol=1e-3)

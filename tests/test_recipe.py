@@ -18,6 +18,9 @@ def test_source_values_are_the_default():
         "loss": "KLDivergence",
         "validation_fraction": 0.0,
         "recalibrate_batchnorm": False,
+        "fused": 1,
+        "precision": "float32",
+        "distribute": "none",
     }
     assert recipe["ensemble"]["seeds"] == 15
     assert recipe["features"]["n_fft"] == [256, 512, 1024, 2048]

@@ -9,6 +9,7 @@ import pytest
 from models.dacon import build_dacon_model
 from replicate import files, metrics, pipeline, train
 from replicate.ensemble import Ensemble
+from tests.conftest import run_python
 
 RNG = np.random.default_rng(0)
 FEATURES = RNG.normal(size=(32, 64, 101, 4)).astype(np.float32)
@@ -206,3 +207,30 @@ def test_best_epoch_refuses_a_score_without_the_monitored_value():
     model = train.compile_model(_small_model(), RECIPE["train"])
     with pytest.raises(ValueError, match="without the monitored 'val_score'"):
         model.fit(pipeline.from_arrays(FEATURES, TARGETS, batch_size=8), epochs=1, callbacks=[best], verbose=0)
+
+
+def test_members_train_and_save_under_the_recipes_precision(tmp_path):
+    recipe = {"train": {**RECIPE["train"], "epochs": 1, "precision": "mixed_bfloat16"}}
+    train.train_member(recipe, 0, run_dir=tmp_path, **_arguments())
+    model = keras.models.load_model(tmp_path / "members" / "seed-00.keras")
+    assert model.layers[1].dtype_policy.name == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == "float32"  # the process's policy is left as it was
+
+
+def test_mirrored_training_uses_every_device_and_saves_an_ordinary_member(tmp_path):
+    # Two logical CPUs stand in for two GPUs; they must be set before TensorFlow starts: a fresh process.
+    run_python(
+        "import numpy as np, tensorflow as tf, keras\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from replicate import pipeline, train\n"
+        "from tests.test_train import FEATURES, TARGETS, RECIPE, _small_model\n"
+        "recipe = {'train': {**RECIPE['train'], 'epochs': 1, 'distribute': 'mirrored'}}\n"
+        "with train.distribution_scope(recipe['train']):\n"
+        "    assert tf.distribute.get_strategy().num_replicas_in_sync == 2\n"
+        "data = lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed)\n"
+        f"train.train_member(recipe, 0, run_dir={str(tmp_path)!r}, build_model=_small_model, train_data=data,"
+        " verbose=0)\n"
+    )
+    model = keras.models.load_model(tmp_path / "members" / "seed-00.keras")  # no strategy needed to load
+    assert model.predict(FEATURES[:2], verbose=0).shape == (2, 30)

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import NamedTuple
 
-from replicate.synth import dacon, dcase
+from replicate.synth import aicup, dacon, dcase
 
 
 class Subcommand(NamedTuple):
@@ -37,6 +37,18 @@ def _run_dacon(arguments: argparse.Namespace) -> dict:
         voices_per_word=arguments.voices_per_word,
         unseen_test_voices=not arguments.seen_test_voices,
     )
+
+
+def _add_aicup_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder to write the dataset into")
+    parser.add_argument("--n-train", type=int, required=True, help="persons of the training list")
+    parser.add_argument("--n-public", type=int, default=0, help="persons of the public test list (default 0: none)")
+    parser.add_argument("--n-private", type=int, default=0, help="persons of the private test list (default 0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _run_aicup(arguments: argparse.Namespace) -> dict:
+    return aicup.generate(arguments.out, arguments.n_train, arguments.n_public, arguments.n_private, arguments.seed)
 
 
 def _add_dcase_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +83,11 @@ def _run_dcase(arguments: argparse.Namespace) -> dict:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "dacon": Subcommand(
         "DACON overlapping speech: 1 s clips of overlapping spoken words", _add_dacon_arguments, _run_dacon
+    ),
+    "aicup": Subcommand(
+        "AI CUP 2023 pathological voice: sustained vowels at 44.1 kHz and 26 clinical fields per person",
+        _add_aicup_arguments,
+        _run_aicup,
     ),
     "dcase": Subcommand(
         "DCASE 2020 Task 2: normal and anomalous machine sounds in dev_data/ and eval_data/",

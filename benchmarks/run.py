@@ -1,0 +1,214 @@
+"""`make bench`: every benchmark, one JSON file per kind of machine, and the README's tables.
+
+    python -m benchmarks.run                          # CPU: features, then each model on each backend
+    python -m benchmarks.run --skip-features --backends jax --precisions float32,mixed_bfloat16   # a GPU box
+    python -m benchmarks.run --table-only             # only rewrite the README tables from results/*.json
+
+Results go to `benchmarks/results/<label>.json` (label "cpu" or "gpu" from the device measured, or
+`--label`); the README block between `<!-- results:bench -->` markers is made from every results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import features as features_benchmark
+from benchmarks import recipes as recipes_benchmark
+from benchmarks.training import MODELS
+from replicate import files, report
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+# What each source's full recipe trains (spec files), and the training time the source reported.
+WORKLOADS = {
+    "dacon": {
+        "what": "DACON: 100,000 clips × 187 epochs × 15 seeds",
+        "samples": 100_000 * 187 * 15,  # spec/dacon.md: ~100,000 train files; 187 epochs; 15 seeds
+        "source": "≈ 142 h (9.5 h per model, RTX 2060 Super)",  # spec/dacon.md, "Ensemble"
+    },
+    "aicup": {
+        "what": "AI CUP: 750 persons × 150 epochs × 5 variants × 15 seeds (n_mfcc 13's speed)",
+        "samples": 750 * 150 * 5 * 15,  # spec/aicup.md: ~1,000 persons, fold 0 of 4 trains; 150 epochs
+        "source": "not reported (5 variants × 1 seed)",
+    },
+}
+
+
+def available_backends() -> list[str]:
+    return [name for name in ("tensorflow", "jax", "torch") if importlib.util.find_spec(name) is not None]
+
+
+def training_run(backend: str, model: str, fused: int, steps: int, precision: str) -> dict:
+    """One measurement in a fresh process with KERAS_BACKEND set (a backend cannot change in a process)."""
+    command = [sys.executable, "-m", "benchmarks.training", "--model", model, "--fused", str(fused)]
+    command += ["--steps", str(steps), "--precision", precision]
+    environment = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} on {backend} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def training_table(measurements: list[dict]) -> str:
+    rows = []
+    sequential = {
+        (m["model"], m["backend"], m["precision"]): m["samples_per_second"] for m in measurements if m["fused"] == 1
+    }
+    for m in measurements:
+        baseline = sequential.get((m["model"], m["backend"], m["precision"]))
+        ratio = f"{m['samples_per_second'] / baseline:.2f}×" if baseline and m["fused"] > 1 else ""
+        device_memory = f"{m['peak_device_memory_mb']:.0f}" if m.get("peak_device_memory_mb") else "–"
+        rows.append(
+            (
+                m["model"],
+                m["backend"],
+                m["device"],
+                m["precision"],
+                m["fused"],
+                m["batch_size"],
+                f"{m['samples_per_second']:.1f}",
+                ratio,
+                f"{m['peak_memory_mb']:.0f}",
+                device_memory,
+            )
+        )
+    headers = ("model", "backend", "device", "precision", "members fused", "batch per member", "samples/s")
+    headers += ("vs. one at a time", "peak RSS MiB", "peak device MiB")
+    return report.markdown_table(headers, rows)
+
+
+def extrapolation_table(results: dict[str, dict]) -> str:
+    """The full recipes' training time at the best measured throughput of each machine."""
+    rows = []
+    for name, workload in WORKLOADS.items():
+        for label, result in sorted(results.items()):
+            measured = [m for m in result.get("training", {}).get("measurements", []) if m["model"] == name]
+            if not measured:
+                continue
+            best = max(measured, key=lambda m: m["samples_per_second"])
+            hours = workload["samples"] / best["samples_per_second"] / 3600
+            setting = f"{best['backend']}, {best['precision']}, {best['fused']} fused"
+            rows.append(
+                (workload["what"], f"{label}: {best['device']} ({setting})", f"{hours:,.1f} h", workload["source"])
+            )
+    return report.markdown_table(("full recipe", "ours: measured on", "ours: training time", "source"), rows)
+
+
+def _section_line(section: dict) -> str:
+    return f"{section['machine']}, {section['date']}; `{section['command']}`"
+
+
+def readme_block(results: dict[str, dict]) -> str:
+    """Every results file's sections (each with its machine, date and command), then the extrapolation."""
+    parts = []
+    for label, result in sorted(results.items()):
+        parts += [f"**{label}**", ""]
+        if result.get("features"):
+            f = result["features"]
+            parts += [
+                f"Features — {_section_line(f)}:",
+                "",
+                report.markdown_table(
+                    ("features (DACON, 4 log-mel resolutions)", "clips/s", "peak RSS MiB"),
+                    [
+                        (
+                            "source's way: librosa one clip at a time, one process",
+                            f"{f['source_clips_per_second']}",
+                            f"{f['source_peak_memory_mb']:.0f}",
+                        ),
+                        (
+                            f"ours: batched, cached, {f['workers']} worker processes",
+                            f"{f['ours_clips_per_second']}",
+                            f"{f['ours_peak_memory_mb']:.0f} + {f['ours_worker_peak_memory_mb']:.0f} per worker",
+                        ),
+                    ],
+                ),
+                "",
+                f"{f['clips']} clips; ours is **{f['speedup']}×** the source's way; largest difference of the dB "
+                f"values from the source's: {f['max_abs_difference_db']:.2g} dB.",
+                "",
+            ]
+        if result.get("training"):
+            training = result["training"]
+            parts += [f"Training — {_section_line(training)}:", "", training_table(training["measurements"]), ""]
+        if result.get("recipes"):
+            recipes = result["recipes"]
+            rows = [(r["command"], f"{r['wall_seconds'] / 60:.1f} min") for r in recipes["runs"]]
+            parts += [
+                f"End to end — {_section_line(recipes)}:",
+                "",
+                report.markdown_table(("quick profile, fresh synthetic data, venv installed", "wall time"), rows),
+                "",
+            ]
+    parts += ["Extrapolated from the best measured throughput (training only; features are computed once):", ""]
+    parts += [extrapolation_table(results), ""]
+    return "\n".join(parts)
+
+
+def load_results() -> dict[str, dict]:
+    return {path.stem: files.read_json(path) for path in sorted(RESULTS_DIR.glob("*.json"))}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default=",".join(available_backends()), help="comma-separated Keras backends")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models")
+    parser.add_argument("--fused", type=int, default=4, help="members in the fused measurement (1: skip it)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--precisions", default="float32", help="comma-separated dtype policies")
+    parser.add_argument("--clips", type=int, default=1000, help="clips in the features benchmark")
+    parser.add_argument("--skip-features", action="store_true", help="no features benchmark (e.g. on a GPU box)")
+    parser.add_argument("--recipes", default="", help="comma-separated recipes to time end to end (minutes each)")
+    parser.add_argument("--label", help="results file name (default: cpu or gpu, from the device measured)")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite the README from results/*.json")
+    arguments = parser.parse_args(argv)
+
+    if not arguments.table_only:
+        stamp = {
+            "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()} {platform.system()}, {len(os.sched_getaffinity(0))} CPU cores",
+            "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+        measured = {}  # the sections this run measured replace those of the results file; the others stay
+        if not arguments.skip_features:
+            print(f"features: {arguments.clips} clips, the source's way and ours", flush=True)
+            measured["features"] = {**features_benchmark.run(arguments.clips), **stamp}
+            print(json.dumps(measured["features"]), flush=True)
+        measurements = []
+        for backend in filter(None, arguments.backends.split(",")):
+            for model in arguments.models.split(","):
+                for precision in arguments.precisions.split(","):
+                    for fused in sorted({1, arguments.fused}):
+                        print(f"training: {model} on {backend}, {precision}, {fused} fused", flush=True)
+                        measurements.append(training_run(backend, model, fused, arguments.steps, precision))
+                        print(json.dumps(measurements[-1]), flush=True)
+        if measurements:
+            measured["training"] = {**stamp, "measurements": measurements}
+        runs = []
+        for name in filter(None, arguments.recipes.split(",")):
+            print(f"recipe: make recipe-{name}, quick profile from fresh synthetic data", flush=True)
+            runs.append(recipes_benchmark.time_recipe(name))
+            print(json.dumps(runs[-1]), flush=True)
+        if runs:
+            measured["recipes"] = {**stamp, "runs": runs}
+        devices = {m["device"] for m in measurements}
+        label = arguments.label or ("gpu" if any(not d.startswith("cpu") for d in devices) else "cpu")
+        path = RESULTS_DIR / f"{label}.json"
+        previous = files.read_json(path) if path.is_file() else {}
+        files.write_json(path, {**previous, **measured})
+        print(f"results: {path}")
+    changed = report.update_readme(README, "bench", readme_block(load_results()))
+    print(f"{README}: results:bench {'updated' if changed else 'already up to date'}")
+
+
+if __name__ == "__main__":
+    main()

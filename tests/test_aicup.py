@@ -1,0 +1,359 @@
+"""The AI CUP 2023 recipe: the competition layout and its errors, the clinical encoder, MFCCs, the training
+pieces (class weights, split, loss wiring), metrics, and the whole recipe end to end on tiny synthetic data."""
+
+from __future__ import annotations
+
+import shutil
+
+import keras
+import librosa
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+from sklearn import metrics as sk_metrics
+
+from replicate import aicup, files, train
+from replicate.features import FeatureCacheError
+from replicate.recipe import RecipeError
+from replicate.synth import aicup as synth
+from tests.conftest import run_python
+
+TRAIN_CSV = "Training_Dataset/training_datalist.csv"
+
+
+@pytest.fixture(scope="module")
+def aicup_data(tmp_path_factory):
+    """A tiny AI CUP-format data set: 40 training persons, 8 public and 8 private test persons."""
+    out_dir = tmp_path_factory.mktemp("aicup-data")
+    synth.generate(out_dir, n_train=40, n_public=8, n_private=8, seed=7, progress=False)
+    return out_dir
+
+
+@pytest.fixture
+def data(aicup_data, tmp_path):
+    """A private copy of the tiny data set, to break."""
+    return shutil.copytree(aicup_data, tmp_path / "data")
+
+
+def _table(data) -> pd.DataFrame:
+    return pd.read_csv(data / TRAIN_CSV, dtype=str, keep_default_na=False)
+
+
+def _write(data, table: pd.DataFrame) -> None:
+    table.to_csv(data / TRAIN_CSV, index=False)
+
+
+# --- layout and table checks --------------------------------------------------------------------
+
+
+def test_columns_are_matched_after_normalisation(data):
+    assert "Onset of dysphonia " in _table(data).columns  # the real header's trailing space
+    table = _table(data).rename(columns={"Onset of dysphonia ": "onset  of Dysphonia", "PND": " PND"})
+    _write(data, table)
+    clinical, labels, _ = aicup.read_table(data / TRAIN_CSV, labelled=True)
+    assert list(clinical.columns) == ["ID", *aicup.FIELD_NAMES]
+    assert "Onset of dysphonia" in clinical.columns and labels.min() >= 1 and labels.max() <= 5
+    assert aicup.normalize_column("Onset of dysphonia ") == aicup.normalize_column("onset_of_dysphonia")
+
+
+def test_unknown_and_missing_columns_are_named(data):
+    _write(data, _table(data).drop(columns=["Choking"]).rename(columns={"CVA": "Stroke"}))
+    with pytest.raises(aicup.DataError, match=r"missing columns 'Choking', 'CVA'; unknown columns 'Stroke'"):
+        aicup.load_data(data)
+
+
+def test_folders_with_spaces_are_found(data):
+    (data / "Training_Dataset" / "training_datalist.csv").rename(data / "Training_Dataset" / "training datalist.csv")
+    (data / "Training_Dataset").rename(data / "Training Dataset")
+    (data / "Public_Testing_Dataset").rename(data / "Public Testing Dataset")
+    loaded = aicup.load_data(data)
+    assert loaded.train.table.name == "training datalist.csv" and len(loaded.train.paths) == 40
+    assert [split.name for split in loaded.tests] == ["public", "private"]
+
+
+def test_empty_ppd_and_vhi_are_filled_and_counted(data):
+    table = _table(data)
+    table.loc[:2, "PPD"] = ""
+    table.loc[:4, "Voice handicap index - 10"] = ""
+    _write(data, table)
+    loaded = aicup.load_data(data)
+    assert loaded.train.empty_cells["PPD"] >= 3 and loaded.train.empty_cells["Voice handicap index - 10"] >= 5
+    encoded = aicup.ClinicalEncoder.fit(loaded.train.clinical)(loaded.train.clinical)
+    assert np.isfinite(encoded).all() and (encoded[:5, 19] == 0).all()  # VHI-10 / 40, filled with 0
+
+
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("Smoking", "", r"empty 'Smoking' on line 4 \(ID "),
+        ("Smoking", "4", r"'Smoking' must be in 0\.\.3; line 4 \(ID \w+\) \(4\)"),
+        ("Onset of dysphonia ", "1.5", r"'Onset of dysphonia' must be a whole-number code on line 4"),
+        ("Age", "old", r"'Age' is not a number on line 4"),
+        ("Voice handicap index - 10", "41", r"'Voice handicap index - 10' must be in 0\.\.40; line 4"),
+        ("Disease category", "6", r"'Disease category' must be in 1\.\.5; line 4"),
+    ],
+)
+def test_bad_cells_name_the_line_id_and_column(data, column, value, message):
+    table = _table(data)
+    table.loc[2, column] = value
+    _write(data, table)
+    with pytest.raises(aicup.DataError, match=message):
+        aicup.load_data(data)
+
+
+def test_duplicated_ids_and_missing_wavs_are_listed(data):
+    table = _table(data)
+    identifier = table.loc[3, "ID"]
+    (data / "Training_Dataset" / "training_voice_data" / f"{identifier}.wav").unlink()
+    with pytest.raises(aicup.DataError, match=rf"1 IDs of .*training_datalist.csv have no .*<ID>.wav: {identifier}"):
+        aicup.load_data(data)
+    table.loc[5, "ID"] = table.loc[6, "ID"]
+    _write(data, table)
+    with pytest.raises(aicup.DataError, match=rf"duplicated IDs {table.loc[6, 'ID']}"):
+        aicup.load_data(data)
+
+
+def test_missing_training_list_and_folder(data, tmp_path):
+    with pytest.raises(aicup.DataError, match=r"nowhere: data folder not found"):
+        aicup.load_data(tmp_path / "nowhere")
+    shutil.rmtree(data / "Training_Dataset" / "training_voice_data")
+    with pytest.raises(aicup.DataError, match=r"audio folder training_voice_data/ is not beside it"):
+        aicup.load_data(data)
+    (data / TRAIN_CSV).unlink()
+    with pytest.raises(aicup.DataError, match=r"no training_datalist.csv"):
+        aicup.load_data(data)
+
+
+def test_extra_wavs_are_counted_not_fatal(data):
+    folder = data / "Training_Dataset" / "training_voice_data"
+    shutil.copy(next(folder.glob("*.wav")), folder / "unlisted.wav")
+    assert aicup.load_data(data).train.extra_wavs == 1
+
+
+# --- clinical encoder ----------------------------------------------------------------------------
+
+
+def test_clinical_encoder_has_the_specs_44_inputs_and_values(aicup_data):
+    loaded = aicup.load_data(aicup_data)
+    encoder = aicup.ClinicalEncoder.fit(loaded.train.clinical)
+    assert encoder.width == 44 and len(encoder.input_names) == 44
+    row = loaded.train.clinical.iloc[[0]].copy()
+    row[["Sex", "Age", "Voice handicap index - 10", "Smoking", "frequency"]] = [2, 25.0, 10.0, 2, 0]
+    row[["Onset of dysphonia", "Noise at work", "Diurnal pattern", "Occupational vocal demand"]] = [5, 1, 3, 4]
+    encoded = encoder(row)[0]
+    assert encoded.shape == (44,) and encoded.dtype == np.float32
+    assert encoded[0] == 1.0 and encoded[1] == 0.5 and encoded[19] == 0.25  # Sex - 1, Age / 50, VHI-10 / 40
+    one_hot = encoded[20:]
+    assert one_hot.sum() == 6  # one code per categorical field
+    expected_hot = [
+        2,
+        4 + 0,
+        8 + 4,
+        13 + 0,
+        16 + 2,
+        20 + 3,
+    ]  # Smoking=2, frequency=0, Onset=5, Noise=1, Diurnal=3, Demand=4
+    assert np.flatnonzero(one_hot).tolist() == expected_hot
+    assert encoder.input_names[20 + 2] == "Smoking = 2" and encoder.input_names[1] == "(Age - 0) / 50"
+
+
+def test_clinical_encoder_is_deterministic_and_travels_as_json(aicup_data, tmp_path):
+    loaded = aicup.load_data(aicup_data)
+    encoder = aicup.ClinicalEncoder.fit(loaded.train.clinical)
+    files.write_json(tmp_path / "encoder.json", encoder.to_config())
+    restored = aicup.ClinicalEncoder.from_config(files.read_json(tmp_path / "encoder.json"))
+    assert restored == encoder and restored == aicup.ClinicalEncoder.fit(loaded.train.clinical.sample(frac=1.0))
+    np.testing.assert_array_equal(restored(loaded.tests[0].clinical), encoder(loaded.tests[0].clinical))
+    # a test list that lacks some codes still gets the same 44 columns (the source's get_dummies would not)
+    one_code = loaded.tests[0].clinical.assign(Smoking=0.0)
+    assert encoder(one_code).shape == (len(one_code), 44)
+
+
+# --- features -------------------------------------------------------------------------------------
+
+
+def test_mfcc_shape_and_equality_with_librosa_clip_by_clip(aicup_data, tmp_path):
+    loaded = aicup.load_data(aicup_data)
+    recipe = aicup.load_recipe(overrides=[f"run.cache_dir='{tmp_path}'", "run.workers=1"])
+    short = tmp_path / "short.wav"
+    sf.write(short, np.asarray(sf.read(loaded.train.paths[0])[0][:30_000]), 44_100, subtype="PCM_16")
+    paths = [*loaded.train.paths[:3], short]
+    for n_mfcc in (13, 50):
+        values, meta = aicup.mfcc_cached(paths, recipe, n_mfcc, "test", progress=False)
+        assert values.shape == (4, n_mfcc, 126, 1)
+        assert meta["notes"]["padded"] == 1 and meta["notes"]["cropped"] == 3
+        for path, value in zip(paths, values, strict=True):
+            signal, rate = librosa.load(path, sr=44_100)  # the source's make_mfcc
+            signal = np.pad(signal[:44_100], (0, max(0, 44_100 - len(signal))))  # zero-padded, as the spec says
+            expected = librosa.feature.mfcc(y=signal, sr=rate, n_fft=705, hop_length=352, n_mfcc=n_mfcc)
+            np.testing.assert_allclose(value[..., 0], expected, rtol=1e-4, atol=1e-3)
+    again, _ = aicup.mfcc_cached(paths, recipe, 13, "test", progress=False)
+    assert len(list(tmp_path.glob("test-mfcc13-*"))) == 1 and len(list(tmp_path.glob("test-mfcc50-*"))) == 1
+    assert again.shape == (4, 13, 126, 1)  # read from its own cache
+
+
+def test_unreadable_wav_names_the_file(data, tmp_path):
+    loaded = aicup.load_data(data)
+    loaded.train.paths[2].write_bytes(b"RIFF....WAVEgarbage")
+    recipe = aicup.load_recipe(overrides=[f"run.cache_dir='{tmp_path / 'cache'}'", "run.workers=1"])
+    with pytest.raises(FeatureCacheError, match=rf"{loaded.train.paths[2].name}: cannot read audio"):
+        aicup.mfcc_cached(loaded.train.paths, recipe, 13, "bad", progress=False)
+
+
+# --- training pieces and metrics ------------------------------------------------------------------
+
+
+def test_class_weights_are_inverse_counts():
+    labels = np.array([1] * 6 + [2] * 3 + [3] * 2 + [4] + [5] * 4)
+    np.testing.assert_allclose(aicup.class_weights(labels), [1 / 6, 1 / 3, 1 / 2, 1, 1 / 4])
+    with pytest.raises(ValueError, match=r"no person of class Neoplasm"):
+        aicup.class_weights(np.array([1, 2, 3, 5]))
+
+
+def test_weighted_loss_is_pytorchs_weighted_mean_and_takes_probabilities():
+    """The compiled loss is Σ wᵢ·CE / Σ wᵢ on the model's probabilities (no softmax applied twice)."""
+    recipe = aicup.load_recipe()
+    model = train.compile_model(keras.Sequential([keras.Input((5,)), keras.layers.Softmax()]), recipe["train"])
+    assert model.loss.get_config()["from_logits"] is False
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.ones(5), size=8).astype(np.float32)
+    labels = rng.integers(1, 6, size=8)
+    weights = aicup.class_weights(np.array([1, 1, 1, 2, 2, 3, 4, 5]))[labels - 1]
+    one_hot = np.eye(5, dtype=np.float32)[labels - 1]
+    loss = float(model.loss(one_hot, probabilities, sample_weight=weights))
+    cross_entropy = -np.log(probabilities[np.arange(8), labels - 1])
+    assert loss == pytest.approx(np.sum(weights * cross_entropy) / np.sum(weights), rel=1e-5)
+    assert float(model.loss(one_hot, one_hot, sample_weight=weights)) < 1e-5  # softmax-then-CE would be ≥ 0.9
+
+
+def test_fold_zero_of_a_seeded_stratified_four_fold_split():
+    labels = np.repeat([1, 2, 3, 4, 5], [40, 20, 12, 4, 4])
+    train_rows, validation_rows = aicup.fold_split(labels, folds=4, fold=0, seed=0)
+    assert len(validation_rows) == 20 and not set(train_rows) & set(validation_rows)
+    assert np.bincount(labels[validation_rows])[1:].tolist() == [10, 5, 3, 1, 1]
+    again = aicup.fold_split(labels, folds=4, fold=0, seed=0)
+    np.testing.assert_array_equal(again[1], validation_rows)
+    assert not np.array_equal(aicup.fold_split(labels, 4, 0, seed=1)[1], validation_rows)
+
+
+def test_uar_is_balanced_accuracy_and_scores_have_recall_and_confusion():
+    rng = np.random.default_rng(3)
+    labels, predicted = rng.integers(1, 6, 60), rng.integers(1, 6, 60)
+    scores = aicup.classification_scores(labels, predicted)
+    assert scores["uar"] == pytest.approx(sk_metrics.balanced_accuracy_score(labels, predicted))
+    assert scores["uar"] == pytest.approx(np.mean(scores["recall"]))
+    assert scores["macro_f1"] == pytest.approx(sk_metrics.f1_score(labels, predicted, average="macro"))
+    assert np.array(scores["confusion"]).sum() == 60 and np.trace(scores["confusion"]) == np.sum(labels == predicted)
+
+
+def test_vote_sums_member_probabilities_and_labels_one_to_five():
+    members = np.array(
+        [
+            [[0.6, 0.4, 0, 0, 0], [0.1, 0, 0, 0, 0.9]],
+            [[0.0, 0.9, 0, 0, 0.1], [0.2, 0, 0, 0, 0.8]],
+        ]
+    )
+    # person 1: class 1 wins member 1 but the sum (0.6 vs 1.3) picks class 2
+    assert aicup.vote(members).tolist() == [2, 5]
+
+
+def test_recipe_checks(tmp_path):
+    with pytest.raises(RecipeError, match=r"data.validation_fold = 4: must be below data.folds"):
+        aicup.load_recipe(overrides=["data.validation_fold=4"])
+    with pytest.raises(RecipeError, match=r"features.n_mfcc"):
+        aicup.load_recipe(overrides=["features.n_mfcc=[13, 13]"])
+    recipe = aicup.load_recipe("quick")
+    assert recipe["features"]["n_mfcc"] == [13, 17, 21] and recipe["ensemble"]["compare_modalities"] is True
+    full = aicup.load_recipe()
+    assert full["features"]["n_mfcc"] == [13, 17, 21, 30, 50] and full["train"]["epochs"] == 150
+
+
+# --- end to end -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(aicup_data, tmp_path_factory):
+    """The recipe on the tiny data: n_mfcc 13 and 17, 2 epochs, multimodal and audio only."""
+    run_dir = tmp_path_factory.mktemp("aicup-run") / "run"
+    cache = run_dir.parent / "cache"
+    overrides = [f"run.cache_dir='{cache}'", "run.workers=1", "train.epochs=2", "train.batch_size=8"]
+    overrides.append("features.n_mfcc=[13, 17]")
+    recipe = aicup.load_recipe("quick", overrides)
+    lines = []
+    aicup.run(recipe, aicup_data, run_dir, progress=False, log=lines.append)
+    return run_dir, recipe, lines
+
+
+def test_end_to_end_layout_manifest_and_submission(tiny_run, aicup_data):
+    run_dir, _, _ = tiny_run
+    for name in (
+        "report.md",
+        "scores.json",
+        "predictions.npz",
+        "training_curves.png",
+        "confusion_multimodal_public.png",
+    ):
+        assert (run_dir / name).is_file(), name
+    manifest = files.read_json(run_dir / "manifest.json")
+    assert manifest["task"] == "aicup" and manifest["clinical"] is True
+    assert [(m["n_mfcc"], m["seed"]) for m in manifest["members"]] == [(13, 0), (17, 0)]
+    assert manifest["members"][0]["file"] == "multimodal/mfcc13/members/seed-00.keras"
+    assert all(1 <= m["best_epoch"] <= 2 for m in manifest["members"])
+    assert aicup.ClinicalEncoder.from_config(manifest["clinical_encoder"]).width == 44
+    assert files.read_json(run_dir / "audio_only" / "manifest.json")["clinical"] is False
+
+    lines = (run_dir / "submission.csv").read_text().splitlines()
+    loaded = aicup.load_data(aicup_data)
+    assert [line.split(",")[0] for line in lines] == loaded.tests[0].ids + loaded.tests[1].ids  # no header
+    assert all(line.split(",")[1] in {"1", "2", "3", "4", "5"} and line.count(",") == 1 for line in lines)
+
+    report = (run_dir / "report.md").read_text()
+    assert "### Audio only vs multimodal" in report and "source: 5-variant ensemble" in report
+    assert "0.6076" in report and "0.7305" in report and "0.6411" in report
+    table = aicup.results_table(run_dir)
+    assert "ours: MFCC + clinical, 2 variants × 1 seed(s)" in table and "ours: MFCC only" in table
+
+
+def test_saved_ensemble_predicts_new_persons_with_its_manifest(tiny_run, aicup_data):
+    from replicate.ensemble import Ensemble
+
+    run_dir, _, _ = tiny_run
+    ensemble = Ensemble.load(run_dir)
+    assert len(ensemble.members) == 2 and ensemble.class_names[3] == "Neoplasm"
+    split = aicup.load_data(aicup_data).tests[0]
+    inputs = aicup.model_inputs(split.paths[:3], ensemble.manifest, split.clinical.iloc[:3])
+    assert inputs["mfcc_17"].shape == (3, 17, 126, 1) and inputs["clinical"].shape == (3, 44)
+    probabilities = aicup.predict_members(ensemble.members, inputs)
+    saved = np.load(run_dir / "predictions.npz")["multimodal__public"][:, :3]
+    np.testing.assert_allclose(probabilities, saved, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"multimodal: pass the persons' clinical fields"):
+        ensemble.features(split.paths[:3])
+    audio_only = Ensemble.load(run_dir / "audio_only")
+    assert aicup.predict_members(audio_only.members, audio_only.features(split.paths[:2])).shape == (2, 2, 5)
+
+
+def test_member_loads_in_a_fresh_process(tiny_run):
+    run_dir, _, _ = tiny_run
+    member = run_dir / "multimodal" / "mfcc13" / "members" / "seed-00.keras"
+    run_python(
+        "import keras\n"
+        f"model = keras.models.load_model({str(member)!r}, safe_mode=True)\n"
+        "assert sorted(t.name for t in model.inputs) == ['clinical', 'mfcc_13'], model.inputs\n",
+        cwd=run_dir,
+    )
+
+
+def test_running_again_keeps_the_members(tiny_run, aicup_data):
+    run_dir, recipe, _ = tiny_run
+    lines = []
+    aicup.run(recipe, aicup_data, run_dir, progress=False, log=lines.append)
+    assert sum("already trained, kept" in line for line in lines) == 4  # 2 variants × 2 modalities
+
+
+def test_command_line_reports_bad_data_in_one_line(aicup_data, tmp_path, capsys):
+    assert aicup.main(["--data", str(tmp_path / "missing"), "--profile", "quick"]) == 2
+    assert "error: " in capsys.readouterr().err
+    arguments = ["--data", str(aicup_data), "--run-dir", str(tmp_path / "run"), "--set", f"run.cache_dir='{tmp_path}'"]
+    assert aicup.main([*arguments, "--set", "train.batch_size=64", "--set", "features.n_mfcc=[13]"]) == 2
+    assert "30 training persons make no full batch of train.batch_size = 64" in capsys.readouterr().err

@@ -1,0 +1,219 @@
+"""Fused seed ensembles: the packed model computes each member's function, and training K members fused
+gives the weights of K independent runs (same initial weights, same batches)."""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from models.dacon import build_dacon_model
+from replicate import files, fused, pipeline, train
+
+RNG = np.random.default_rng(3)
+FEATURES = RNG.normal(size=(24, 32, 32, 4)).astype(np.float32)
+TARGETS = RNG.dirichlet(np.ones(30), size=24).astype(np.float32)
+# The source's model on a small input; dropout off, since fused dropout masks are drawn differently.
+BUILD = functools.partial(build_dacon_model, input_shape=(32, 32, 4), dropout=0.0)
+# The same builder with every layer kind but narrow, for the training tests.
+BUILD_NARROW = functools.partial(
+    build_dacon_model,
+    input_shape=(32, 32, 4),
+    plain_filters=(4,),
+    bottleneck_filters=((4, 8),),
+    dense_units=8,
+    dropout=0.0,
+)
+
+
+def _members(count, build=BUILD):
+    members = []
+    for seed in range(count):
+        keras.utils.set_random_seed(seed)
+        members.append(build())
+    return members
+
+
+def _two_input_model():
+    """Resizing, max-pooling, a projected residual block, global pooling and a concatenated side input."""
+    spectrogram = keras.Input((8, 16, 1), name="mel")
+    side = keras.Input((2,), name="aux")
+    x = layers.Resizing(16, 16, name="resize")(spectrogram)
+    x = layers.Conv2D(6, 3, strides=2, padding="same", activation="relu", name="stem")(x)
+    x = layers.MaxPooling2D(2, name="pool")(x)
+    shortcut = layers.Conv2D(4, 1, name="projection")(x)
+    x = layers.Conv2D(4, 3, padding="same", name="conv")(x)
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.ReLU(name="relu")(layers.Add(name="add")([x, shortcut]))
+    x = layers.Dense(5, name="fc")(layers.GlobalAveragePooling2D(name="gap")(x))
+    x = layers.Concatenate(name="concat")([x, side])
+    return keras.Model([spectrogram, side], layers.Dense(3, activation="softmax", name="out")(x))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_model_computes_every_members_function(training):
+    members = _members(3)
+    model = fused.pack(fused.fuse(members[0], 3), members)
+    stacked = np.concatenate([FEATURES[:8]] * 3, axis=-1) + RNG.normal(size=(8, 32, 32, 12)).astype(np.float32)
+    outputs = model(stacked, training=training)
+    assert len(outputs) == 3 and model.output_shape == [(None, 30)] * 3
+    for k, member in enumerate(members):
+        expected = member(stacked[..., 4 * k : 4 * (k + 1)], training=training)
+        np.testing.assert_allclose(np.asarray(outputs[k]), np.asarray(expected), atol=2e-5)
+
+
+def test_two_input_model_with_side_features_fuses():
+    members = _members(2, _two_input_model)
+    model = fused.pack(fused.fuse(members[0], 2), members)
+    mel = RNG.normal(size=(4, 8, 16, 2)).astype(np.float32)
+    aux = RNG.normal(size=(4, 4)).astype(np.float32)
+    outputs = model.predict({"mel": mel, "aux": aux}, verbose=0)
+    for k, member in enumerate(members):
+        expected = member.predict({"mel": mel[..., k : k + 1], "aux": aux[:, 2 * k : 2 * k + 2]}, verbose=0)
+        np.testing.assert_allclose(outputs[k], expected, atol=1e-5)
+
+
+def test_unpack_gives_back_the_packed_weights():
+    members = _members(2)
+    model = fused.pack(fused.fuse(members[0], 2), members)
+    copies = fused.unpack(model, [BUILD(), BUILD()])
+    for member, copy in zip(members, copies, strict=True):
+        for original, unpacked in zip(member.get_weights(), copy.get_weights(), strict=True):
+            np.testing.assert_array_equal(original, unpacked)
+
+
+def test_a_layer_without_a_packed_form_is_named():
+    inputs = keras.Input((10, 3))
+    model = keras.Model(inputs, layers.Dense(2)(layers.Conv1D(4, 3, name="temporal")(inputs)))
+    with pytest.raises(ValueError, match="cannot fuse layer 'temporal' of type Conv1D"):
+        fused.fuse(model, 2)
+
+
+def _ensemble(tmp_path, optimizer, width, epochs=2):
+    recipe = {
+        "train": {
+            "epochs": epochs,
+            "batch_size": 8,
+            "optimizer": optimizer,
+            "learning_rate": 0.01,
+            "loss": "KLDivergence",
+            "fused": width,
+        }
+    }
+    return train.train_ensemble(
+        recipe,
+        [0, 1, 2],
+        run_dir=tmp_path,
+        manifest={"task": "test", "class_names": [str(i) for i in range(30)]},
+        log=lambda _: None,
+        build_model=BUILD_NARROW,
+        train_data=lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed),
+        verbose=0,
+    )
+
+
+def test_fused_training_equals_sequential_training_sgd(tmp_path):
+    _ensemble(tmp_path / "sequential", "SGD", 1)
+    manifest = _ensemble(tmp_path / "fused", "SGD", 3)
+    assert [m["fused"]["seeds"] for m in manifest["members"]] == [[0, 1, 2]] * 3
+    for seed in range(3):
+        name = f"members/seed-0{seed}.keras"
+        one_by_one = keras.models.load_model(tmp_path / "sequential" / name).get_weights()
+        together = keras.models.load_model(tmp_path / "fused" / name).get_weights()
+        for expected, actual in zip(one_by_one, together, strict=True):
+            np.testing.assert_allclose(actual, expected, atol=2e-5)
+        history = (tmp_path / "fused" / f"members/seed-0{seed}.history.csv").read_text().splitlines()
+        sequential_history = (tmp_path / "sequential" / f"members/seed-0{seed}.history.csv").read_text()
+        assert history[0] == sequential_history.splitlines()[0] and len(history) == 3  # epoch,loss,...
+        np.testing.assert_allclose(
+            [float(row.split(",")[1]) for row in history[1:]],
+            [float(row.split(",")[1]) for row in sequential_history.splitlines()[1:]],
+            rtol=1e-4,
+        )
+
+
+def test_fused_training_with_the_source_optimizer_matches_sequential_training(tmp_path):
+    # Nadam turns the rounding noise in the gradient of a bias that feeds BatchNormalization (exactly 0 in
+    # exact arithmetic: the normalisation removes any constant) into steps of up to the learning rate, so
+    # those biases (and the moving means they shift) differ; every other weight must agree to a tenth of
+    # one step (a weight whose gradient is near 0 gets the same amplified noise, to a lesser degree).
+    _ensemble(tmp_path / "sequential", "Nadam", 1, epochs=1)
+    _ensemble(tmp_path / "fused", "Nadam", 3, epochs=1)
+    for seed in range(3):
+        name = f"members/seed-0{seed}.keras"
+        one_by_one = keras.models.load_model(tmp_path / "sequential" / name)
+        together = keras.models.load_model(tmp_path / "fused" / name)
+        compared = 0
+        for expected, actual in zip(one_by_one.weights, together.weights, strict=True):
+            if expected.path.endswith(("/bias", "/moving_mean")) and "probabilities" not in expected.path:
+                continue
+            np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=1e-3, err_msg=expected.path)
+            compared += 1
+        assert compared > len(one_by_one.weights) // 2
+
+
+class _KillAfterFirstEpoch(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        raise KeyboardInterrupt("killed")
+
+
+def test_an_interrupted_fused_group_resumes_and_leftover_seeds_train_alone(tmp_path):
+    arguments = dict(
+        run_dir=tmp_path,
+        manifest={"task": "test", "class_names": [str(i) for i in range(30)]},
+        log=lambda _: None,
+        build_model=BUILD_NARROW,
+        train_data=lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed),
+        verbose=0,
+    )
+    recipe = {
+        "train": {"epochs": 2, "batch_size": 8, "optimizer": "SGD", "learning_rate": 0.01, "loss": "KLDivergence"}
+    }
+    recipe["train"]["fused"] = 2
+    with pytest.raises(KeyboardInterrupt):
+        train.train_ensemble(recipe, [0, 1, 2], callbacks=[_KillAfterFirstEpoch()], **arguments)
+    assert (tmp_path / "checkpoints" / "fused-00-01").is_dir()
+    logged = []
+    manifest = train.train_ensemble(recipe, [0, 1, 2], **{**arguments, "log": logged.append})
+    assert logged == [
+        "members 1/3 (seed 0), 2/3 (seed 1): training as one fused model",
+        "member 3/3 (seed 2): training",
+    ]
+    assert [m["epochs_this_session"] for m in manifest["members"]] == [1, 1, 2]
+    assert "fused" not in manifest["members"][2]
+    assert [m["seed"] for m in files.read_json(tmp_path / "manifest.json")["members"]] == [0, 1, 2]
+    assert not (tmp_path / "checkpoints" / "fused-00-01").exists()
+
+
+def test_fused_training_refuses_per_member_callbacks(tmp_path):
+    recipe = {
+        "train": {"epochs": 1, "batch_size": 8, "optimizer": "SGD", "learning_rate": 0.01, "loss": "KLDivergence"}
+    }
+    with pytest.raises(ValueError, match="set train.fused = 1"):
+        train.train_fused(
+            recipe,
+            [0, 1],
+            run_dir=tmp_path,
+            build_model=BUILD_NARROW,
+            train_data=lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8),
+            member_callbacks=lambda run_dir, name: [keras.callbacks.ReduceLROnPlateau()],
+        )
+
+
+def test_the_ai_cup_model_with_its_edge_padding_and_frame_standardisation_fuses():
+    from models.aicup import build_aicup_model
+
+    build = functools.partial(build_aicup_model, n_mfcc=13, clinical_units=(8,), head_units=8)
+    members = _members(2, build)
+    model = fused.pack(fused.fuse(members[0], 2), members)
+    mfcc = RNG.normal(size=(3, 13, 126, 2)).astype(np.float32)
+    clinical = RNG.normal(size=(3, 88)).astype(np.float32)
+    outputs = model.predict({"mfcc_13": mfcc, "clinical": clinical}, verbose=0)
+    for k, member in enumerate(members):
+        expected = member.predict(
+            {"mfcc_13": mfcc[..., k : k + 1], "clinical": clinical[:, 44 * k : 44 * (k + 1)]}, verbose=0
+        )
+        np.testing.assert_allclose(outputs[k], expected, atol=1e-5)
