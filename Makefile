@@ -14,7 +14,7 @@ ARGS ?=
 RECIPES ?= dacon
 RECIPE_ARGS := $(if $(SEEDS),--seeds $(SEEDS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
-.PHONY: install test test-all lint bench bench-recipes synth-dacon recipe-dacon synth-maic recipe-maic synth-aicup recipe-aicup clean
+.PHONY: install test test-all lint bench bench-recipes synth-dacon recipe-dacon synth-maic recipe-maic synth-dcase recipe-dcase synth-aicup recipe-aicup clean
 
 install: $(STAMP)
 
@@ -84,6 +84,21 @@ recipe-aicup: synth-aicup
 else
 recipe-aicup: install
 	$(BIN)/python -m replicate.aicup --data $(DATA) $(RECIPE_ARGS)
+endif
+
+# DCASE 2020 Task 2: all six machine types, 2 development + 1 evaluation ID each, 2-s clips (the quick demo).
+$(SYNTH_DIR)/dcase/eval_ground_truth.csv: | install
+	$(BIN)/python -m replicate.synth dcase --out $(SYNTH_DIR)/dcase --dev-ids 2 --eval-ids 1 --train-per-id 40 --test-per-id 10 --seconds 2 --seed 0
+
+synth-dcase: $(SYNTH_DIR)/dcase/eval_ground_truth.csv
+
+# Without DATA: the quick profile on synthetic data. With DATA=/path: the full source recipe.
+ifeq ($(DATA),)
+recipe-dcase: synth-dcase
+	$(BIN)/python -m replicate.dcase --data $(SYNTH_DIR)/dcase --profile quick $(RECIPE_ARGS)
+else
+recipe-dcase: install
+	$(BIN)/python -m replicate.dcase --data $(DATA) $(RECIPE_ARGS)
 endif
 
 clean:

@@ -179,6 +179,91 @@ def plot_confusion_matrix(
     return _save(figure, path)
 
 
+def plot_roc_curves(
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: str | os.PathLike, *, title: str = "ROC curves"
+) -> Path:
+    """One panel per group (e.g. machine type) with one ROC curve per series (e.g. machine ID), AUC in the legend.
+
+    Args:
+        curves: group → series → (labels with 1 = positive/anomalous, scores higher for positive).
+        path: the PNG to write.
+        title: the figure's title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from sklearn import metrics as sk_metrics
+
+    columns = min(3, max(1, len(curves)))
+    rows = -(-len(curves) // columns)
+    figure, axes = pyplot.subplots(rows, columns, figsize=(4 * columns, 3.6 * rows), squeeze=False)
+    for axis, (group, series) in zip(axes.flat, curves.items(), strict=False):
+        for label, (truth, scores) in series.items():
+            false_positive, true_positive, _ = sk_metrics.roc_curve(truth, scores)
+            axis.plot(
+                false_positive, true_positive, label=f"{label} (AUC {sk_metrics.roc_auc_score(truth, scores):.3f})"
+            )
+        axis.plot([0, 1], [0, 1], ":", color="grey")
+        axis.axvline(0.1, linestyle="--", color="grey", linewidth=0.8)  # the pAUC range
+        axis.set_title(group)
+        axis.set_xlabel("false-positive rate")
+        axis.set_ylabel("true-positive rate")
+        axis.legend(fontsize="x-small", loc="lower right")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(curves) :]:
+        axis.axis("off")
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
+def plot_embeddings(
+    groups: dict[str, tuple[np.ndarray, Sequence[str], np.ndarray]],
+    path: str | os.PathLike,
+    *,
+    title: str = "Embeddings (PCA)",
+) -> Path:
+    """One panel per group: a 2-D PCA of embeddings, coloured by class, normal as dots and anomalous as crosses.
+
+    Args:
+        groups: group (e.g. machine type) → (embeddings (n, d), class label per row, 0/1 anomaly flag per row).
+        path: the PNG to write.
+        title: the figure's title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from sklearn.decomposition import PCA
+
+    columns = min(3, max(1, len(groups)))
+    rows = -(-len(groups) // columns)
+    figure, axes = pyplot.subplots(rows, columns, figsize=(4 * columns, 3.6 * rows), squeeze=False)
+    for axis, (group, (embeddings, classes, anomalous)) in zip(axes.flat, groups.items(), strict=False):
+        embeddings = np.asarray(embeddings, dtype=np.float64)
+        points = (
+            PCA(n_components=2, random_state=0).fit_transform(embeddings) if len(embeddings) > 2 else embeddings[:, :2]
+        )
+        classes = np.asarray(classes)
+        anomalous = np.asarray(anomalous).astype(bool)
+        for index, name in enumerate(sorted(set(classes.tolist()))):
+            color = pyplot.cm.tab10(index % 10)
+            for flag, marker, kind in ((False, "o", "normal"), (True, "x", "anomaly")):
+                rows_of = (classes == name) & (anomalous == flag)
+                if rows_of.any():
+                    axis.scatter(
+                        *points[rows_of].T, s=12, marker=marker, color=color, label=f"{name} {kind}", alpha=0.8
+                    )
+        axis.set_title(group)
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.legend(fontsize="xx-small", ncol=2)
+    for axis in list(axes.flat)[len(groups) :]:
+        axis.axis("off")
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
 def _save(figure, path: str | os.PathLike) -> Path:
     from matplotlib import pyplot
 

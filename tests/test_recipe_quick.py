@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from replicate import files
+from replicate import dcase, files
 from tests.conftest import ROOT
 
 
@@ -61,3 +61,15 @@ def test_aicup_quick_recipe_is_well_above_chance_and_multimodal_beats_audio_only
         assert audio_only > 0.3 and multimodal > 0.45  # chance is 0.2
         assert multimodal > audio_only
     assert len((run_dir / "submission.csv").read_text().splitlines()) == 300
+
+
+@pytest.mark.slow
+def test_dcase_quick_recipe_beats_chance_on_every_machine_type(tmp_path):
+    run_dir, scores, _ = make_recipe("dcase", tmp_path)
+    evaluation = scores["groups"][scores["final_group"]]["dev"][scores["method"]]["ensemble"]
+    assert len(evaluation["types"]) == 6
+    for machine_type, values in evaluation["types"].items():
+        assert values["auc"] > 0.6, (machine_type, values)
+    parsed = dcase.read_result_csv(run_dir / "dev" / "result.csv")
+    assert sorted(parsed) == sorted(evaluation["types"])
+    assert len(list((run_dir / "eval").glob("anomaly_score_*_id_*.csv"))) == 6

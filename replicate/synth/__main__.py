@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import NamedTuple
 
-from replicate.synth import aicup, dacon, maic
+from replicate.synth import aicup, dacon, dcase, maic
 
 
 class Subcommand(NamedTuple):
@@ -67,6 +67,34 @@ def _run_aicup(arguments: argparse.Namespace) -> dict:
     return aicup.generate(arguments.out, arguments.n_train, arguments.n_public, arguments.n_private, arguments.seed)
 
 
+def _add_dcase_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder to write dev_data/ and eval_data/ into")
+    parser.add_argument(
+        "--machine-types", default=",".join(dcase.MACHINE_TYPES), help="comma-separated types (default: all six)"
+    )
+    parser.add_argument("--dev-ids", type=int, help="development IDs per type (default: all, 41 IDs in all)")
+    parser.add_argument("--eval-ids", type=int, help="evaluation IDs per type (default: all; 0: no eval_data)")
+    parser.add_argument("--train-per-id", type=int, default=100, help="normal training clips per ID (default 100)")
+    parser.add_argument(
+        "--test-per-id", type=int, default=20, help="normal and anomalous test clips per ID (default 20)"
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="clip length in seconds (default 10, as real)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _run_dcase(arguments: argparse.Namespace) -> dict:
+    return dcase.generate(
+        arguments.out,
+        machine_types=[name.strip() for name in arguments.machine_types.split(",") if name.strip()],
+        dev_ids=arguments.dev_ids,
+        eval_ids=arguments.eval_ids,
+        train_per_id=arguments.train_per_id,
+        test_per_id=arguments.test_per_id,
+        seconds=arguments.seconds,
+        seed=arguments.seed,
+    )
+
+
 # One entry per competition; each becomes a subcommand.
 SUBCOMMANDS: dict[str, Subcommand] = {
     "dacon": Subcommand(
@@ -81,6 +109,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "AI CUP 2023 pathological voice: sustained vowels at 44.1 kHz and 26 clinical fields per person",
         _add_aicup_arguments,
         _run_aicup,
+    ),
+    "dcase": Subcommand(
+        "DCASE 2020 Task 2: normal and anomalous machine sounds in dev_data/ and eval_data/",
+        _add_dcase_arguments,
+        _run_dcase,
     ),
 }
 

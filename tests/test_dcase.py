@@ -1,0 +1,312 @@
+"""DCASE 2020 Task 2 recipe: file-name parsing, layout errors, metrics, official files, scores, a tiny run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from sklearn import metrics as sk_metrics
+
+from replicate import dcase, files, metrics
+from replicate.features import FeatureCacheError
+from replicate.recipe import RecipeError
+from replicate.task import DataError
+from tests.conftest import run_python
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """Two machine types, one development and one evaluation ID each, 0.5 s clips."""
+    from replicate.synth import dcase as synth
+
+    out = tmp_path_factory.mktemp("dcase-data")
+    synth.generate(
+        out,
+        machine_types=["fan", "valve"],
+        dev_ids=2,
+        eval_ids=1,
+        train_per_id=6,
+        test_per_id=3,
+        seconds=0.5,
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_type_data(tmp_path_factory) -> Path:
+    """The smallest data set a fine-tuned run needs: one machine type with two IDs (one dev, one eval)."""
+    from replicate.synth import dcase as synth
+
+    out = tmp_path_factory.mktemp("dcase-one-type")
+    synth.generate(
+        out, machine_types=["valve"], dev_ids=1, eval_ids=1, train_per_id=8, test_per_id=3, seconds=0.5, progress=False
+    )
+    return out
+
+
+def _copy(tiny_data: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_data, tmp_path / "data"))
+
+
+def test_ids_and_labels_come_from_the_file_name_only():
+    tricky = Path("/data/id_03/normal_id_05/dev_data/fan/test/anomaly_id_02_00000001.wav")
+    assert dcase.parse_name(tricky, labelled=True) == (1, "02")
+    assert dcase.parse_name(Path("/x/anomaly_id_07/normal_id_00_00000123.wav"), labelled=True) == (0, "00")
+    assert dcase.parse_name(Path("/normal_id_01/id_05_00000003.wav"), labelled=False) == (None, "05")
+    for name, labelled in (
+        ("normal_00_00000001.wav", True),
+        ("id_05_00000003.wav", True),
+        ("anomaly_id_1.wav", True),
+        ("normal_id_05_00000003.wav", False),
+    ):
+        with pytest.raises(DataError, match="does not parse"):
+            dcase.parse_name(Path("/d") / name, labelled=labelled)
+
+
+def test_layout_is_read_with_types_ids_labels_and_ground_truth(tiny_data):
+    data = dcase.load_data(tiny_data)
+    assert data.machine_types == ["fan", "valve"]
+    assert data.class_names == ["fan/id_00", "fan/id_01", "fan/id_02", "valve/id_00", "valve/id_01", "valve/id_02"]
+    assert len(data.train) == 6 * 6 and len(data.dev_test) == 2 * 2 * 6 and len(data.eval_test) == 2 * 6
+    assert {clip.label for clip in data.dev_test} == {0, 1} and {clip.label for clip in data.eval_test} == {None}
+    truth = dcase.read_ground_truth(tiny_data, data.eval_test)
+    assert truth.sum() == len(truth) // 2
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda root: shutil.rmtree(root / "dev_data"), r"dev_data: folder not found"),
+        (
+            lambda root: (root / "dev_data/fan/train/normal_id_00_00000000.wav").rename(
+                root / "dev_data/fan/train/fan_00.wav"
+            ),
+            r"fan_00\.wav: file name does not parse",
+        ),
+        (
+            lambda root: shutil.copy(
+                root / "dev_data/fan/test/anomaly_id_00_00000000.wav",
+                root / "dev_data/fan/train/anomaly_id_00_00000009.wav",
+            ),
+            r"anomaly_id_00_00000009\.wav: an anomalous clip in a training folder",
+        ),
+        (
+            lambda root: (
+                [path.unlink() for path in (root / "dev_data/valve/train").glob("*.wav")]
+                + [shutil.rmtree(root / "eval_data/valve/train")]
+            ),
+            r"machine type 'valve' has no training files",
+        ),
+        (
+            lambda root: [path.unlink() for path in (root / "dev_data/fan/train").glob("normal_id_02_*.wav")],
+            r"anomaly_id_02_00000000\.wav: machine ID 02 of fan has no training files",
+        ),
+        (
+            lambda root: (root / "eval_ground_truth.csv").write_text(
+                "machine_type,file,label\nfan,id_01_00000000.wav,0\n"
+            ),
+            r"eval_ground_truth\.csv: no row for 11 evaluation test files",
+        ),
+    ],
+)
+def test_bad_layouts_are_errors_that_name_the_file(tiny_data, tmp_path, breakage, message):
+    root = _copy(tiny_data, tmp_path)
+    breakage(root)
+    with pytest.raises(DataError, match=message):
+        data = dcase.load_data(root)
+        dcase.read_ground_truth(root, data.eval_test)
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda path: path.write_bytes(b"RIFF....not a wav"), r"normal_id_00_00000001\.wav: cannot read audio"),
+        (
+            lambda path: sf.write(path, np.zeros(4000, np.float32), 8000),
+            r"normal_id_00_00000001\.wav: sample rate is 8000 Hz",
+        ),
+    ],
+)
+def test_unreadable_or_wrongly_sampled_audio_stops_the_run_with_its_name(tiny_data, tmp_path, write, message):
+    root = _copy(tiny_data, tmp_path)
+    write(root / "dev_data/fan/train/normal_id_00_00000001.wav")
+    data = dcase.load_data(root)
+    recipe = dcase.load_recipe(
+        "quick", [f"run.cache_dir='{tmp_path / 'cache'}'", "data.clip_samples=8000", "run.workers=1"]
+    )
+    with pytest.raises(FeatureCacheError, match=message):
+        dcase.mel_power_cached(data.train, recipe, "train", progress=False)
+
+
+def _mcclish_partial_auc(labels, scores, max_fpr):
+    """The standardised partial AUC written out: area under the ROC up to max_fpr, rescaled to [0.5, 1]."""
+    fpr, tpr, _ = sk_metrics.roc_curve(labels, scores)
+    stop = np.searchsorted(fpr, max_fpr, "right")
+    x = np.append(fpr[:stop], max_fpr)
+    y = np.append(tpr[:stop], np.interp(max_fpr, fpr, tpr))
+    area = np.trapezoid(y, x)
+    minimum, maximum = max_fpr**2 / 2, max_fpr
+    return 0.5 * (1 + (area - minimum) / (maximum - minimum))
+
+
+def test_pauc_equals_sklearn_and_the_mcclish_formula():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 50)
+    scores = rng.normal(size=100) + labels
+    expected = sk_metrics.roc_auc_score(labels, scores, max_fpr=0.1)
+    assert metrics.partial_auc(labels, scores, 0.1) == pytest.approx(expected)
+    assert expected == pytest.approx(_mcclish_partial_auc(labels, scores, 0.1), abs=1e-9)
+
+
+def _clip(machine_type, machine_id, label, index):
+    prefix = {0: "normal_", 1: "anomaly_", None: ""}[label]
+    return dcase.Clip(
+        Path(f"/d/{prefix}id_{machine_id}_{index:08d}.wav"), machine_type, machine_id, label, "dev", "test"
+    )
+
+
+def test_evaluation_result_csv_and_score_files_have_the_official_format(tmp_path):
+    clips = [
+        _clip(t, i, label, k) for t in ("fan", "pump") for i in ("00", "02") for k, label in enumerate([0, 0, 1, 1])
+    ]
+    labels = np.array([clip.label for clip in clips])
+    scores = np.array([0.1, 0.4, 0.3, 0.9] * 4)
+    evaluation = dcase.evaluate_scores(clips, labels, scores, 0.1)
+    assert evaluation["types"]["fan"]["ids"]["00"]["auc"] == pytest.approx(0.75)
+    assert evaluation["mean_auc"] == pytest.approx(0.75)
+    dcase.write_result_csv(tmp_path / "result.csv", evaluation)
+    lines = (tmp_path / "result.csv").read_text().splitlines()
+    pauc = sk_metrics.roc_auc_score([0, 0, 1, 1], [0.1, 0.4, 0.3, 0.9], max_fpr=0.1)
+    assert lines[:5] == ["fan", "id,AUC,pAUC", f"00,0.75,{pauc}", f"02,0.75,{pauc}", f"Average,0.75,{pauc}"]
+    assert lines[5] == "" and lines[6] == "pump"
+    assert dcase.read_result_csv(tmp_path / "result.csv")["pump"]["Average"] == (0.75, pytest.approx(pauc))
+    written = dcase.write_score_files(tmp_path / "dev", clips, scores)
+    assert sorted(path.name for path in written) == [
+        "anomaly_score_fan_id_00.csv",
+        "anomaly_score_fan_id_02.csv",
+        "anomaly_score_pump_id_00.csv",
+        "anomaly_score_pump_id_02.csv",
+    ]
+    rows = (tmp_path / "dev" / "anomaly_score_fan_id_00.csv").read_text().splitlines()
+    assert rows == [
+        "normal_id_00_00000000.wav,0.10000000",
+        "normal_id_00_00000001.wav,0.40000000",
+        "anomaly_id_00_00000002.wav,0.30000000",
+        "anomaly_id_00_00000003.wav,0.90000000",
+    ]
+    (tmp_path / "bad.csv").write_text("fan\nid,AUC\n")
+    with pytest.raises(DataError, match=r"bad\.csv, line 2: expected the header id,AUC,pAUC"):
+        dcase.read_result_csv(tmp_path / "bad.csv")
+
+
+def test_windows_cover_the_clip_and_scores_rank_outliers():
+    assert dcase.window_starts(313, 313) == [0]
+    assert dcase.window_starts(313, 100) == [0, 100, 200, 213]
+    batch = np.arange(2 * 3 * 10, dtype=np.float32).reshape(2, 3, 10, 1)
+    windows = dcase.to_windows(batch, 4)
+    assert windows.shape == (2 * 3, 3, 4, 1)
+    np.testing.assert_array_equal(windows[2], batch[0, :, 6:10])
+    assert dcase.to_windows(batch, 12).shape == (2, 3, 12, 1)  # shorter clips are zero-padded
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    np.testing.assert_allclose(dcase.softmax_scores(probabilities, np.array([0, 1, 1])), [0.1, 0.2, 0.6])
+    rng = np.random.default_rng(0)
+    centre = rng.normal(size=8)
+    train = centre + 0.1 * rng.normal(size=(40, 8))
+    test = np.concatenate([centre + 0.1 * rng.normal(size=(10, 8)), -centre + 0.1 * rng.normal(size=(10, 8))])
+    for method in ("centroid", "gmm", "lof"):
+        scores = dcase.embedding_scores(
+            method, train, np.zeros(40, int), test, np.zeros(20, int), {"gmm_components": 1, "lof_neighbors": 5}
+        )
+        assert sk_metrics.roc_auc_score(np.repeat([0, 1], 10), scores) == 1.0, method
+
+
+def test_recipe_is_the_source_by_default_and_setup_is_an_alias():
+    recipe = dcase.load_recipe()
+    assert recipe["train"]["setup"] == "integrated" and recipe["model"]["head"] == "arcface"
+    assert (recipe["model"]["scale"], recipe["model"]["margin"], recipe["model"]["blocks"]) == (
+        30.0,
+        0.05,
+        [3, 4, 6, 3],
+    )
+    assert recipe["train"]["batch_size"] == 64 and recipe["train"]["learning_rate"] == 2e-4
+    assert recipe["train"]["loss_options"] == {"label_smoothing": 0.05} and recipe["train"]["mixup_alpha"] == 1.0
+    assert (recipe["train"]["warmup_epochs"], recipe["train"]["first_cycle_epochs"], recipe["train"]["cycle_mult"]) == (
+        2,
+        10,
+        2,
+    )
+    assert (recipe["features"]["n_fft"], recipe["features"]["hop_length"], recipe["features"]["n_mels"]) == (
+        1024,
+        512,
+        128,
+    )
+    assert dcase.load_recipe(overrides=["setup=per_machine"])["train"]["setup"] == "per_machine"
+    assert dcase.load_recipe(overrides=["model.head=cosface"])["model"]["head"] == "cosface"
+    with pytest.raises(RecipeError, match=r"train.setup = 'both': must be one of"):
+        dcase.load_recipe(overrides=["setup=both"])
+    with pytest.raises(RecipeError, match=r"model.head = 'sphere': must be one of"):
+        dcase.load_recipe(overrides=["model.head=sphere"])
+    with pytest.raises(RecipeError, match=r"warmup_epochs = 10.0 must be shorter"):
+        dcase.load_recipe(overrides=["train.warmup_epochs=10"])
+
+
+TINY_RUN = [
+    "model.width=4",
+    "model.blocks=[1, 1, 1, 1]",
+    "model.embedding_dim=8",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "finetune.epochs=2",
+    "data.clip_samples=8000",
+    "run.workers=1",
+]
+
+
+@pytest.mark.parametrize(
+    ("setup", "head"),
+    [
+        ("finetune", "arcface"),
+        pytest.param("per_machine", "cosface", marks=pytest.mark.slow),
+        pytest.param("integrated", "softmax", marks=pytest.mark.slow),
+    ],
+)
+def test_tiny_run_writes_official_files_and_members_that_load_alone(one_type_data, tmp_path, capsys, setup, head):
+    run_dir = tmp_path / "run"
+    arguments = ["--data", str(one_type_data), "--profile", "quick", "--seeds", "1", "--run-dir", str(run_dir)]
+    arguments += ["--no-progress", "--set", f"setup={setup}", "--set", f"run.cache_dir='{tmp_path / 'cache'}'"]
+    arguments += ["--set", f"model.head={head}"]
+    for item in TINY_RUN:
+        arguments += ["--set", item]
+    assert dcase.main(arguments) == 0
+    assert f"done: report {run_dir / 'report.md'}" in capsys.readouterr().out
+    assert sorted(path.name for path in (run_dir / "dev").glob("*.csv")) == [
+        "anomaly_score_valve_id_00.csv",
+        "result.csv",
+    ]
+    assert sorted(path.name for path in (run_dir / "eval").glob("*.csv")) == [
+        "anomaly_score_valve_id_01.csv",
+        "result.csv",
+    ]
+    assert len((run_dir / "eval" / "anomaly_score_valve_id_01.csv").read_text().splitlines()) == 6
+    parsed = dcase.read_result_csv(run_dir / "dev" / "result.csv")
+    assert sorted(parsed) == ["valve"] and sorted(parsed["valve"]) == ["00", "Average"]
+    scores = files.read_json(run_dir / "scores.json")
+    assert scores["final_group"] == setup and sorted(scores["groups"][setup]["dev"]) == sorted(dcase.SCORE_METHODS)
+    for name in ("report.md", "roc_dev.png", "embeddings_dev.png", "training_curves.png"):
+        assert (run_dir / name).is_file(), name
+    member = (run_dir if setup == "integrated" else run_dir / setup / "valve") / "members" / "seed-00.keras"
+    history = (member.parent / "seed-00.history.csv").read_text().splitlines()
+    assert "dev_score" in history[0] and history[2].split(",")[3] != "nan"  # scored at epoch 2
+    run_python(
+        "import keras\n"
+        f"member = keras.models.load_model({str(member)!r}, safe_mode=True)\n"
+        "assert sorted(member.output.keys()) == ['embedding', 'probabilities'], member.output\n",
+        cwd=tmp_path,
+    )
+    assert dcase.main(arguments) == 0  # again: everything is kept
+    output = capsys.readouterr().out
+    assert "already trained, kept" in output and ": training\n" not in output
