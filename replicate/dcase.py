@@ -474,18 +474,6 @@ def evaluate_scores(clips: Sequence[Clip], labels: np.ndarray, scores: np.ndarra
     }
 
 
-class DevScoreEpoch(train.BestEpoch):
-    """`BestEpoch` that logs NaN for its scores on the epochs it skips: CSVLogger fixes its columns at the
-    first epoch, so with `every=2` the scores would otherwise never reach the history file."""
-
-    keys = ("dev_auc", "dev_pauc", "dev_score")
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs.update(dict.fromkeys(self.keys, float("nan")))
-        super().on_epoch_end(epoch, logs)
-
-
 def dev_score_callback(clips, labels, class_indices, power, normalizer, frames, max_fpr, every, path):
     """`BestEpoch` on the development test set: softmax scores, Σ over types of (AUC + pAUC) decides."""
 
@@ -495,7 +483,9 @@ def dev_score_callback(clips, labels, class_indices, power, normalizer, frames, 
         total = sum(value["auc"] + value["pauc"] for value in result["types"].values())
         return {"dev_auc": result["mean_auc"], "dev_pauc": result["mean_pauc"], "dev_score": total}
 
-    return DevScoreEpoch(score, monitor="dev_score", every=every, path=path)
+    return train.BestEpoch(
+        score, monitor="dev_score", every=every, path=path, keys=("dev_auc", "dev_pauc", "dev_score")
+    )
 
 
 @dataclass
@@ -608,11 +598,7 @@ def run(
     data_root = Path(data_root)
     data = load_data(data_root)
     ground_truth = read_ground_truth(data_root, data.eval_test)
-    run_dir = (
-        Path(run_dir) if run_dir else Path(recipe["run"]["runs_dir"]) / "dcase" / task.default_run_id(recipe, data_root)
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    task.write_recipe(run_dir, recipe)
+    run_dir = task.open_run_dir(recipe, data_root, run_dir)
     log(f"run folder: {run_dir}")
     log(
         f"data: {len(data.machine_types)} machine types, {len(data.class_names)} IDs, {len(data.train)} training, "

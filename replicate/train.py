@@ -306,8 +306,11 @@ class BestEpoch(keras.callbacks.Callback):
         score: model → {name: value}, e.g. `lambda model: {"val_uar": ...}`; must include `monitor`.
         monitor: the value that decides the best epoch.
         mode: "max" (higher is better) or "min".
-        every: score every `every` epochs (and always after the last epoch).
+        every: score every `every` epochs (and always after the last epoch). On the other epochs the values
+            named in `keys` are logged as NaN, so the CSV history (whose columns are fixed by the first
+            epoch's logs) has them; a callback that watches one of them counts those epochs as no progress.
         path: a folder for the best weights and score (removed when training ends), or None (memory only).
+        keys: the names `score` returns (default: just `monitor`).
 
     Example:
         >>> best = BestEpoch(lambda model: {"val_uar": uar(model)}, monitor="val_uar")
@@ -315,7 +318,7 @@ class BestEpoch(keras.callbacks.Callback):
         >>> best.best_epoch, best.best                           # e.g. (87, 0.7305)
     """
 
-    def __init__(self, score, *, monitor: str, mode: str = "max", every: int = 1, path=None):
+    def __init__(self, score, *, monitor: str, mode: str = "max", every: int = 1, path=None, keys=()):
         super().__init__()
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -326,6 +329,7 @@ class BestEpoch(keras.callbacks.Callback):
         self.mode = mode
         self.every = every
         self.path = Path(path) if path is not None else None
+        self.keys = tuple(keys) or (monitor,)
         self.best: float | None = None
         self.best_epoch = 0  # 1-based; 0 until an epoch was scored
         self._best_weights = None
@@ -344,6 +348,8 @@ class BestEpoch(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         last = epoch + 1 == self.params.get("epochs")
         if (epoch + 1) % self.every and not last:
+            if logs is not None:
+                logs.update(dict.fromkeys(self.keys, float("nan")))
             return
         scores = {key: float(value) for key, value in self.score(self.model).items()}
         if self.monitor not in scores:

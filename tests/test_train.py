@@ -180,9 +180,12 @@ def test_best_epoch_scores_every_few_epochs_and_after_the_last(tmp_path):
     scores = _ScriptedScores([0.3, 0.1, 0.2])
     best = train.BestEpoch(scores, monitor="val_score", mode="min", every=2)
     model = train.compile_model(_small_model(), RECIPE["train"])
-    model.fit(pipeline.from_arrays(FEATURES, TARGETS, batch_size=8), epochs=5, callbacks=[best], verbose=0)
+    logger = keras.callbacks.CSVLogger(str(tmp_path / "history.csv"))
+    model.fit(pipeline.from_arrays(FEATURES, TARGETS, batch_size=8), epochs=5, callbacks=[best, logger], verbose=0)
     assert len(scores.weights) == 3  # after epochs 2, 4 and 5 (the last)
     assert best.best_epoch == 4 and best.best == 0.1
+    history = np.genfromtxt(tmp_path / "history.csv", delimiter=",", names=True)
+    np.testing.assert_array_equal(history["val_score"], [np.nan, 0.3, np.nan, 0.1, 0.2])  # NaN: not scored
 
 
 def test_best_epoch_resumes_with_the_best_score_kept_on_disk(tmp_path):
