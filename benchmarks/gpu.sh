@@ -11,5 +11,5 @@ if [ -d .whl ]; then
     export PYTHONPATH="/tmp/site:$PWD"
 fi
 backends=$(python3 -c "import importlib.util as u; print(','.join(b for b in ('jax', 'torch') if u.find_spec(b)))")
-python3 -m benchmarks.run --skip-features --backends "$backends" --precisions float32,mixed_bfloat16 \
+python3 -m benchmarks.run --skip-features --backends "$backends" --precisions float32,mixed_bfloat16 --layouts grouped,copies \
     --fused "${FUSED:-8}" --steps "${STEPS:-50}" --label gpu "$@"

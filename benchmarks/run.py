@@ -47,10 +47,10 @@ def available_backends() -> list[str]:
     return [name for name in ("tensorflow", "jax", "torch") if importlib.util.find_spec(name) is not None]
 
 
-def training_run(backend: str, model: str, fused: int, steps: int, precision: str) -> dict:
+def training_run(backend: str, model: str, fused: int, steps: int, precision: str, layout: str = "auto") -> dict:
     """One measurement in a fresh process with KERAS_BACKEND set (a backend cannot change in a process)."""
     command = [sys.executable, "-m", "benchmarks.training", "--model", model, "--fused", str(fused)]
-    command += ["--steps", str(steps), "--precision", precision]
+    command += ["--steps", str(steps), "--precision", precision, "--layout", layout]
     environment = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     completed = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
     if completed.returncode != 0:
@@ -73,7 +73,7 @@ def training_table(measurements: list[dict]) -> str:
                 m["backend"],
                 m["device"],
                 m["precision"],
-                m["fused"],
+                f"{m['fused']} ({m['layout']})" if m["fused"] > 1 else 1,
                 m["batch_size"],
                 f"{m['samples_per_second']:.1f}",
                 ratio,
@@ -97,6 +97,7 @@ def extrapolation_table(results: dict[str, dict]) -> str:
             best = max(measured, key=lambda m: m["samples_per_second"])
             hours = workload["samples"] / best["samples_per_second"] / 3600
             setting = f"{best['backend']}, {best['precision']}, {best['fused']} fused"
+            setting += f" ({best['layout']})" if best["fused"] > 1 else ""
             rows.append(
                 (workload["what"], f"{label}: {best['device']} ({setting})", f"{hours:,.1f} h", workload["source"])
             )
@@ -163,8 +164,9 @@ def main(argv=None) -> None:
     parser.add_argument("--backends", default=",".join(available_backends()), help="comma-separated Keras backends")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models")
     parser.add_argument("--fused", type=int, default=4, help="members in the fused measurement (1: skip it)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--precisions", default="float32", help="comma-separated dtype policies")
+    parser.add_argument("--layouts", default="auto", help="comma-separated fused layouts (auto, grouped, copies)")
     parser.add_argument("--clips", type=int, default=1000, help="clips in the features benchmark")
     parser.add_argument("--skip-features", action="store_true", help="no features benchmark (e.g. on a GPU box)")
     parser.add_argument("--recipes", default="", help="comma-separated recipes to time end to end (minutes each)")
@@ -187,9 +189,10 @@ def main(argv=None) -> None:
         for backend in filter(None, arguments.backends.split(",")):
             for model in arguments.models.split(","):
                 for precision in arguments.precisions.split(","):
-                    for fused in sorted({1, arguments.fused}):
-                        print(f"training: {model} on {backend}, {precision}, {fused} fused", flush=True)
-                        measurements.append(training_run(backend, model, fused, arguments.steps, precision))
+                    runs = [(1, "auto")] + [(arguments.fused, layout) for layout in arguments.layouts.split(",")]
+                    for fused, layout in runs if arguments.fused > 1 else runs[:1]:
+                        print(f"training: {model} on {backend}, {precision}, {fused} fused ({layout})", flush=True)
+                        measurements.append(training_run(backend, model, fused, arguments.steps, precision, layout))
                         print(json.dumps(measurements[-1]), flush=True)
         if measurements:
             measured["training"] = {**stamp, "measurements": measurements}

@@ -55,7 +55,9 @@ def _build(benchmark: ModelBenchmark):
     return getattr(importlib.import_module(module), function)(**benchmark.arguments)
 
 
-def measure(name: str, *, fused: int = 1, steps: int = 20, precision: str = "float32", jit: bool = False) -> dict:
+def measure(
+    name: str, *, fused: int = 1, steps: int = 20, precision: str = "float32", jit: bool = False, layout: str = "auto"
+) -> dict:
     """Train `steps` batches after one warm-up epoch; samples/s counts every member's samples."""
     import keras
 
@@ -68,7 +70,9 @@ def measure(name: str, *, fused: int = 1, steps: int = 20, precision: str = "flo
     model = _build(benchmark)
     if fused > 1:
         members = [model] + [_build(benchmark) for _ in range(fused - 1)]
-        model = fused_lib.pack(fused_lib.fuse(model, fused), members)
+        if layout == "auto":
+            layout = "grouped" if fused_lib.has_accelerator() else "copies"
+        model = fused_lib.pack(fused_lib.fuse(model, fused, layout), members)
     optimizer = keras.optimizers.get(
         {"class_name": benchmark.optimizer, "config": {"learning_rate": benchmark.learning_rate}}
     )
@@ -101,6 +105,7 @@ def measure(name: str, *, fused: int = 1, steps: int = 20, precision: str = "flo
         "precision": precision,
         "jit_compile": jit,
         "fused": fused,
+        "layout": layout if fused > 1 else "",
         "batch_size": benchmark.batch_size,
         "steps": steps,
         "samples_per_second": round(rows * fused / seconds, 1),
@@ -153,9 +158,15 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--precision", default="float32", help="a Keras dtype policy, e.g. mixed_bfloat16")
     parser.add_argument("--jit", action="store_true", help="compile the train step with XLA (jit_compile=True)")
+    parser.add_argument("--layout", default="auto", choices=("auto", "grouped", "copies"), help="fused layout")
     arguments = parser.parse_args(argv)
     result = measure(
-        arguments.model, fused=arguments.fused, steps=arguments.steps, precision=arguments.precision, jit=arguments.jit
+        arguments.model,
+        fused=arguments.fused,
+        steps=arguments.steps,
+        precision=arguments.precision,
+        jit=arguments.jit,
+        layout=arguments.layout,
     )
     result["machine"] = f"{platform.machine()} {platform.system()}, {len(os.sched_getaffinity(0))} CPU cores"
     print(json.dumps(result))

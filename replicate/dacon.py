@@ -53,6 +53,7 @@ RULES: dict[str, recipe_lib.Rule] = {
     "train.loss": recipe_lib.one_of("KLDivergence", "CategoricalCrossentropy"),
     "train.validation_fraction": recipe_lib.fraction,
     "train.fused": recipe_lib.positive,
+    "train.fused_layout": recipe_lib.one_of("auto", "grouped", "copies"),
     "train.precision": recipe_lib.one_of("float32", "mixed_bfloat16", "mixed_float16"),
     "train.distribute": recipe_lib.one_of("none", "mirrored"),
     "ensemble.seeds": recipe_lib.positive,

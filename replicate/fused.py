@@ -10,7 +10,7 @@ loss. The total loss is their sum, so member k's gradient is exactly its own los
 element-wise optimizers (Adam, Nadam, SGD) each member follows the trajectory of an independent run with
 the same initial weights and batches (dropout masks differ: they are drawn for the fused tensor).
 
-    fused = fuse(build_model(), count=4)                     # the architecture, 4 wide
+    fused = fuse(build_model(), count=4)                     # the architecture, 4 wide (layout "auto")
     pack(fused, members)                                     # their initial weights
     fused.fit(stack_datasets(datasets), ...)                 # one step trains all four
     members = unpack(fused, [build_model() for _ in range(4)])   # ordinary members, saved as usual
@@ -43,53 +43,123 @@ CHANNEL_WISE = (
 )
 
 
-def fuse(member: keras.Model, count: int) -> keras.Model:
+def fuse(member: keras.Model, count: int, layout: str = "auto") -> keras.Model:
     """The architecture of `member`, `count` members wide, with one output per member.
 
     Args:
-        member: a functional model built of Conv2D, Dense, Flatten, Concatenate and channel-wise layers
-            (`CHANNEL_WISE`); its last axis is the channel (or feature) axis.
+        member: a functional model; for the "grouped" layout built of Conv2D, Dense, Flatten, Concatenate
+            and channel-wise layers (`CHANNEL_WISE`), its last axis the channel (or feature) axis.
         count: the number of members trained together.
+        layout: "grouped" packs each layer's members into one wider layer (grouped convolutions,
+            EinsumDense), which is what makes an accelerator fast; "copies" keeps one copy of each layer
+            per member side by side in the graph (on a CPU a grouped convolution is far slower than its
+            members' convolutions one by one); "auto" is "grouped" where the backend sees a GPU, else "copies".
 
     Returns:
         A model whose inputs are the member's with `count` times the channels (member k's in block k) and
-        whose outputs are `count` tensors shaped like the member's output, named `member_<k>`. Layers that
-        hold weights keep the member's layer names, which is how `pack` and `unpack` match them.
+        whose outputs are `count` tensors shaped like the member's output, named `member_<k>`. A layer
+        with weights keeps the member's layer name ("grouped") or gets `<name>_member<k>` ("copies"), which
+        is how `pack` and `unpack` match them.
 
     Raises:
-        ValueError: for a layer type that cannot be packed (named in the message) or a member with several
-            outputs.
+        ValueError: for a layer type that cannot be packed (named in the message), a member with several
+            outputs, or an unknown layout.
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     if len(member.outputs) != 1:
         raise ValueError(f"{member.name}: fusing needs a model with one output, it has {len(member.outputs)}")
-    tensors: dict[int, keras.KerasTensor] = {}
-    fused_inputs = []
-    for member_input in member.inputs:
-        shape = (*member_input.shape[1:-1], member_input.shape[-1] * count)
-        fused_inputs.append(keras.Input(shape=shape, name=member_input.name))
-        tensors[id(member_input)] = fused_inputs[-1]
+    if layout == "auto":
+        layout = "grouped" if has_accelerator() else "copies"
+    if layout not in ("grouped", "copies"):
+        raise ValueError(f"layout must be 'auto', 'grouped' or 'copies', got {layout!r}")
+    fused_inputs = [
+        keras.Input(shape=(*tensor.shape[1:-1], tensor.shape[-1] * count), name=tensor.name) for tensor in member.inputs
+    ]
+    if layout == "copies":
+        outputs = _copies(member, count, fused_inputs)
+    else:
+        outputs = _grouped(member, count, fused_inputs)
+    return keras.Model(
+        fused_inputs if len(fused_inputs) > 1 else fused_inputs[0], outputs, name=f"{member.name}_x{count}"
+    )
+
+
+def has_accelerator() -> bool:
+    """Whether the Keras backend computes on a GPU (or another accelerator)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    return False
+
+
+def _grouped(member: keras.Model, count: int, fused_inputs: list) -> list:
+    tensors = {id(tensor): fused for tensor, fused in zip(member.inputs, fused_inputs, strict=True)}
     for operation in member.operations:
         if isinstance(operation, layers.InputLayer):
             continue
         node = operation._inbound_nodes[0]
         arguments = [tensors[id(tensor)] for tensor in node.input_tensors]
-        outputs = _fused_call(operation, arguments, count)
-        for member_tensor, fused_tensor in zip(node.output_tensors, [outputs], strict=True):
-            tensors[id(member_tensor)] = fused_tensor
-    packed = tensors[id(member.outputs[0])]
+        tensors[id(node.output_tensors[0])] = _fused_call(operation, arguments, count)
     width = member.outputs[0].shape[-1]
-    per_member = layers.Reshape((count, width), name="members_split")(packed)
-    outputs = [
+    per_member = layers.Reshape((count, width), name="members_split")(tensors[id(member.outputs[0])])
+    return [
         layers.Flatten(name=f"member_{k}", dtype="float32")(
             layers.Cropping1D((k, count - 1 - k), name=f"member_{k}_crop")(per_member)
         )
         for k in range(count)
     ]
-    return keras.Model(
-        fused_inputs if len(fused_inputs) > 1 else fused_inputs[0], outputs, name=f"{member.name}_x{count}"
-    )
+
+
+def _copies(member: keras.Model, count: int, fused_inputs: list) -> list:
+    """Member k's layers applied to channel block k of the inputs, once per member."""
+    tensors = {
+        id(tensor): _member_blocks(fused, count, tensor.name)
+        for tensor, fused in zip(member.inputs, fused_inputs, strict=True)
+    }
+    for operation in member.operations:
+        if isinstance(operation, layers.InputLayer):
+            continue
+        node = operation._inbound_nodes[0]
+        outputs = []
+        for k in range(count):
+            copy = type(operation).from_config({**operation.get_config(), "name": f"{operation.name}_member{k}"})
+            arguments = [tensors[id(tensor)][k] for tensor in node.input_tensors]
+            outputs.append(copy(arguments if len(arguments) > 1 else arguments[0]))
+        tensors[id(node.output_tensors[0])] = outputs
+    return [
+        layers.Activation("linear", dtype="float32", name=f"member_{k}")(output)
+        for k, output in enumerate(tensors[id(member.outputs[0])])
+    ]
+
+
+def _member_blocks(x, count: int, name: str) -> list:
+    """The `count` channel blocks of a stacked input, each shaped like one member's input."""
+    shape = tuple(x.shape[1:-1])
+    channels = x.shape[-1] // count
+    cropping = {0: layers.Cropping1D, 1: layers.Cropping2D, 2: layers.Cropping3D}.get(len(shape))
+    if cropping is None:
+        raise ValueError(
+            f"cannot split input {name!r} of shape {x.shape} into members (at most 3 axes before channels)"
+        )
+    blocks = layers.Reshape((*shape, count, channels), name=f"{name}_members")(x)
+    pieces = []
+    for k in range(count):
+        keep = (k, count - 1 - k)
+        crop = keep if not shape else ((0, 0),) * len(shape) + (keep,)
+        piece = cropping(crop, name=f"{name}_member{k}_crop")(blocks)
+        pieces.append(layers.Reshape((*shape, channels), name=f"{name}_member{k}")(piece))
+    return pieces
 
 
 def _fused_call(layer, arguments: list, count: int):
@@ -165,21 +235,28 @@ def _standardize_per_member(layer, x, count: int):
 
 
 def _weighted_pairs(fused: keras.Model, members: Sequence[keras.Model]):
+    """(fused layer or its per-member copies, the members' layers) for every member layer with weights."""
     for member_layer in members[0].layers:
         if not member_layer.weights:
             continue
-        try:
-            fused_layer = fused.get_layer(member_layer.name)
-        except ValueError as error:
-            raise ValueError(
-                f"{fused.name} has no layer {member_layer.name!r}: was it fused from this model?"
-            ) from error
-        yield fused_layer, [member.get_layer(member_layer.name) for member in members]
+        member_layers = [member.get_layer(member_layer.name) for member in members]
+        names = {layer.name for layer in fused.layers}
+        copies = [f"{member_layer.name}_member{k}" for k in range(len(members))]
+        if all(name in names for name in copies):
+            yield [fused.get_layer(name) for name in copies], member_layers
+        elif member_layer.name in names:
+            yield fused.get_layer(member_layer.name), member_layers
+        else:
+            raise ValueError(f"{fused.name} has no layer {member_layer.name!r}: was it fused from this model?")
 
 
 def pack(fused: keras.Model, members: Sequence[keras.Model]) -> keras.Model:
     """Set the fused model's weights (and BatchNormalization statistics) from `members`, in order."""
     for fused_layer, member_layers in _weighted_pairs(fused, members):
+        if isinstance(fused_layer, list):  # the "copies" layout
+            for copy, member_layer in zip(fused_layer, member_layers, strict=True):
+                copy.set_weights(member_layer.get_weights())
+            continue
         stack = isinstance(fused_layer, layers.EinsumDense)
         fused_layer.set_weights(
             [
@@ -193,6 +270,10 @@ def pack(fused: keras.Model, members: Sequence[keras.Model]) -> keras.Model:
 def unpack(fused: keras.Model, members: Sequence[keras.Model]) -> list[keras.Model]:
     """Copy each member's block of the fused weights into `members` (new models from the same builder)."""
     for fused_layer, member_layers in _weighted_pairs(fused, members):
+        if isinstance(fused_layer, list):
+            for copy, member_layer in zip(fused_layer, member_layers, strict=True):
+                member_layer.set_weights(copy.get_weights())
+            continue
         stack = isinstance(fused_layer, layers.EinsumDense)
         for k, member_layer in enumerate(member_layers):
             member_layer.set_weights(

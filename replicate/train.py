@@ -194,7 +194,8 @@ def train_fused(
         keras.utils.set_random_seed(seed)
         members.append(build_model())
         datasets.append(train_data(seed))
-    model = compile_model(fused.fuse(members[0], len(seeds)), recipe["train"], metrics=metrics)
+    layout = recipe["train"].get("fused_layout", "auto")
+    model = compile_model(fused.fuse(members[0], len(seeds), layout), recipe["train"], metrics=metrics)
     fused.pack(model, members)
     if validation_data is not None:
         validation_data = fused.stack_datasets([validation_data] * len(seeds))

@@ -59,7 +59,7 @@ def test_saved_members_predict_the_same_on_torch_and_fuse_there(tmp_path, recipe
         f"inputs = dict(np.load({str(tmp_path / 'inputs.npz')!r}))\n"
         f"np.testing.assert_allclose(member.predict(inputs, verbose=0), np.load({str(tmp_path / 'tensorflow.npy')!r}),"
         " atol=1e-5)\n"
-        "model = fused.pack(fused.fuse(member, 2), [member, member])\n"
+        "model = fused.pack(fused.fuse(member, 2, 'grouped'), [member, member])\n"
         "stacked = {key: np.concatenate([value, value[::-1]], axis=-1) for key, value in inputs.items()}\n"
         "outputs = model.predict(stacked, verbose=0)\n"
         "reversed_inputs = {key: value[::-1] for key, value in inputs.items()}\n"

@@ -23,6 +23,7 @@ def _measurement(fused, samples_per_second, backend="tensorflow"):
         "device": "cpu",
         "precision": "float32",
         "fused": fused,
+        "layout": "copies" if fused > 1 else "",
         "batch_size": 16,
         "samples_per_second": samples_per_second,
         "peak_memory_mb": 1500.0,
@@ -39,7 +40,7 @@ def test_the_readme_block_shows_ratios_and_the_extrapolation():
         }
     }
     block = run.readme_block(results)
-    assert "| dacon | tensorflow | cpu | float32 | 4 | 16 | 50.0 | 2.00× | 1500 | – |" in block
+    assert "| dacon | tensorflow | cpu | float32 | 4 (copies) | 16 | 50.0 | 2.00× | 1500 | – |" in block
     assert "| make recipe-dacon | 7.2 min |" in block
     hours = 100_000 * 187 * 15 / 50.0 / 3600
     assert f"| {hours:,.1f} h | ≈ 142 h (9.5 h per model, RTX 2060 Super) |" in block

@@ -53,10 +53,14 @@ def _two_input_model():
     return keras.Model([spectrogram, side], layers.Dense(3, activation="softmax", name="out")(x))
 
 
+LAYOUTS = pytest.mark.parametrize("layout", ["grouped", "copies"])
+
+
+@LAYOUTS
 @pytest.mark.parametrize("training", [False, True])
-def test_fused_model_computes_every_members_function(training):
+def test_fused_model_computes_every_members_function(training, layout):
     members = _members(3)
-    model = fused.pack(fused.fuse(members[0], 3), members)
+    model = fused.pack(fused.fuse(members[0], 3, layout), members)
     stacked = np.concatenate([FEATURES[:8]] * 3, axis=-1) + RNG.normal(size=(8, 32, 32, 12)).astype(np.float32)
     outputs = model(stacked, training=training)
     assert len(outputs) == 3 and model.output_shape == [(None, 30)] * 3
@@ -65,9 +69,10 @@ def test_fused_model_computes_every_members_function(training):
         np.testing.assert_allclose(np.asarray(outputs[k]), np.asarray(expected), atol=2e-5)
 
 
-def test_two_input_model_with_side_features_fuses():
+@LAYOUTS
+def test_two_input_model_with_side_features_fuses(layout):
     members = _members(2, _two_input_model)
-    model = fused.pack(fused.fuse(members[0], 2), members)
+    model = fused.pack(fused.fuse(members[0], 2, layout), members)
     mel = RNG.normal(size=(4, 8, 16, 2)).astype(np.float32)
     aux = RNG.normal(size=(4, 4)).astype(np.float32)
     outputs = model.predict({"mel": mel, "aux": aux}, verbose=0)
@@ -76,9 +81,10 @@ def test_two_input_model_with_side_features_fuses():
         np.testing.assert_allclose(outputs[k], expected, atol=1e-5)
 
 
-def test_unpack_gives_back_the_packed_weights():
+@LAYOUTS
+def test_unpack_gives_back_the_packed_weights(layout):
     members = _members(2)
-    model = fused.pack(fused.fuse(members[0], 2), members)
+    model = fused.pack(fused.fuse(members[0], 2, layout), members)
     copies = fused.unpack(model, [BUILD(), BUILD()])
     for member, copy in zip(members, copies, strict=True):
         for original, unpacked in zip(member.get_weights(), copy.get_weights(), strict=True):
@@ -89,10 +95,11 @@ def test_a_layer_without_a_packed_form_is_named():
     inputs = keras.Input((10, 3))
     model = keras.Model(inputs, layers.Dense(2)(layers.Conv1D(4, 3, name="temporal")(inputs)))
     with pytest.raises(ValueError, match="cannot fuse layer 'temporal' of type Conv1D"):
-        fused.fuse(model, 2)
+        fused.fuse(model, 2, "grouped")
+    assert fused.fuse(model, 2, "copies").output_shape == [(None, 8, 2)] * 2  # copies take any layer
 
 
-def _ensemble(tmp_path, optimizer, width, epochs=2, seeds=(0, 1, 2)):
+def _ensemble(tmp_path, optimizer, width, epochs=2, seeds=(0, 1, 2), layout="auto"):
     recipe = {
         "train": {
             "epochs": epochs,
@@ -101,6 +108,7 @@ def _ensemble(tmp_path, optimizer, width, epochs=2, seeds=(0, 1, 2)):
             "learning_rate": 0.01,
             "loss": "KLDivergence",
             "fused": width,
+            "fused_layout": layout,
         }
     }
     return train.train_ensemble(
@@ -115,9 +123,10 @@ def _ensemble(tmp_path, optimizer, width, epochs=2, seeds=(0, 1, 2)):
     )
 
 
-def test_fused_training_equals_sequential_training_sgd(tmp_path):
+@LAYOUTS
+def test_fused_training_equals_sequential_training_sgd(tmp_path, layout):
     _ensemble(tmp_path / "sequential", "SGD", 1)
-    manifest = _ensemble(tmp_path / "fused", "SGD", 3)
+    manifest = _ensemble(tmp_path / "fused", "SGD", 3, layout=layout)
     assert [m["fused"]["seeds"] for m in manifest["members"]] == [[0, 1, 2]] * 3
     for seed in range(3):
         name = f"members/seed-0{seed}.keras"
@@ -141,7 +150,7 @@ def test_fused_training_with_the_source_optimizer_matches_sequential_training(tm
     # those biases (and the moving means they shift) differ; every other weight must agree to a tenth of
     # one step (a weight whose gradient is near 0 gets the same amplified noise, to a lesser degree).
     _ensemble(tmp_path / "sequential", "Nadam", 1, epochs=1, seeds=(0, 1))
-    _ensemble(tmp_path / "fused", "Nadam", 2, epochs=1, seeds=(0, 1))
+    _ensemble(tmp_path / "fused", "Nadam", 2, epochs=1, seeds=(0, 1), layout="grouped")
     for seed in range(2):
         name = f"members/seed-0{seed}.keras"
         one_by_one = keras.models.load_model(tmp_path / "sequential" / name)
@@ -203,12 +212,13 @@ def test_fused_training_refuses_per_member_callbacks(tmp_path):
         )
 
 
-def test_the_ai_cup_model_with_its_edge_padding_and_frame_standardisation_fuses():
+@LAYOUTS
+def test_the_ai_cup_model_with_its_edge_padding_and_frame_standardisation_fuses(layout):
     from models.aicup import build_aicup_model
 
     build = functools.partial(build_aicup_model, n_mfcc=13, clinical_units=(8,), head_units=8)
     members = _members(2, build)
-    model = fused.pack(fused.fuse(members[0], 2), members)
+    model = fused.pack(fused.fuse(members[0], 2, layout), members)
     mfcc = RNG.normal(size=(3, 13, 126, 2)).astype(np.float32)
     clinical = RNG.normal(size=(3, 88)).astype(np.float32)
     outputs = model.predict({"mfcc_13": mfcc, "clinical": clinical}, verbose=0)

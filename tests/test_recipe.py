@@ -19,6 +19,7 @@ def test_source_values_are_the_default():
         "validation_fraction": 0.0,
         "recalibrate_batchnorm": False,
         "fused": 1,
+        "fused_layout": "auto",
         "precision": "float32",
         "distribute": "none",
     }
