@@ -167,7 +167,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--precisions", default="float32", help="comma-separated dtype policies")
     parser.add_argument("--layouts", default="auto", help="comma-separated fused layouts (auto, grouped, copies)")
-    parser.add_argument("--clips", type=int, default=1000, help="clips in the features benchmark")
+    parser.add_argument("--clips", type=int, default=3000, help="clips in the features benchmark")
     parser.add_argument("--skip-features", action="store_true", help="no features benchmark (e.g. on a GPU box)")
     parser.add_argument("--recipes", default="", help="comma-separated recipes to time end to end (minutes each)")
     parser.add_argument("--label", help="results file name (default: cpu or gpu, from the device measured)")

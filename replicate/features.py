@@ -46,11 +46,16 @@ class AudioSpec:
     fix_length: bool = False
 
 
+SUB_BATCH = 16  # clips per librosa call (see `mel_power`)
+
+
 def mel_power(audio: np.ndarray, sample_rate: int, resolutions: Sequence[MelResolution]) -> np.ndarray:
     """Mel power spectrograms of a batch of equal-length clips, one channel per resolution.
 
-    librosa computes all clips of the batch in one call (it accepts (..., n) arrays), which is the
-    same arithmetic as calling it clip by clip but without the per-clip overhead.
+    librosa computes several clips in one call (it accepts (..., n) arrays), which is the same arithmetic
+    as calling it clip by clip but without the per-clip overhead. It is called on `SUB_BATCH` clips at a
+    time: on 1-s clips that was 2.8× the clip-by-clip speed, against 2.3× for 64 clips and 1.3× for 256
+    (whose STFT frames no longer fit in the processor's cache).
 
     Args:
         audio: float32 array (clips, samples).
@@ -62,18 +67,21 @@ def mel_power(audio: np.ndarray, sample_rate: int, resolutions: Sequence[MelReso
     """
     import librosa
 
-    channels = [
-        librosa.feature.melspectrogram(
-            y=audio,
-            sr=sample_rate,
-            n_fft=r.n_fft,
-            win_length=r.win_length,
-            hop_length=r.hop_length,
-            n_mels=r.n_mels,
-        )
-        for r in resolutions
-    ]
-    return np.stack(channels, axis=-1).astype(np.float32, copy=False)
+    batches = []
+    for start in range(0, len(audio), SUB_BATCH):
+        channels = [
+            librosa.feature.melspectrogram(
+                y=audio[start : start + SUB_BATCH],
+                sr=sample_rate,
+                n_fft=r.n_fft,
+                win_length=r.win_length,
+                hop_length=r.hop_length,
+                n_mels=r.n_mels,
+            )
+            for r in resolutions
+        ]
+        batches.append(np.stack(channels, axis=-1).astype(np.float32, copy=False))
+    return np.concatenate(batches)
 
 
 def mfcc(audio: np.ndarray, sample_rate: int, *, n_mfcc: int, n_fft: int, hop_length: int, **mel_options) -> np.ndarray:

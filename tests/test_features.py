@@ -178,3 +178,11 @@ def test_batched_mfcc_keeps_each_clips_own_db_floor(clips):
     for index, clip in enumerate(mixed):
         expected = librosa.feature.mfcc(y=clip, sr=16000, n_mfcc=13, n_fft=512, hop_length=160, n_mels=40)
         np.testing.assert_allclose(batched[index], expected, rtol=1e-5, atol=1e-3)
+
+
+def test_mel_power_over_several_sub_batches_keeps_the_clip_order(clips):
+    many = np.concatenate([clips * (1 + index) for index in range(4)])  # 20 clips: two librosa calls
+    assert len(many) > features.SUB_BATCH
+    batched = features.mel_power(many, 16000, RESOLUTIONS)
+    np.testing.assert_allclose(batched[17], _librosa_one_clip(many[17]), rtol=1e-5, atol=1e-10)
+    np.testing.assert_allclose(batched[:5], features.mel_power(clips, 16000, RESOLUTIONS), rtol=1e-6)
