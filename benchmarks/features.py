@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.training import peak_rss_mb
+
 SAMPLE_RATE = 16000
 RESOLUTIONS = ((256, 200), (512, 400), (1024, 800), (2048, 1600))  # (n_fft, win_length), hop 160, 64 mels
 
@@ -97,7 +99,7 @@ def _measure(method: str, folder: Path, workers: int, output: Path) -> dict:
             result = our_way(paths, Path(cache_dir), workers)
     seconds = time.perf_counter() - started
     np.save(output, result)
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    own = peak_rss_mb()
     workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"seconds": seconds, "peak_memory_mb": round(own, 1), "worker_peak_memory_mb": round(workers_peak, 1)}
 
