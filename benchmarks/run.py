@@ -174,6 +174,9 @@ def main(argv=None) -> None:
     parser.add_argument("--clips", type=int, default=3000, help="clips in the features benchmark")
     parser.add_argument("--skip-features", action="store_true", help="no features benchmark (e.g. on a GPU box)")
     parser.add_argument("--recipes", default="", help="comma-separated recipes to time end to end (minutes each)")
+    parser.add_argument(
+        "--recipe-results", action="store_true", help="also regenerate each timed recipe's README results block"
+    )
     parser.add_argument("--label", help="results file name (default: cpu or gpu, from the device measured)")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the README from results/*.json")
     arguments = parser.parse_args(argv)
@@ -203,7 +206,7 @@ def main(argv=None) -> None:
         runs = []
         for name in filter(None, arguments.recipes.split(",")):
             print(f"recipe: make recipe-{name}, quick profile from fresh synthetic data", flush=True)
-            runs.append(recipes_benchmark.time_recipe(name))
+            runs.append(recipes_benchmark.time_recipe(name, README if arguments.recipe_results else None))
             print(json.dumps(runs[-1]), flush=True)
         if runs:
             measured["recipes"] = {**stamp, "runs": runs}

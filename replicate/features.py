@@ -188,9 +188,11 @@ def power_to_db(power: np.ndarray, ref: np.ndarray | float, top_db: float = 80.0
     """
     power = np.asarray(power)
     ref = np.asarray(ref, dtype=power.dtype)
-    log_spec = 10.0 * np.log10(np.maximum(amin, power))
+    log_spec = np.maximum(amin, power)  # librosa's operations in its order, in place: one array, not four
+    np.log10(log_spec, out=log_spec)
+    log_spec *= 10.0
     log_spec -= 10.0 * np.log10(np.maximum(amin, ref))
-    return np.maximum(log_spec, -top_db)
+    return np.maximum(log_spec, -top_db, out=log_spec)
 
 
 @dataclass(frozen=True)
@@ -213,8 +215,10 @@ class Normalizer:
 
     def __call__(self, power: np.ndarray) -> np.ndarray:
         """(clips, mels, frames, channels) power → standardised dB, float32."""
-        db = power_to_db(power, self._reference_of(power), self.top_db)
-        return ((db - np.float32(self.mean)) / np.float32(self.std)).astype(np.float32, copy=False)
+        db = power_to_db(np.asarray(power, dtype=np.float32), self._reference_of(power), self.top_db)
+        db -= np.float32(self.mean)
+        db /= np.float32(self.std)
+        return db
 
     def _reference_of(self, power: np.ndarray) -> np.ndarray:
         if self.reference == "per_clip":

@@ -91,6 +91,14 @@ def test_global_normalisation_reproduces_the_source(clips):
     np.testing.assert_array_equal(normalizer(power[1:2]), ours[1:2])
 
 
+def test_power_to_db_has_librosas_bits(clips):
+    power = features.mel_power(clips, 16000, RESOLUTIONS)[..., 3]
+    power[2] = 0.0  # silence: the amin floor
+    expected = librosa.power_to_db(power, ref=np.max)
+    np.testing.assert_array_equal(features.power_to_db(power, power.max()), expected)
+    assert features.power_to_db(power, power.max()).min() == -80.0
+
+
 def test_per_clip_reference_option(clips):
     power = features.mel_power(clips, 16000, RESOLUTIONS)
     normalizer = features.Normalizer.fit([power], "per_clip")
