@@ -49,10 +49,13 @@ def audio_changes(changes_by_split: dict[str, dict[str, int]]) -> str:
 
 
 def memory_line(peak: dict | None) -> str:
-    """Peak resident memory of the main process and of the (finished) worker processes."""
+    """Peak resident memory of the run's process (features are extracted in its threads)."""
     if not peak:
         return "not measured"
-    return f"{peak['process']:.0f} MiB (main process), {peak['workers']:.0f} MiB (largest worker)"
+    line = f"{peak['process']:.0f} MiB"
+    if peak.get("workers"):  # runs from before extraction moved from worker processes to threads
+        line += f" (main process), {peak['workers']:.0f} MiB (largest worker process)"
+    return line
 
 
 def environment_line(environment: dict) -> str:

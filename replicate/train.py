@@ -464,12 +464,9 @@ def train_ensemble(
 
 
 def peak_memory_mb() -> dict:
-    """Peak resident memory so far of this process and of its finished child processes, in MiB."""
+    """Peak resident memory so far of this process, in MiB."""
     scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024**2  # ru_maxrss: KiB on Linux, bytes on macOS
-    return {
-        "process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1),
-        "workers": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale, 1),
-    }
+    return {"process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1)}
 
 
 def environment() -> dict:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import librosa
 import numpy as np
 import pytest
 import soundfile as sf
+from threadpoolctl import threadpool_limits
 
 from replicate import features
 from tests.conftest import write_tone
@@ -38,7 +41,41 @@ def test_batched_mel_power_equals_librosa_clip_by_clip(clips):
     batched = features.mel_power(clips, 16000, RESOLUTIONS)
     assert batched.shape == (5, 64, 101, 4) and batched.dtype == np.float32
     expected = np.stack([_librosa_one_clip(clip) for clip in clips])
-    np.testing.assert_allclose(batched, expected, rtol=1e-5, atol=1e-10)
+    np.testing.assert_array_equal(batched, expected)  # librosa's arithmetic step for step: the same bits
+
+
+@pytest.mark.parametrize(
+    "n_fft, hop_length, win_length, samples, n_mels",
+    [
+        (1024, 512, None, 32000, 128),  # DCASE's resolution
+        (512, 160, None, 16537, 128),  # AI CUP's, on an odd length
+        (2048, 160, 1600, 1000, 64),  # n_fft longer than the clip (librosa pads and warns)
+        (1023, 100, 700, 5000, 40),  # odd n_fft, window shorter than the frame
+    ],
+)
+def test_melspectrogram_equals_librosa_on_other_shapes(n_fft, hop_length, win_length, samples, n_mels):
+    audio = np.random.default_rng(n_fft).normal(0, 0.1, (3, samples)).astype(np.float32)
+    audio[1, samples // 3 :] *= 1e-4  # a quiet stretch: small powers are where round-off would show
+    ours = features.melspectrogram(
+        audio, 16000, n_fft=n_fft, hop_length=hop_length, win_length=win_length, n_mels=n_mels
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "n_fft is too large for input signal"
+        expected = np.stack(
+            [
+                librosa.feature.melspectrogram(
+                    y=clip, sr=16000, n_fft=n_fft, hop_length=hop_length, win_length=win_length, n_mels=n_mels
+                )
+                for clip in audio
+            ]
+        )
+    assert ours.shape == expected.shape and ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_melspectrogram_rejects_a_single_clip():
+    with pytest.raises(ValueError, match=r"\(clips, samples\)"):
+        features.melspectrogram(np.zeros(16000, np.float32), 16000, n_fft=512, hop_length=160)
 
 
 def test_global_normalisation_reproduces_the_source(clips):
@@ -52,6 +89,14 @@ def test_global_normalisation_reproduces_the_source(clips):
         np.testing.assert_allclose(ours[..., channel], expected, rtol=1e-4, atol=1e-4)
     # A batch transformed on its own gives the same numbers (the statistics are global, not per batch).
     np.testing.assert_array_equal(normalizer(power[1:2]), ours[1:2])
+
+
+def test_power_to_db_has_librosas_bits(clips):
+    power = features.mel_power(clips, 16000, RESOLUTIONS)[..., 3]
+    power[2] = 0.0  # silence: the amin floor
+    expected = librosa.power_to_db(power, ref=np.max)
+    np.testing.assert_array_equal(features.power_to_db(power, power.max()), expected)
+    assert features.power_to_db(power, power.max()).min() == -80.0
 
 
 def test_per_clip_reference_option(clips):
@@ -153,13 +198,44 @@ def test_every_bad_file_is_listed(tmp_path):
     assert not list((tmp_path / "cache").glob("t-*"))  # no finished cache was written
 
 
-def test_worker_processes_give_the_same_features(tmp_path):
-    paths = _tones(tmp_path / "wav", 4)
+def test_worker_threads_give_the_same_features_in_order(tmp_path):
+    # 7 chunks over 2 threads: more than the 4 chunks kept in flight, so the queue refills while results go out.
+    paths = [write_tone(tmp_path / f"{index}.wav", seconds=0.5 + 0.1 * index) for index in range(13)]
+    audio = features.AudioSpec(sample_rate=16000, num_samples=16000, fix_length=True)
     extractor = features.mel_power_extractor(16000, RESOLUTIONS)
-    arguments = dict(audio=AUDIO, extractor=extractor, params={}, name="t", chunk_size=2, progress=False)
-    parallel, _ = features.cached_features(paths, cache_dir=tmp_path / "a", workers=2, **arguments)
+    arguments = dict(audio=audio, extractor=extractor, params={}, name="t", chunk_size=2, progress=False)
+    threaded, meta = features.cached_features(paths, cache_dir=tmp_path / "a", workers=2, **arguments)
     serial, _ = features.cached_features(paths, cache_dir=tmp_path / "b", workers=1, **arguments)
-    np.testing.assert_allclose(parallel, serial, rtol=1e-6, atol=1e-12)  # BLAS threads change round-off only
+    np.testing.assert_array_equal(threaded, serial)
+    assert meta["notes"]["padded"] == 5 and meta["notes"]["cropped"] == 7  # 0.5-0.9 s padded, 1.1-1.7 s cropped
+    samples, _ = sf.read(paths[12], dtype="float32")
+    with threadpool_limits(1):  # the cache's BLAS setting: more BLAS threads change the product's last bit
+        np.testing.assert_array_equal(threaded[12], _librosa_one_clip(samples[:16000]))
+
+
+class FailingExtractor:
+    """mel_power that raises on clips of one length (a thread's error must reach the caller)."""
+
+    def __init__(self, bad_samples: int):
+        self.bad_samples = bad_samples
+
+    def __call__(self, audio):
+        if audio.shape[1] == self.bad_samples:
+            raise RuntimeError("extractor failed")
+        return features.mel_power(audio, 16000, RESOLUTIONS[:1])
+
+
+def test_an_error_in_a_worker_thread_stops_the_pass_and_the_rest_resumes(tmp_path):
+    paths = _tones(tmp_path / "wav", 8)
+    arguments = dict(params={}, cache_dir=tmp_path / "cache", name="t", chunk_size=2, progress=False)
+    short = features.AudioSpec(sample_rate=16000, num_samples=8000, fix_length=True)
+    with pytest.raises(RuntimeError, match="extractor failed"):
+        features.cached_features(paths, audio=short, extractor=FailingExtractor(8000), workers=2, **arguments)
+    assert not list((tmp_path / "cache").glob("t-*"))  # nothing finished
+    done, _ = features.cached_features(paths, audio=short, extractor=FailingExtractor(1), workers=2, **arguments)
+    assert done.shape == (8, 64, 51, 1)
+    samples, _ = sf.read(paths[7], dtype="float32")
+    np.testing.assert_array_equal(done[7], features.mel_power(samples[None, :8000], 16000, RESOLUTIONS[:1])[0])
 
 
 def test_batched_mfcc_equals_librosa_clip_by_clip(clips):
@@ -180,9 +256,9 @@ def test_batched_mfcc_keeps_each_clips_own_db_floor(clips):
         np.testing.assert_allclose(batched[index], expected, rtol=1e-5, atol=1e-3)
 
 
-def test_mel_power_over_several_sub_batches_keeps_the_clip_order(clips):
-    many = np.concatenate([clips * (1 + index) for index in range(4)])  # 20 clips: two librosa calls
-    assert len(many) > features.SUB_BATCH
+def test_mel_power_over_several_fft_blocks_keeps_the_clip_order(clips):
+    many = np.concatenate([clips * (1 + index) for index in range(4)])  # 20 clips
+    assert len(many) * 101 * 256 > features.FFT_BLOCK_VALUES  # n_fft 256 takes several FFT calls
     batched = features.mel_power(many, 16000, RESOLUTIONS)
-    np.testing.assert_allclose(batched[17], _librosa_one_clip(many[17]), rtol=1e-5, atol=1e-10)
-    np.testing.assert_allclose(batched[:5], features.mel_power(clips, 16000, RESOLUTIONS), rtol=1e-6)
+    np.testing.assert_array_equal(batched[17], _librosa_one_clip(many[17]))
+    np.testing.assert_array_equal(batched[:5], features.mel_power(clips, 16000, RESOLUTIONS))
