@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks import features as features_benchmark
 from benchmarks import recipes as recipes_benchmark
-from benchmarks.training import MODELS
+from benchmarks.training import MODELS, skip_reason
 from replicate import files, report
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -255,8 +255,13 @@ def main(argv=None) -> None:
                 for precision in arguments.precisions.split(","):
                     runs = [(1, "auto")] + [(arguments.fused, layout) for layout in arguments.layouts.split(",")]
                     for fused, layout in runs if arguments.fused > 1 else runs[:1]:
-                        if fused > 1 and not MODELS[model].fuse:
-                            result = {"model": model, "backend": backend, "fused": fused, "skipped": MODELS[model].note}
+                        # a backend's earlier measurements tell whether it computes on a CPU (no process needed)
+                        on_cpu = not arguments.no_cpu_limits and any(
+                            m["backend"] == backend and m["device"].startswith("cpu") for m in measurements
+                        )
+                        reason = skip_reason(model, backend, fused, on_cpu=on_cpu)
+                        if reason:
+                            result = {"model": model, "backend": backend, "fused": fused, "skipped": reason}
                         else:
                             print(f"training: {model} on {backend}, {precision}, {fused} fused ({layout})", flush=True)
                             result = training_run(

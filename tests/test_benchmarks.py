@@ -110,3 +110,13 @@ def test_the_benchmark_builds_the_full_recipes_models():
     assert dcase.train["loss_options"] == {"label_smoothing": 0.05, "from_logits": True}
     model = dcase.build()
     assert {t.name: tuple(t.shape) for t in model.inputs} == {"log_mel": (None, 128, 313, 1), "labels": (None, 41)}
+
+
+def test_heavy_models_are_limited_on_a_cpu_only_and_dcase_is_never_fused():
+    assert training.skip_reason("dcase", "jax", 8, on_cpu=False) == training.MODELS["dcase"].note
+    assert training.skip_reason("dcase", "jax", 1, on_cpu=False) == ""  # a GPU measures every backend
+    assert "tensorflow only" in training.skip_reason("dcase", "torch", 1, on_cpu=True)
+    assert training.skip_reason("dcase", "tensorflow", 1, on_cpu=True) == ""
+    assert "one member at a time" in training.skip_reason("maic", "torch", 4, on_cpu=True)
+    assert training.skip_reason("maic", "torch", 8, on_cpu=False) == ""
+    assert training.skip_reason("dacon", "torch", 4, on_cpu=True) == ""
