@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark, for a machine with JAX and/or PyTorch on its GPU but no TensorFlow, librosa or soundfile
-# (and no network). Keras's own needs that such a machine lacks travel as wheels in .whl/ (absl-py, h5py,
-# ml-dtypes, rich, packaging and numpy are there already; carry one too only if `import keras` says so):
-#   echo /.whl/ >> .git/info/exclude   # (already in .gitignore)
+# (and no network). Keras and its needs that such a machine lacks travel as wheels in .whl/ (ignored by git):
+# keras, namex and optree; absl-py, h5py, ml-dtypes, rich, packaging, numpy and typing-extensions (optree's) are
+# there already, and carrying another version of them would shadow the machine's (jax uses ml-dtypes). Carry
+# one too only if the `import keras` check below says so.
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #       --platform manylinux2014_x86_64 -d .whl keras==3.15.1 namex optree
