@@ -100,7 +100,7 @@ MODELS: dict[str, ModelBenchmark] = {
     "aicup": ModelBenchmark("benchmarks.training:aicup_setup"),
     # 2-4 s per step of 32 on 2 CPU cores, where 2 members fused ran at 0.8-1.1× one member's samples/s
     "maic": ModelBenchmark("benchmarks.training:maic_setup", cpu_steps=1, cpu_fused=1),
-    # ~20 s and ~6 GB per step of 64 on 2 CPU cores
+    # 10-20 s and ~6 GB per step of 64 on 2 CPU cores
     "dcase": ModelBenchmark(
         "benchmarks.training:dcase_setup",
         fuse=False,
