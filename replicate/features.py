@@ -474,14 +474,18 @@ class _RowWriter:
                 handle.truncate(offset + int(np.prod(shape, dtype=np.int64)) * 4)  # sparse until written
             self._open(shape, offset)
         if features.shape[1:] != self.shape[1:]:
-            raise FeatureCacheError(f"the extractor gave rows of shape {features.shape[1:]}, before {self.shape[1:]}")
-        data = np.ascontiguousarray(features, dtype="<f4")
-        row_bytes = data[0].nbytes
-        os.pwrite(self.handle, memoryview(data).cast("B"), self.offset + start * row_bytes)
+            raise FeatureCacheError(
+                f"{self.path}: the extractor gave rows of shape {features.shape[1:]}, earlier {self.shape[1:]}"
+            )
+        data = memoryview(np.ascontiguousarray(features, dtype="<f4")).cast("B")
+        position = self.offset + start * (data.nbytes // len(features))
+        while data:  # a write may take fewer bytes than asked for
+            written = os.pwrite(self.handle, data, position)
+            data, position = data[written:], position + written
 
     def checkpoint(self, state_path: Path, done: int, notes: Counter) -> None:
         """Record that rows [0, done) are written, once they are on disk (a crash never leaves the record ahead)."""
-        os.fdatasync(self.handle)
+        getattr(os, "fdatasync", os.fsync)(self.handle)  # macOS has no fdatasync
         files.write_json(state_path, {"done": done, "notes": dict(notes)})
 
     def __enter__(self) -> _RowWriter:
