@@ -18,11 +18,12 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from benchmarks import features as features_benchmark
 from benchmarks import recipes as recipes_benchmark
-from benchmarks.training import MODELS
+from benchmarks.training import MODELS, skip_reason
 from replicate import files, report
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -40,6 +41,25 @@ WORKLOADS = {
         "samples": 750 * 150 * 5 * 15,  # spec/aicup.md: ~1,000 persons, fold 0 of 4 trains; 150 epochs
         "source": "not reported (5 variants × 1 seed)",
     },
+    "maic": {
+        "what": "MAIC: 10,036 tokens × 100 epochs × 15 seeds",
+        # spec/maic.md, "Method" 1 and 5: 10,564 token samples, 528 (5 %) of them validation; "Training": 100
+        # epochs max (the source kept epoch 47's weights); 15 seeds: recipes/maic.toml [ensemble] (DESIGN.md)
+        "samples": (10_564 - 528) * 100 * 15,
+        # spec/maic.md, "Training": about 89 s per epoch (88 s train, 1 s validation) on the competition GPU;
+        # × 100 epochs = 2.5 h per model, × 15 = 37 h (the source trained one model)
+        "source": "≈ 37 h if 15 models (89 s per epoch × 100 epochs = 2.5 h per model, competition GPU; "
+        "the source trained one)",
+    },
+    "dcase": {
+        "what": "DCASE (integrated ArcFace): per 1,000 training clips × 70 epochs × 15 seeds",
+        # spec/dcase.md gives no count of training clips (41 IDs, "The task"), so this row is per 1,000 clips.
+        # One sample per clip per epoch: the whole 10-s clip (spec/dcase.md, "Features"; recipes/dcase.toml
+        # features.input_frames = 0), as replicate/dcase.py trains; 70 epochs: recipes/dcase.toml train.epochs
+        # (not in the source: the end of the third warm-restart cycle); 15 seeds: recipes/dcase.toml (DESIGN.md)
+        "samples": 1_000 * 70 * 15,
+        "source": "not reported",
+    },
 }
 
 
@@ -47,15 +67,22 @@ def available_backends() -> list[str]:
     return [name for name in ("tensorflow", "jax", "torch") if importlib.util.find_spec(name) is not None]
 
 
-def training_run(backend: str, model: str, fused: int, steps: int, precision: str, layout: str = "auto") -> dict:
+def training_run(
+    backend: str, model: str, fused: int, steps: int, precision: str, layout: str = "auto", cpu_limits: bool = True
+) -> dict:
     """One measurement in a fresh process with KERAS_BACKEND set (a backend cannot change in a process)."""
     command = [sys.executable, "-m", "benchmarks.training", "--model", model, "--fused", str(fused)]
     command += ["--steps", str(steps), "--precision", precision, "--layout", layout]
+    command += [] if cpu_limits else ["--no-cpu-limits"]
     environment = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} on {backend} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    wall_seconds = round(time.perf_counter() - started, 1)  # the whole row: start-up, build, warm-up, timed steps
+    if completed.returncode != 0:  # reported, and the other measurements go on (a GPU session's time is short)
+        print(f"{' '.join(command)} on {backend} failed:\n{completed.stderr[-3000:]}", file=sys.stderr, flush=True)
+        last = (completed.stderr.strip().splitlines() or [f"exit status {completed.returncode}"])[-1]
+        return {"model": model, "backend": backend, "fused": fused, "skipped": f"failed: {last[:200]}", "failed": True}
+    return {**json.loads(completed.stdout.strip().splitlines()[-1]), "wall_seconds": wall_seconds}
 
 
 def training_table(measurements: list[dict]) -> str:
@@ -75,13 +102,15 @@ def training_table(measurements: list[dict]) -> str:
                 m["precision"],
                 f"{m['fused']} ({m['layout']})" if m["fused"] > 1 else 1,
                 m["batch_size"],
+                m["steps"],
                 f"{m['samples_per_second']:.1f}",
                 ratio,
                 f"{m['peak_memory_mb']:.0f}",
                 device_memory,
             )
         )
-    headers = ("model", "backend", "device", "precision", "members fused", "batch per member", "samples/s")
+    headers = ("model", "backend", "device", "precision", "members fused", "batch per member", "timed steps")
+    headers += ("samples/s",)
     headers += ("vs. one at a time", "peak RSS MiB", "peak device MiB")
     return report.markdown_table(headers, rows)
 
@@ -102,6 +131,17 @@ def extrapolation_table(results: dict[str, dict]) -> str:
                 (workload["what"], f"{label}: {best['device']} ({setting})", f"{hours:,.1f} h", workload["source"])
             )
     return report.markdown_table(("full recipe", "ours: measured on", "ours: training time", "source"), rows)
+
+
+def _skipped_lines(skipped: list[dict]) -> list[str]:
+    """One line per model and reason: "dcase fused 4: why", "dcase on torch, on jax: why"."""
+    by_reason: dict[tuple[str, str], list[str]] = {}
+    for entry in skipped:
+        what = f"fused {entry['fused']}" if entry["fused"] > 1 else f"on {entry['backend']}"
+        key = (entry["model"], entry["skipped"])
+        if what not in by_reason.setdefault(key, []):
+            by_reason[key].append(what)
+    return [f"{model} {', '.join(whats)}: {reason}" for (model, reason), whats in by_reason.items()]
 
 
 def _section_line(section: dict) -> str:
@@ -145,6 +185,8 @@ def readme_block(results: dict[str, dict]) -> str:
         if result.get("training"):
             training = result["training"]
             parts += [f"Training — {_section_line(training)}:", "", training_table(training["measurements"]), ""]
+            if training.get("skipped"):
+                parts += ["Not measured:", "", *(f"- {line}" for line in _skipped_lines(training["skipped"])), ""]
         if result.get("recipes"):
             recipes = result["recipes"]
             rows = [(r["command"], f"{r['wall_seconds'] / 60:.1f} min") for r in recipes["runs"]]
@@ -163,6 +205,18 @@ def load_results() -> dict[str, dict]:
     return {path.stem: files.read_json(path) for path in sorted(RESULTS_DIR.glob("*.json"))}
 
 
+def _results_path(label: str | None, measurements: list[dict]) -> Path:
+    """`results/<label>.json`; without a label "gpu" if a measurement ran on an accelerator, else "cpu"."""
+    on_gpu = any(not m["device"].startswith("cpu") for m in measurements)
+    return RESULTS_DIR / f"{label or ('gpu' if on_gpu else 'cpu')}.json"
+
+
+def _save(path: Path, measured: dict) -> None:
+    """The sections this run measured replace those of the results file; the others stay."""
+    previous = files.read_json(path) if path.is_file() else {}
+    files.write_json(path, {**previous, **measured})
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default=",".join(available_backends()), help="comma-separated Keras backends")
@@ -173,6 +227,9 @@ def main(argv=None) -> None:
     parser.add_argument("--layouts", default="auto", help="comma-separated fused layouts (auto, grouped, copies)")
     parser.add_argument("--clips", type=int, default=3000, help="clips in the features benchmark")
     parser.add_argument("--skip-features", action="store_true", help="no features benchmark (e.g. on a GPU box)")
+    parser.add_argument(
+        "--no-cpu-limits", action="store_true", help="heavy models too get every step, member and backend on a CPU"
+    )
     parser.add_argument("--recipes", default="", help="comma-separated recipes to time end to end (minutes each)")
     parser.add_argument(
         "--recipe-results", action="store_true", help="also regenerate each timed recipe's README results block"
@@ -187,22 +244,36 @@ def main(argv=None) -> None:
             "machine": f"{platform.machine()} {platform.system()}, {len(os.sched_getaffinity(0))} CPU cores",
             "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
-        measured = {}  # the sections this run measured replace those of the results file; the others stay
+        measured = {}
         if not arguments.skip_features:
             print(f"features: {arguments.clips} clips, the source's way and ours", flush=True)
             measured["features"] = {**features_benchmark.run(arguments.clips), **stamp}
             print(json.dumps(measured["features"]), flush=True)
-        measurements = []
+        measurements, skipped = [], []
         for backend in filter(None, arguments.backends.split(",")):
             for model in arguments.models.split(","):
                 for precision in arguments.precisions.split(","):
                     runs = [(1, "auto")] + [(arguments.fused, layout) for layout in arguments.layouts.split(",")]
                     for fused, layout in runs if arguments.fused > 1 else runs[:1]:
-                        print(f"training: {model} on {backend}, {precision}, {fused} fused ({layout})", flush=True)
-                        measurements.append(training_run(backend, model, fused, arguments.steps, precision, layout))
-                        print(json.dumps(measurements[-1]), flush=True)
+                        # a backend's earlier measurements tell whether it computes on a CPU (no process needed)
+                        on_cpu = not arguments.no_cpu_limits and any(
+                            m["backend"] == backend and m["device"].startswith("cpu") for m in measurements
+                        )
+                        reason = skip_reason(model, backend, fused, on_cpu=on_cpu)
+                        if reason:
+                            result = {"model": model, "backend": backend, "fused": fused, "skipped": reason}
+                        else:
+                            print(f"training: {model} on {backend}, {precision}, {fused} fused ({layout})", flush=True)
+                            result = training_run(
+                                backend, model, fused, arguments.steps, precision, layout, not arguments.no_cpu_limits
+                            )
+                        print(json.dumps(result), flush=True)
+                        (skipped if "skipped" in result else measurements).append(result)
+                        if measurements:  # saved as it goes: a run stopped at a time limit keeps what it measured
+                            training = {**stamp, "measurements": measurements, "skipped": skipped}
+                            _save(_results_path(arguments.label, measurements), {**measured, "training": training})
         if measurements:
-            measured["training"] = {**stamp, "measurements": measurements}
+            measured["training"] = {**stamp, "measurements": measurements, "skipped": skipped}
         runs = []
         for name in filter(None, arguments.recipes.split(",")):
             print(f"recipe: make recipe-{name}, quick profile from fresh synthetic data", flush=True)
@@ -210,14 +281,13 @@ def main(argv=None) -> None:
             print(json.dumps(runs[-1]), flush=True)
         if runs:
             measured["recipes"] = {**stamp, "runs": runs}
-        devices = {m["device"] for m in measurements}
-        label = arguments.label or ("gpu" if any(not d.startswith("cpu") for d in devices) else "cpu")
-        path = RESULTS_DIR / f"{label}.json"
-        previous = files.read_json(path) if path.is_file() else {}
-        files.write_json(path, {**previous, **measured})
+        path = _results_path(arguments.label, measurements)
+        _save(path, measured)
         print(f"results: {path}")
     changed = report.update_readme(README, "bench", readme_block(load_results()))
     print(f"{README}: results:bench {'updated' if changed else 'already up to date'}")
+    if not arguments.table_only and any(entry.get("failed") for entry in skipped):
+        sys.exit("some measurements failed (their errors are above)")
 
 
 if __name__ == "__main__":

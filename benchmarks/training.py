@@ -9,105 +9,217 @@ are numpy arrays, so the same measurement runs on a machine that has only JAX or
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
 import platform
 import resource
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 
 @dataclass(frozen=True)
-class ModelBenchmark:
-    """What to train: the recipe's builder with the source's input, loss, optimizer and batch size."""
+class Setup:
+    """One recipe's training, as its task module builds and compiles it (full profile)."""
 
-    builder: str  # "module:function"
-    inputs: dict  # input name → shape without the batch axis (a single-input model has one entry)
-    classes: int
-    loss: str
-    optimizer: str
-    learning_rate: float
-    batch_size: int
-    arguments: dict = field(default_factory=dict)
+    build: Callable  # () → a new, uncompiled member
+    train: dict  # the recipe's train section as `replicate.train.compile_model` takes it (optimizer, loss, ...)
+    label_input: str = ""  # an input that is fed the targets (DCASE's margin layer takes the labels)
+
+
+@dataclass(frozen=True)
+class ModelBenchmark:
+    """What to train: a function of (profile, overrides) returning the recipe's `Setup`, called in the measuring
+    process only (the full profile, unless a test asks for a small one), and the limits of a CPU run.
+
+    A heavy model's step takes seconds on a CPU, so there it is timed over fewer steps, fewer fused members
+    and fewer backends (each measurement records what it ran); on a GPU every limit is lifted.
+    """
+
+    setup: str  # "module:function"
+    fuse: bool = True  # False: measured one member at a time only (`benchmarks.run` skips the fused runs)
+    note: str = ""  # why not, for the README
+    cpu_steps: int | None = None  # timed steps at most on a CPU
+    cpu_fused: int | None = None  # members fused at most on a CPU
+    cpu_backends: tuple[str, ...] = ()  # the backends measured on a CPU (empty: every one)
+
+
+def _frames(clip_samples: int, hop_length: int) -> int:
+    """Frames of a clip in librosa's centred STFT (what the recipes' features have)."""
+    return 1 + clip_samples // hop_length
+
+
+def dacon_setup(profile: str | None = None, overrides: Sequence[str] = ()) -> Setup:
+    from replicate import dacon
+
+    recipe = dacon.load_recipe(profile, overrides)
+    data, features = recipe["data"], recipe["features"]
+    shape = (features["n_mels"], _frames(data["clip_samples"], features["hop_length"]), len(features["n_fft"]))
+    # spec/dacon.md, "The task": a 30-word vocabulary (the model's output is a 30-value distribution)
+    return Setup(functools.partial(dacon.build_model, recipe, shape, 30), recipe["train"])
+
+
+def aicup_setup(profile: str | None = None, overrides: Sequence[str] = ()) -> Setup:
+    """The n_mfcc = 13 variant (the first of the five), multimodal as the recipe's default."""
+    from replicate import aicup
+
+    recipe = aicup.load_recipe(profile, overrides)
+    n_mfcc = recipe["features"]["n_mfcc"][0]
+    return Setup(functools.partial(aicup.build_model, recipe, n_mfcc, recipe["model"]["clinical"]), recipe["train"])
+
+
+def maic_setup(profile: str | None = None, overrides: Sequence[str] = ()) -> Setup:
+    from replicate import maic
+
+    recipe = maic.load_recipe(profile, overrides)
+    # spec/maic.md, "Method" 2: 21 sub-classes occur in the data (the recipe derives them from the data)
+    return Setup(functools.partial(maic.build_model, recipe, 21), recipe["train"])
+
+
+def dcase_setup(profile: str | None = None, overrides: Sequence[str] = ()) -> Setup:
+    """The integrated ArcFace model (41 IDs) on whole 10-s clips, its warm-restart schedule and logits loss."""
+    from replicate import dcase
+
+    recipe = dcase.load_recipe(profile, overrides)
+    data, features = recipe["data"], recipe["features"]
+    frames = features["input_frames"] or _frames(data["clip_samples"], features["hop_length"])
+    margin = recipe["model"]["head"] != "softmax"
+    # spec/dcase.md, "The task": 41 machine IDs in all (the integrated model classifies them all)
+    build = functools.partial(dcase.build_model, recipe, (features["n_mels"], frames, 1), 41)
+    # steps per epoch only set the schedule's period; any count gives the same step time
+    train = dcase.train_recipe_for(recipe, 100, finetune=False, margin=margin)["train"]
+    return Setup(build, train, label_input="labels" if margin else "")
 
 
 MODELS: dict[str, ModelBenchmark] = {
-    "dacon": ModelBenchmark(
-        "models.dacon:build_dacon_model", {"log_mel": (64, 101, 4)}, 30, "KLDivergence", "Nadam", 0.002, 16
-    ),
-    "aicup": ModelBenchmark(  # the n_mfcc = 13 variant, multimodal
-        "models.aicup:build_aicup_model",
-        {"mfcc_13": (13, 126, 1), "clinical": (44,)},
-        5,
-        "CategoricalCrossentropy",
-        "SGD",
-        0.01,
-        32,
+    "dacon": ModelBenchmark("benchmarks.training:dacon_setup"),
+    "aicup": ModelBenchmark("benchmarks.training:aicup_setup"),
+    # 2-4 s per step of 32 on 2 CPU cores, where 2 members fused ran at 0.8-1.1× one member's samples/s
+    "maic": ModelBenchmark("benchmarks.training:maic_setup", cpu_steps=1, cpu_fused=1),
+    # 10-20 s and ~6 GB per step of 64 on 2 CPU cores
+    "dcase": ModelBenchmark(
+        "benchmarks.training:dcase_setup",
+        fuse=False,
+        note="its recipe trains one member at a time, each keeping its best epoch by the development AUC + pAUC "
+        "(a per-member callback), and its ArcFace layer has no grouped form",
+        cpu_steps=1,
+        cpu_backends=("tensorflow",),
     ),
 }
 
 
-def _build(benchmark: ModelBenchmark):
-    module, function = benchmark.builder.split(":")
-    return getattr(importlib.import_module(module), function)(**benchmark.arguments)
+def setup_of(name: str, profile: str | None = None, overrides: Sequence[str] = ()) -> Setup:
+    module, function = MODELS[name].setup.split(":")
+    return getattr(importlib.import_module(module), function)(profile, overrides)
+
+
+def skip_reason(name: str, backend: str, fused: int, *, on_cpu: bool) -> str:
+    """Why a measurement is not made ("" when it is): a model that is not fused, or a CPU limit."""
+    benchmark = MODELS[name]
+    if fused > 1 and not benchmark.fuse:
+        return benchmark.note
+    if on_cpu and benchmark.cpu_backends and backend not in benchmark.cpu_backends:
+        return f"on a CPU, measured on {', '.join(benchmark.cpu_backends)} only (a step takes seconds)"
+    if on_cpu and fused > 1 and benchmark.cpu_fused == 1:
+        return "on a CPU, one member at a time only (a step takes seconds; fusing is for a GPU)"
+    return ""
 
 
 def measure(
-    name: str, *, fused: int = 1, steps: int = 20, precision: str = "float32", jit: bool = False, layout: str = "auto"
+    name: str,
+    *,
+    fused: int = 1,
+    steps: int = 20,
+    precision: str = "float32",
+    jit: bool | str = "auto",
+    layout: str = "auto",
+    batch_size: int | None = None,
+    profile: str | None = None,
+    overrides: Sequence[str] = (),
+    cpu_limits: bool = True,
 ) -> dict:
-    """Train `steps` batches after one warm-up epoch; samples/s counts every member's samples."""
+    """Train `steps` batches after a warm-up of two (one if `steps` is); samples/s counts every member's samples.
+
+    On a CPU the model's `cpu_*` limits apply; a measurement the model refuses (fused DCASE, a backend left
+    out on a CPU) returns {"model", "backend", "fused", "skipped": why}.
+
+    Args:
+        name: a key of `MODELS`.
+        fused: members trained as one fused model (`replicate.fused`).
+        steps: timed training steps.
+        precision: a Keras dtype policy.
+        jit: `jit_compile` ("auto": Keras's choice, as the recipes train: XLA on JAX, not on a CPU).
+        layout: the fused layout.
+        batch_size: per member; None is the recipe's (anything else is not the recipe's throughput).
+        profile, overrides: a recipe profile and `--set` overrides (tests: small models); the default is the
+            full recipe, which is what the README's tables show.
+        cpu_limits: apply the model's `cpu_*` limits where there is no accelerator.
+    """
     import keras
 
     from replicate import fused as fused_lib
+    from replicate import train
 
-    if precision != "float32":
-        keras.mixed_precision.set_global_policy(precision)
     benchmark = MODELS[name]
+    backend = keras.backend.backend()
+    on_cpu = cpu_limits and not fused_lib.has_accelerator()
+    reason = skip_reason(name, backend, fused, on_cpu=on_cpu)
+    if reason:
+        return {"model": name, "backend": backend, "fused": fused, "skipped": reason}
+    if on_cpu:
+        steps = min(steps, benchmark.cpu_steps or steps)
+        fused = min(fused, benchmark.cpu_fused or fused)
+    keras.config.set_dtype_policy(precision)
+    setup = setup_of(name, profile, overrides)
+    batch_size = batch_size or setup.train["batch_size"]
     keras.utils.set_random_seed(0)
-    model = _build(benchmark)
+    model = setup.build()
+    member_inputs = {tensor.name: tuple(tensor.shape[1:]) for tensor in model.inputs}
+    classes = model.output_shape[-1]
     if fused > 1:
-        members = [model] + [_build(benchmark) for _ in range(fused - 1)]
+        members = [model] + [setup.build() for _ in range(fused - 1)]
         if layout == "auto":
             layout = "grouped" if fused_lib.has_accelerator() else "copies"
         model = fused_lib.pack(fused_lib.fuse(model, fused, layout), members)
-    optimizer = keras.optimizers.get(
-        {"class_name": benchmark.optimizer, "config": {"learning_rate": benchmark.learning_rate}}
-    )
-    model.compile(optimizer=optimizer, loss=keras.losses.get(benchmark.loss), jit_compile=jit)
+    train.compile_model(model, {**setup.train, "jit_compile": jit})
 
     rng = np.random.default_rng(0)
-    rows = benchmark.batch_size * steps
-    inputs = {
-        key: rng.normal(size=(rows, *shape[:-1], shape[-1] * fused)).astype(np.float32)
-        for key, shape in benchmark.inputs.items()
-    }
-    target = np.eye(benchmark.classes, dtype=np.float32)[rng.integers(0, benchmark.classes, rows)]
-    targets = [target] * fused if fused > 1 else target
-    x = next(iter(inputs.values())) if len(inputs) == 1 else inputs
-    warm = {key: value[: benchmark.batch_size * 2] for key, value in inputs.items()}
+    rows = batch_size * steps
+    targets = [np.eye(classes, dtype=np.float32)[rng.integers(0, classes, rows)] for _ in range(fused)]
+    inputs = {}
+    for key, shape in member_inputs.items():
+        if key == setup.label_input:
+            inputs[key] = np.concatenate(targets, axis=-1)
+        else:
+            inputs[key] = rng.normal(size=(rows, *shape[:-1], shape[-1] * fused)).astype(np.float32)
+    x = inputs if len(inputs) > 1 else next(iter(inputs.values()))  # as the model's inputs are structured
+    y = targets if fused > 1 else targets[0]
+    warm_rows = batch_size * min(2, steps)
     model.fit(
-        next(iter(warm.values())) if len(warm) == 1 else warm,
-        [t[: benchmark.batch_size * 2] for t in targets] if fused > 1 else target[: benchmark.batch_size * 2],
-        batch_size=benchmark.batch_size,
+        {key: value[:warm_rows] for key, value in inputs.items()} if len(inputs) > 1 else x[:warm_rows],
+        [t[:warm_rows] for t in targets] if fused > 1 else y[:warm_rows],
+        batch_size=batch_size,
         epochs=1,
         verbose=0,
     )  # tracing and compilation
     started = time.perf_counter()
-    model.fit(x, targets, batch_size=benchmark.batch_size, epochs=1, verbose=0, shuffle=False)
+    model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
     seconds = time.perf_counter() - started
     return {
         "model": name,
-        "backend": keras.backend.backend(),
+        "backend": backend,
         "device": _device(),
         "precision": precision,
-        "jit_compile": jit,
+        "jit_compile": bool(model.jit_compile),
         "fused": fused,
         "layout": layout if fused > 1 else "",
-        "batch_size": benchmark.batch_size,
+        "batch_size": batch_size,
         "steps": steps,
+        **({"recipe_changes": [f"profile {profile}", *overrides]} if profile or overrides else {}),
         "samples_per_second": round(rows * fused / seconds, 1),
         "parameters": model.count_params(),
         "peak_memory_mb": peak_rss_mb(),
@@ -170,7 +282,11 @@ def main(argv=None) -> None:
     parser.add_argument("--fused", type=int, default=1, help="members trained as one fused model")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--precision", default="float32", help="a Keras dtype policy, e.g. mixed_bfloat16")
-    parser.add_argument("--jit", action="store_true", help="compile the train step with XLA (jit_compile=True)")
+    parser.add_argument(
+        "--jit", default="auto", choices=("auto", "true", "false"), help="jit_compile (auto: Keras's, as recipes)"
+    )
+    parser.add_argument("--batch-size", type=int, help="per member (default: the recipe's)")
+    parser.add_argument("--no-cpu-limits", action="store_true", help="no fewer steps, members, backends on a CPU")
     parser.add_argument("--layout", default="auto", choices=("auto", "grouped", "copies"), help="fused layout")
     arguments = parser.parse_args(argv)
     result = measure(
@@ -178,8 +294,10 @@ def main(argv=None) -> None:
         fused=arguments.fused,
         steps=arguments.steps,
         precision=arguments.precision,
-        jit=arguments.jit,
+        jit={"true": True, "false": False}.get(arguments.jit, "auto"),
         layout=arguments.layout,
+        batch_size=arguments.batch_size,
+        cpu_limits=not arguments.no_cpu_limits,
     )
     result["machine"] = f"{platform.machine()} {platform.system()}, {len(os.sched_getaffinity(0))} CPU cores"
     print(json.dumps(result))

@@ -604,6 +604,13 @@ def uar_scorer(inputs: Mapping[str, np.ndarray], labels: np.ndarray) -> Callable
 MODALITIES = {True: "multimodal", False: "audio_only"}
 
 
+def build_model(recipe: dict, n_mfcc: int, clinical: bool):
+    """The recipe's model for one n_mfcc variant, multimodal or audio only, uncompiled."""
+    from models.aicup import build_aicup_model
+
+    return build_aicup_model(n_mfcc=n_mfcc, clinical=clinical, head_units=recipe["model"]["head_units"])
+
+
 def train_modality(
     recipe: dict,
     run_dir: Path,
@@ -621,7 +628,7 @@ def train_modality(
     manifest (all variants' members, paths relative to `<run>/<modality>/`), also written there."""
     import keras
 
-    from models.aicup import build_aicup_model, mfcc_input_name
+    from models.aicup import mfcc_input_name
     from replicate import task, train
 
     modality = MODALITIES[clinical]
@@ -652,9 +659,7 @@ def train_modality(
                 "features": {**base_manifest["features"], "n_mfcc": [n_mfcc]},
             },
             log=log,
-            build_model=functools.partial(
-                build_aicup_model, n_mfcc=n_mfcc, clinical=clinical, head_units=recipe["model"]["head_units"]
-            ),
+            build_model=functools.partial(build_model, recipe, n_mfcc, clinical),
             train_data=lambda seed, inputs=train_inputs: make_dataset(
                 inputs,
                 labels[train_rows],

@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import soundfile as sf
 
 
 class AudioError(ValueError):
@@ -50,6 +49,8 @@ def read_audio(
     Raises:
         AudioError: unreadable or corrupt file, no samples, non-finite samples, wrong rate or length.
     """
+    import soundfile as sf  # imported here: the models and benchmarks run where no audio is read (a GPU box)
+
     try:
         samples, file_rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as error:

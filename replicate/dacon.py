@@ -232,6 +232,16 @@ def inference_features(paths: Sequence[str | os.PathLike], manifest: dict) -> np
 # --- the run -------------------------------------------------------------------------------------
 
 
+def build_model(recipe: dict, input_shape: tuple[int, int, int], num_classes: int):
+    """The recipe's CNN for (mels, frames, resolutions) inputs and `num_classes` words (30), uncompiled."""
+    from models.dacon import build_dacon_model
+
+    model = recipe["model"]
+    return build_dacon_model(
+        input_shape=input_shape, num_classes=num_classes, dropout=model["dropout"], dense_units=model["dense_units"]
+    )
+
+
 def run(
     recipe: dict,
     data_root: str | os.PathLike,
@@ -241,7 +251,6 @@ def run(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run the whole recipe on a data folder; returns the run folder (with report.md and submission.csv)."""
-    from models.dacon import build_dacon_model
     from replicate import pipeline, train
 
     data_root = Path(data_root)
@@ -290,20 +299,13 @@ def run(
         "feature_peak_memory_mb": feature_memory,
     }
     seeds = task.seeds_of(recipe)
-    model_recipe = recipe["model"]
     manifest = train.train_ensemble(
         recipe,
         seeds,
         run_dir=run_dir,
         manifest=manifest,
         log=log,
-        build_model=functools.partial(
-            build_dacon_model,
-            input_shape=tuple(train_power.shape[1:]),
-            num_classes=len(data.class_names),
-            dropout=model_recipe["dropout"],
-            dense_units=model_recipe["dense_units"],
-        ),
+        build_model=functools.partial(build_model, recipe, tuple(train_power.shape[1:]), len(data.class_names)),
         train_data=lambda seed: make_dataset(batch_size=batch_size, indices=rows, shuffle=True, seed=seed),
         validation_data=validation,
         verbose="auto" if progress else 0,

@@ -724,6 +724,25 @@ def person_split(persons: Sequence[Person], fraction: float, seed: int) -> np.nd
     return np.sort(np.array(chosen, dtype=np.int64))
 
 
+def build_model(recipe: dict, num_classes: int):
+    """The recipe's mini-ResNet for `num_classes` sub-classes (21 on the real data), uncompiled."""
+    from models.maic import build_maic_model
+
+    model = recipe["model"]
+    return build_maic_model(
+        mel_bins=recipe["data"]["mel_bins"],
+        frames=recipe["features"]["frames"],
+        num_classes=num_classes,
+        resized_mel_bins=model["resized_mel_bins"],
+        stem_filters=model["stem_filters"],
+        stage_filters=tuple(model["stage_filters"]),
+        blocks_per_stage=model["blocks_per_stage"],
+        stage_strides=tuple(model["stage_strides"]),
+        dropout=model["dropout"],
+        dense_units=tuple(model["dense_units"]),
+    )
+
+
 def run(
     recipe: dict,
     data_root: str | os.PathLike,
@@ -735,7 +754,6 @@ def run(
     """Run the whole recipe on a data folder; returns the run folder (report.md, submission.csv)."""
     import keras
 
-    from models.maic import build_maic_model
     from replicate import train
 
     data_root = Path(data_root)
@@ -829,26 +847,13 @@ def run(
             )
         return callbacks
 
-    model_recipe = recipe["model"]
     train.train_ensemble(
         recipe,
         task.seeds_of(recipe),
         run_dir=run_dir,
         manifest=manifest,
         log=log,
-        build_model=functools.partial(
-            build_maic_model,
-            mel_bins=recipe["data"]["mel_bins"],
-            frames=inputs.frames,
-            num_classes=len(table.entries),
-            resized_mel_bins=model_recipe["resized_mel_bins"],
-            stem_filters=model_recipe["stem_filters"],
-            stage_filters=tuple(model_recipe["stage_filters"]),
-            blocks_per_stage=model_recipe["blocks_per_stage"],
-            stage_strides=tuple(model_recipe["stage_strides"]),
-            dropout=model_recipe["dropout"],
-            dense_units=tuple(model_recipe["dense_units"]),
-        ),
+        build_model=functools.partial(build_model, recipe, len(table.entries)),
         train_data=lambda seed: token_dataset(
             train_store, train_rows, train_aux, inputs, batch_size=batch_size, labels=labels, shuffle=True, seed=seed
         ),

@@ -4,9 +4,11 @@ the README block is made from the results files."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from threadpoolctl import threadpool_limits
 
-from benchmarks import features, run
+from benchmarks import features, run, training
+from tests.test_backends import SMALL_MODELS
 
 
 def test_the_source_way_and_ours_give_the_same_decibels(tmp_path):
@@ -18,15 +20,16 @@ def test_the_source_way_and_ours_give_the_same_decibels(tmp_path):
     np.testing.assert_array_equal(ours, source)
 
 
-def _measurement(fused, samples_per_second, backend="tensorflow"):
+def _measurement(fused, samples_per_second, backend="tensorflow", model="dacon", batch_size=16, steps=10):
     return {
-        "model": "dacon",
+        "model": model,
         "backend": backend,
         "device": "cpu",
         "precision": "float32",
         "fused": fused,
         "layout": "copies" if fused > 1 else "",
-        "batch_size": 16,
+        "batch_size": batch_size,
+        "steps": steps,
         "samples_per_second": samples_per_second,
         "peak_memory_mb": 1500.0,
         "peak_device_memory_mb": None,
@@ -48,7 +51,72 @@ def test_the_readme_block_shows_ratios_and_the_extrapolation():
     block = run.readme_block(results)
     assert "| ours: `features.melspectrogram` on chunks of clips, 2 threads, cached | 350.0 | 2.4 | 940 |" in block
     assert "3000 clips; ours is **3.5×** the source's way" in block
-    assert "| dacon | tensorflow | cpu | float32 | 4 (copies) | 16 | 50.0 | 2.00× | 1500 | – |" in block
+    assert "| dacon | tensorflow | cpu | float32 | 4 (copies) | 16 | 10 | 50.0 | 2.00× | 1500 | – |" in block
     assert "| make recipe-dacon | 7.2 min |" in block
     hours = 100_000 * 187 * 15 / 50.0 / 3600
     assert f"| {hours:,.1f} h | ≈ 142 h (9.5 h per model, RTX 2060 Super) |" in block
+
+
+def test_the_readme_block_has_the_maic_and_dcase_rows_and_says_what_was_not_measured():
+    stamp = {"date": "2026-12-01", "machine": "x86_64 Linux, 2 CPU cores", "command": "python -m benchmarks.run"}
+    measurements = [
+        _measurement(1, 9.0, model="maic", batch_size=32, steps=1),
+        _measurement(2, 10.0, model="maic", batch_size=32, steps=1),
+        _measurement(1, 3.0, model="dcase", batch_size=64, steps=1),
+    ]
+    skipped = [
+        {"model": "dcase", "backend": "tensorflow", "fused": 4, "skipped": training.MODELS["dcase"].note},
+        {"model": "dcase", "backend": "torch", "fused": 1, "skipped": "on a CPU, measured on tensorflow only"},
+        {"model": "dcase", "backend": "torch", "fused": 4, "skipped": training.MODELS["dcase"].note},
+    ]
+    block = run.readme_block({"cpu": {"training": {**stamp, "measurements": measurements, "skipped": skipped}}})
+    assert "| maic | tensorflow | cpu | float32 | 2 (copies) | 32 | 1 | 10.0 | 1.11× | 1500 | – |" in block
+    assert "| dcase | tensorflow | cpu | float32 | 1 | 64 | 1 | 3.0 |  | 1500 | – |" in block
+    assert f"Not measured:\n\n- dcase fused 4: {training.MODELS['dcase'].note}\n- dcase on torch: on a CPU" in block
+    # MAIC: 10,564 tokens less 528 validation, 100 epochs, 15 seeds, at the best throughput (10 samples/s)
+    maic_hours = 10_036 * 100 * 15 / 10.0 / 3600
+    assert "| MAIC: 10,036 tokens × 100 epochs × 15 seeds | cpu: cpu (tensorflow, float32, 2 fused (copies))" in block
+    assert f"| {maic_hours:,.1f} h | ≈ 37 h if 15 models (89 s per epoch × 100 epochs = 2.5 h per model" in block
+    assert f"| {1_000 * 70 * 15 / 3.0 / 3600:,.1f} h | not reported |" in block
+    assert "DCASE (integrated ArcFace): per 1,000 training clips × 70 epochs × 15 seeds" in block
+
+
+def test_every_workload_has_a_model_and_the_source_figures_add_up():
+    assert set(run.WORKLOADS) == set(training.MODELS)
+    assert 89 * 100 / 3600 == pytest.approx(2.5, abs=0.05)  # MAIC: 89 s per epoch × 100 epochs
+    assert 89 * 100 * 15 / 3600 == pytest.approx(37, abs=0.5)  # × 15 models
+
+
+@pytest.mark.parametrize("name", ["maic", "dcase"])
+def test_the_new_training_benchmarks_train_a_step_on_tensorflow(name):
+    """The two-input MAIC model and DCASE's margin model with its labels input, small (the torch test in
+    test_backends.py runs every entry, fused too)."""
+    profile, overrides = SMALL_MODELS[name]
+    result = training.measure(name, steps=1, batch_size=2, profile=profile, overrides=overrides, cpu_limits=False)
+    assert result["backend"] == "tensorflow" and result["samples_per_second"] > 0
+    assert result["recipe_changes"] == [f"profile {profile}", *overrides]
+
+
+def test_the_benchmark_builds_the_full_recipes_models():
+    """The full profiles' models as the recipes build them (not trained: parameter counts and shapes)."""
+    maic = training.setup_of("maic")
+    model = maic.build()
+    assert {t.name: tuple(t.shape) for t in model.inputs} == {"mel": (None, 128, 64, 1), "aux": (None, 2)}
+    assert model.output_shape == (None, 21)
+    assert (maic.train["optimizer"], maic.train["learning_rate"], maic.train["batch_size"]) == ("Adam", 0.001, 32)
+    assert maic.train["loss"] == "CategoricalFocalCrossentropy"
+    dcase = training.setup_of("dcase")
+    assert dcase.label_input == "labels" and dcase.train["batch_size"] == 64 and dcase.train["optimizer"] == "Adam"
+    assert dcase.train["loss_options"] == {"label_smoothing": 0.05, "from_logits": True}
+    model = dcase.build()
+    assert {t.name: tuple(t.shape) for t in model.inputs} == {"log_mel": (None, 128, 313, 1), "labels": (None, 41)}
+
+
+def test_heavy_models_are_limited_on_a_cpu_only_and_dcase_is_never_fused():
+    assert training.skip_reason("dcase", "jax", 8, on_cpu=False) == training.MODELS["dcase"].note
+    assert training.skip_reason("dcase", "jax", 1, on_cpu=False) == ""  # a GPU measures every backend
+    assert "tensorflow only" in training.skip_reason("dcase", "torch", 1, on_cpu=True)
+    assert training.skip_reason("dcase", "tensorflow", 1, on_cpu=True) == ""
+    assert "one member at a time" in training.skip_reason("maic", "torch", 4, on_cpu=True)
+    assert training.skip_reason("maic", "torch", 8, on_cpu=False) == ""
+    assert training.skip_reason("dacon", "torch", 4, on_cpu=True) == ""

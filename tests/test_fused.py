@@ -227,3 +227,29 @@ def test_the_ai_cup_model_with_its_edge_padding_and_frame_standardisation_fuses(
             {"mfcc_13": mfcc[..., k : k + 1], "clinical": clinical[:, 44 * k : 44 * (k + 1)]}, verbose=0
         )
         np.testing.assert_allclose(outputs[k], expected, atol=1e-5)
+
+
+@LAYOUTS
+def test_the_maic_model_with_its_resizing_and_side_input_trains_fused_as_one_at_a_time(layout):
+    """One SGD step with the recipe's focal loss: the fused members' weights are those of members trained
+    one by one on their own batches (the MAIC mini-ResNet, narrow, without dropout)."""
+    from models.maic import build_maic_model
+
+    build = functools.partial(
+        build_maic_model, mel_bins=16, frames=16, resized_mel_bins=32, stem_filters=4, stage_filters=(6, 8), dropout=0.0
+    )
+    members = _members(2, build)
+    model = fused.pack(fused.fuse(members[0], 2, layout), members)
+    mel = RNG.normal(size=(8, 16, 16, 2)).astype(np.float32)
+    aux = RNG.normal(size=(8, 4)).astype(np.float32)
+    targets = [np.eye(21, dtype=np.float32)[RNG.integers(0, 21, 8)] for _ in range(2)]
+    recipe = {"optimizer": "SGD", "learning_rate": 0.1, "loss": "CategoricalFocalCrossentropy"}
+    train.compile_model(model, recipe)
+    model.fit({"mel": mel, "aux": aux}, targets, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    for k, member in enumerate(members):
+        train.compile_model(member, recipe)
+        inputs = {"mel": mel[..., k : k + 1], "aux": aux[:, 2 * k : 2 * k + 2]}
+        member.fit(inputs, targets[k], batch_size=8, epochs=1, verbose=0, shuffle=False)
+    for member, unpacked in zip(members, fused.unpack(model, [build(), build()]), strict=True):
+        for expected, actual in zip(member.weights, unpacked.weights, strict=True):
+            np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=2e-5, err_msg=expected.path)
