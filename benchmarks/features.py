@@ -88,11 +88,10 @@ def our_way(paths: list[Path], cache_dir: Path, workers: int) -> np.ndarray:
         workers=workers,
         progress=False,
     )
-    chunks = [slice(start, start + DB_CHUNK) for start in range(0, len(power), DB_CHUNK)]
-    reference = np.max([power[chunk].max(axis=(0, 1, 2)) for chunk in chunks], axis=0)
+    reference = features.channel_max([power])
     decibels = np.empty(power.shape, dtype=np.float32)
-    for chunk in chunks:
-        decibels[chunk] = features.power_to_db(power[chunk], reference)
+    for start in range(0, len(power), DB_CHUNK):
+        decibels[start : start + DB_CHUNK] = features.power_to_db(power[start : start + DB_CHUNK], reference)
     return decibels
 
 

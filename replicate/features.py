@@ -195,6 +195,25 @@ def power_to_db(power: np.ndarray, ref: np.ndarray | float, top_db: float = 80.0
     return np.maximum(log_spec, -top_db, out=log_spec)
 
 
+def channel_max(arrays: Sequence[np.ndarray], chunk: int = 1024) -> np.ndarray:
+    """The maximum of each channel (last axis) over one or more (memory-mapped) arrays, read in chunks of rows."""
+    maxima = [
+        _per_channel(np.maximum, array[start : start + chunk])
+        for array in arrays
+        for start in range(0, len(array), chunk)
+    ]
+    if not maxima:
+        raise ValueError("no rows to take the maximum of")
+    return np.max(maxima, axis=0)
+
+
+def _per_channel(ufunc: np.ufunc, array: np.ndarray) -> np.ndarray:
+    """`ufunc.reduce` over every axis but the last. numpy reduces a (..., 4) array over its outer axes one
+    4-wide row at a time (0.6 s for 300 MB); rows as wide as the last two axes vectorise (0.05 s)."""
+    rows = array.reshape(-1, array.shape[-2] * array.shape[-1]) if array.ndim > 2 else array
+    return ufunc.reduce(ufunc.reduce(rows, axis=0).reshape(-1, array.shape[-1]), axis=0)
+
+
 @dataclass(frozen=True)
 class Normalizer:
     """dB conversion and z-score of cached mel power, with statistics that travel in the manifest.
@@ -230,12 +249,10 @@ class Normalizer:
         """Compute the reference and the dB mean/std over one or more (memory-mapped) arrays, in chunks."""
         if reference not in ("global", "per_clip"):
             raise ValueError(f"reference must be 'global' or 'per_clip', got {reference!r}")
+        if not any(len(array) for array in arrays):
+            raise ValueError("cannot fit normalisation statistics on an empty data set")
         channels = arrays[0].shape[-1]
-        ref = np.zeros(channels, dtype=np.float32)
-        if reference == "global":
-            for array in arrays:
-                for start in range(0, len(array), chunk):
-                    ref = np.maximum(ref, array[start : start + chunk].max(axis=(0, 1, 2)))
+        ref = channel_max(arrays, chunk) if reference == "global" else np.zeros(channels, dtype=np.float32)
         provisional = cls(reference, tuple(map(float, ref)), (0.0,) * channels, (1.0,) * channels, top_db)
         total = np.zeros(channels)
         total_squares = np.zeros(channels)
@@ -243,11 +260,9 @@ class Normalizer:
         for array in arrays:
             for start in range(0, len(array), chunk):
                 db = provisional(array[start : start + chunk]).astype(np.float64)
-                total += db.sum(axis=(0, 1, 2))
-                total_squares += np.square(db).sum(axis=(0, 1, 2))
-                count += db.shape[0] * db.shape[1] * db.shape[2]
-        if count == 0:
-            raise ValueError("cannot fit normalisation statistics on an empty data set")
+                total += _per_channel(np.add, db)
+                total_squares += _per_channel(np.add, np.square(db, out=db))
+                count += db.size // channels
         mean = total / count
         std = np.sqrt(np.maximum(total_squares / count - np.square(mean), 0.0))
         if (std == 0).any():

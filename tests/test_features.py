@@ -99,6 +99,20 @@ def test_power_to_db_has_librosas_bits(clips):
     assert features.power_to_db(power, power.max()).min() == -80.0
 
 
+def test_channel_max_and_fitted_statistics_equal_plain_numpy():
+    rng = np.random.default_rng(3)
+    parts = [rng.random((5, 7, 9, 3)).astype(np.float32) ** 4, rng.random((2, 7, 9, 3)).astype(np.float32) ** 4]
+    whole = np.concatenate(parts)
+    np.testing.assert_array_equal(features.channel_max(parts, chunk=3), whole.max(axis=(0, 1, 2)))
+    np.testing.assert_array_equal(features.channel_max([whole[:, 0, 0]]), whole[:, 0, 0].max(axis=0))  # 2-D rows
+    normalizer = features.Normalizer.fit(parts, "global", chunk=3)
+    db = features.power_to_db(whole, np.float32(normalizer.ref)).astype(np.float64)
+    np.testing.assert_allclose(normalizer.mean, db.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(normalizer.std, db.std(axis=(0, 1, 2)), rtol=1e-9)
+    with pytest.raises(ValueError, match="empty"):
+        features.Normalizer.fit([whole[:0]], "global")
+
+
 def test_per_clip_reference_option(clips):
     power = features.mel_power(clips, 16000, RESOLUTIONS)
     normalizer = features.Normalizer.fit([power], "per_clip")
