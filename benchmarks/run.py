@@ -125,8 +125,8 @@ def extrapolation_table(results: dict[str, dict]) -> str:
                 continue
             best = max(measured, key=lambda m: m["samples_per_second"])
             hours = workload["samples"] / best["samples_per_second"] / 3600
-            setting = f"{best['backend']}, {best['precision']}, {best['fused']} fused"
-            setting += f" ({best['layout']})" if best["fused"] > 1 else ""
+            members = f"{best['fused']} fused ({best['layout']})" if best["fused"] > 1 else "one member at a time"
+            setting = f"{best['backend']}, {best['precision']}, {members}"
             rows.append(
                 (workload["what"], f"{label}: {best['device']} ({setting})", f"{hours:,.1f} h", workload["source"])
             )
