@@ -20,22 +20,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def time_recipe(name: str, readme: Path | None = None) -> dict:
-    """Wall time of `make recipe-<name>`; with `readme`, that README's results block for the recipe is
-    then regenerated from the run."""
+def time_recipe(name: str, run_dir: Path) -> dict:
+    """Wall time of `make recipe-<name>`, its run folder at `run_dir` (data and cache in a temporary folder)."""
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        arguments = f"--run-dir {scratch / 'run'} --set run.cache_dir='{scratch / 'cache'}' --no-progress"
+        arguments = f"--run-dir {run_dir} --set run.cache_dir='{scratch / 'cache'}' --no-progress"
         command = ["make", f"recipe-{name}", f"SYNTH_DIR={scratch / 'synth'}", f"ARGS={arguments}"]
         started = time.perf_counter()
         completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - started
-        if completed.returncode != 0:
-            raise RuntimeError(f"make recipe-{name} failed:\n{completed.stderr[-3000:]}")
-        if readme is not None:
-            report = [sys.executable, "-m", "replicate.report", str(scratch / "run"), "--readme", str(readme)]
-            subprocess.run(report, cwd=ROOT, capture_output=True, text=True, check=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"make recipe-{name} failed:\n{completed.stderr[-3000:]}")
     return {"recipe": name, "command": f"make recipe-{name}", "wall_seconds": round(seconds, 1)}
+
+
+def time_recipes(names: list[str], readme: Path | None = None):
+    """Yield `time_recipe` of each recipe; with `readme`, then write each recipe's results block there from its
+    run, after the last run (a README changed earlier would mark the later runs' commit "+dirty")."""
+    with tempfile.TemporaryDirectory() as runs:
+        for name in names:
+            yield time_recipe(name, Path(runs) / name)
+        for name in names if readme is not None else ():
+            report = [sys.executable, "-m", "replicate.report", str(Path(runs) / name), "--readme", str(readme)]
+            subprocess.run(report, cwd=ROOT, capture_output=True, text=True, check=True)
 
 
 def main(argv=None) -> None:
@@ -43,8 +50,8 @@ def main(argv=None) -> None:
     parser.add_argument("recipes", nargs="+")
     parser.add_argument("--readme", type=Path, help="regenerate this README's results block of each recipe")
     arguments = parser.parse_args(argv)
-    for name in arguments.recipes:
-        print(json.dumps(time_recipe(name, arguments.readme)), flush=True)
+    for result in time_recipes(arguments.recipes, arguments.readme):
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -275,10 +275,12 @@ def main(argv=None) -> None:
         if measurements:
             measured["training"] = {**stamp, "measurements": measurements, "skipped": skipped}
         runs = []
-        for name in filter(None, arguments.recipes.split(",")):
-            print(f"recipe: make recipe-{name}, quick profile from fresh synthetic data", flush=True)
-            runs.append(recipes_benchmark.time_recipe(name, README if arguments.recipe_results else None))
-            print(json.dumps(runs[-1]), flush=True)
+        names = [name for name in arguments.recipes.split(",") if name]
+        if names:
+            print(f"recipes: make recipe-<name> for {', '.join(names)}, quick profiles, fresh data", flush=True)
+            for result in recipes_benchmark.time_recipes(names, README if arguments.recipe_results else None):
+                runs.append(result)
+                print(json.dumps(result), flush=True)
         if runs:
             measured["recipes"] = {**stamp, "runs": runs}
         path = _results_path(arguments.label, measurements)
