@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -242,7 +243,7 @@ def main(argv=None) -> None:
         stamp = {
             "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()} {platform.system()}, {len(os.sched_getaffinity(0))} CPU cores",
-            "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": shlex.join(["python", "-m", "benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
         }
         measured = {}
         if not arguments.skip_features:
