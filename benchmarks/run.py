@@ -15,7 +15,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -242,7 +241,7 @@ def main(argv=None) -> None:
     if not arguments.table_only:
         stamp = {
             "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()} {platform.system()}, {len(os.sched_getaffinity(0))} CPU cores",
+            "machine": report.machine(),
             "command": shlex.join(["python", "-m", "benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
         }
         measured = {}

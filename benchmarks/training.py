@@ -12,14 +12,14 @@ import argparse
 import functools
 import importlib
 import json
-import os
-import platform
 import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from replicate import report
 
 
 @dataclass(frozen=True)
@@ -299,7 +299,7 @@ def main(argv=None) -> None:
         batch_size=arguments.batch_size,
         cpu_limits=not arguments.no_cpu_limits,
     )
-    result["machine"] = f"{platform.machine()} {platform.system()}, {len(os.sched_getaffinity(0))} CPU cores"
+    result["machine"] = report.machine()
     print(json.dumps(result))
 
 

@@ -1,4 +1,4 @@
-"""librosa-exact features, computed in batches over worker processes and cached on disk.
+"""librosa-exact features, computed in batches in worker threads and cached on disk.
 
 The cache stores what does not depend on the data set as a whole (e.g. mel *power*); transforms that
 need data-set statistics (the DACON global dB reference and z-score) are applied per batch by
@@ -71,7 +71,9 @@ def melspectrogram(
     the filters and the window are built once and each FFT call takes whole clips (about `FFT_BLOCK_VALUES`
     samples). The work is then a few large numpy calls that release the GIL, so threads use every core
     (`cached_features`). tests/test_features.py checks that the result has the same bits as librosa's, clip
-    by clip, at the same number of BLAS threads (a different number changes the mel product's last bit).
+    by clip, at the same number of BLAS threads (a different number changes the mel product's last bit): the
+    mel product is handed to BLAS exactly as librosa hands it (same shapes, strides and transpose flags), as
+    OpenBLAS's kernels round differently for a transposed product on some CPUs.
 
     Args:
         audio: float32 array (clips, samples); other dtypes are converted to float32, as `read_audio` gives.
@@ -95,13 +97,15 @@ def melspectrogram(
     filters = _mel_filters(sample_rate, n_fft, n_mels)
     padded = np.pad(audio, ((0, 0), (n_fft // 2, n_fft // 2)))
     frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft, axis=-1)[:, ::hop_length]
-    mel = np.empty((len(audio), frames.shape[1], n_mels), dtype=np.float32)
+    mel = np.empty((len(audio), n_mels, frames.shape[1]), dtype=np.float32)
     rfft = librosa.get_fftlib().rfft
     step = max(1, FFT_BLOCK_VALUES // (frames.shape[1] * n_fft))
     for start in range(0, len(audio), step):
         spectrum = rfft(frames[start : start + step] * window, axis=-1).astype(np.complex64)
-        np.matmul(np.abs(spectrum) ** 2, filters.T, out=mel[start : start + step])
-    return mel.transpose(0, 2, 1)
+        # librosa's product, clip by clip: filters @ power with power (bins, frames) in Fortran order, so BLAS
+        # gets the same shapes, strides and transpose flags (other orientations change the last bit on some CPUs)
+        np.matmul(filters, (np.abs(spectrum) ** 2).transpose(0, 2, 1), out=mel[start : start + step])
+    return mel
 
 
 @functools.lru_cache(maxsize=64)

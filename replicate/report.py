@@ -12,6 +12,7 @@ import argparse
 import csv
 import importlib
 import os
+import platform
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,22 @@ def memory_line(peak: dict | None) -> str:
     if peak.get("workers"):  # runs from before extraction moved from worker processes to threads
         line += f" (main process), {peak['workers']:.0f} MiB (largest worker process)"
     return line
+
+
+def machine() -> str:
+    """This machine in a few words, e.g. "x86_64 Linux, AMD EPYC, 2 CPU cores" (the cores this process may use).
+
+    The CPU's model is named because numbers measured on two machines with the same architecture and core
+    count can differ severalfold (and BLAS kernels, hence last bits, differ between CPU models).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:  # not Linux: platform.processor() is all there is
+        pass
+    return ", ".join(filter(None, [f"{platform.machine()} {platform.system()}", model, f"{cores} CPU cores"]))
 
 
 def environment_line(environment: dict) -> str:

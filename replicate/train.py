@@ -27,7 +27,7 @@ from typing import Any
 
 import keras
 
-from replicate import files
+from replicate import files, report
 
 MANIFEST = "manifest.json"
 
@@ -483,7 +483,7 @@ def environment() -> dict:
         "numpy": numpy.__version__,
         "librosa": librosa.__version__,
         "git": git_commit(),
-        "machine": f"{platform.machine()} {platform.system()}, {_cpu_count()} CPU cores",
+        "machine": report.machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -504,12 +504,6 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class _EpochTimer(keras.callbacks.Callback):

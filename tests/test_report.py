@@ -40,3 +40,16 @@ def test_history_reader_skips_columns_csvlogger_fills_with_na(tmp_path):
 def test_confusion_matrix_plot_is_written(tmp_path):
     path = report.plot_confusion_matrix([[3, 1], [0, 2]], ["a", "b"], tmp_path / "confusion.png")
     assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_machine_names_architecture_cpu_model_and_usable_cores():
+    import os
+    import platform
+
+    described = report.machine()
+    assert described.startswith(f"{platform.machine()} {platform.system()}, ")
+    assert described.endswith(f", {len(os.sched_getaffinity(0))} CPU cores")
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+        assert not models or f", {models[0]}, " in described
