@@ -12,6 +12,7 @@ import argparse
 import functools
 import importlib
 import json
+import math
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from replicate import report
+
+MIN_SECONDS = 5.0  # timed at least this long: ten fast steps (half a second) measured noise on a shared CPU
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class ModelBenchmark:
     setup: str  # "module:function"
     fuse: bool = True  # False: measured one member at a time only (`benchmarks.run` skips the fused runs)
     note: str = ""  # why not, for the README
-    cpu_steps: int | None = None  # timed steps at most on a CPU
+    cpu_steps: int | None = None  # timed steps per pass at most on a CPU (passes repeat to MIN_SECONDS)
     cpu_fused: int | None = None  # members fused at most on a CPU
     cpu_backends: tuple[str, ...] = ()  # the backends measured on a CPU (empty: every one)
 
@@ -141,8 +144,10 @@ def measure(
     profile: str | None = None,
     overrides: Sequence[str] = (),
     cpu_limits: bool = True,
+    min_seconds: float = MIN_SECONDS,
 ) -> dict:
-    """Train `steps` batches after a warm-up of two (one if `steps` is); samples/s counts every member's samples.
+    """Train `steps` batches after a warm-up of two (one if `steps` is), repeated until `min_seconds` have passed;
+    samples/s counts every member's samples.
 
     On a CPU the model's `cpu_*` limits apply; a measurement the model refuses (fused DCASE, a backend left
     out on a CPU) returns {"model", "backend", "fused", "skipped": why}.
@@ -158,6 +163,8 @@ def measure(
         profile, overrides: a recipe profile and `--set` overrides (tests: small models); the default is the
             full recipe, which is what the README's tables show.
         cpu_limits: apply the model's `cpu_*` limits where there is no accelerator.
+        min_seconds: the `steps` batches are trained again, as more epochs, until this long has been timed (a
+            few fast steps are too short a time to measure on a shared machine); "steps" reports them all.
     """
     import keras
 
@@ -209,6 +216,13 @@ def measure(
     started = time.perf_counter()
     model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
     seconds = time.perf_counter() - started
+    epochs = 1
+    if seconds < min_seconds:  # as many more epochs as the first one says fill the time left
+        more = math.ceil((min_seconds - seconds) / seconds)
+        started = time.perf_counter()
+        model.fit(x, y, batch_size=batch_size, epochs=more, verbose=0, shuffle=False)
+        seconds += time.perf_counter() - started
+        epochs += more
     return {
         "model": name,
         "backend": backend,
@@ -218,9 +232,9 @@ def measure(
         "fused": fused,
         "layout": layout if fused > 1 else "",
         "batch_size": batch_size,
-        "steps": steps,
+        "steps": steps * epochs,
         **({"recipe_changes": [f"profile {profile}", *overrides]} if profile or overrides else {}),
-        "samples_per_second": round(rows * fused / seconds, 1),
+        "samples_per_second": round(rows * epochs * fused / seconds, 1),
         "parameters": model.count_params(),
         "peak_memory_mb": peak_rss_mb(),
         "peak_device_memory_mb": _device_peak_mb(),
@@ -288,6 +302,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, help="per member (default: the recipe's)")
     parser.add_argument("--no-cpu-limits", action="store_true", help="no fewer steps, members, backends on a CPU")
     parser.add_argument("--layout", default="auto", choices=("auto", "grouped", "copies"), help="fused layout")
+    parser.add_argument("--min-seconds", type=float, default=MIN_SECONDS, help="steps repeat until timed this long")
     arguments = parser.parse_args(argv)
     result = measure(
         arguments.model,
@@ -298,6 +313,7 @@ def main(argv=None) -> None:
         layout=arguments.layout,
         batch_size=arguments.batch_size,
         cpu_limits=not arguments.no_cpu_limits,
+        min_seconds=arguments.min_seconds,
     )
     result["machine"] = report.machine()
     print(json.dumps(result))

@@ -104,6 +104,7 @@ def test_every_training_benchmark_trains_on_torch_fused_grouped_and_in_bfloat16(
         "from benchmarks import training\n"
         f"for name, (profile, overrides) in {SMALL_MODELS!r}.items():\n"
         "    options = dict(steps=1, batch_size=2, profile=profile, overrides=overrides, cpu_limits=False)\n"
+        "    options['min_seconds'] = 0\n"
         "    print(training.measure(name, **options))\n"
         "    fused = 2 if training.MODELS[name].fuse else 1\n"
         "    print(training.measure(name, fused=fused, layout='grouped', precision='mixed_bfloat16', **options))\n",

@@ -92,9 +92,18 @@ def test_the_new_training_benchmarks_train_a_step_on_tensorflow(name):
     """The two-input MAIC model and DCASE's margin model with its labels input, small (the torch test in
     test_backends.py runs every entry, fused too)."""
     profile, overrides = SMALL_MODELS[name]
-    result = training.measure(name, steps=1, batch_size=2, profile=profile, overrides=overrides, cpu_limits=False)
+    options = dict(batch_size=2, profile=profile, overrides=overrides, cpu_limits=False, min_seconds=0)
+    result = training.measure(name, steps=1, **options)
     assert result["backend"] == "tensorflow" and result["samples_per_second"] > 0
     assert result["recipe_changes"] == [f"profile {profile}", *overrides]
+
+
+def test_fast_steps_are_timed_again_until_min_seconds_have_passed():
+    profile, overrides = SMALL_MODELS["aicup"]
+    options = dict(batch_size=2, profile=profile, overrides=overrides, cpu_limits=False)
+    assert training.measure("aicup", steps=3, min_seconds=0, **options)["steps"] == 3
+    repeated = training.measure("aicup", steps=3, min_seconds=1.0, **options)["steps"]
+    assert repeated > 3 and repeated % 3 == 0  # whole passes over the 3 batches (a small step takes milliseconds)
 
 
 def test_the_benchmark_builds_the_full_recipes_models():
