@@ -173,7 +173,6 @@ def measure(
 
     benchmark = MODELS[name]
     backend = keras.backend.backend()
-    fused_lib.one_op_at_a_time_on_cpu({"fused": fused, "fused_layout": layout})  # as the recipes' command line
     on_cpu = cpu_limits and not fused_lib.has_accelerator()
     reason = skip_reason(name, backend, fused, on_cpu=on_cpu)
     if reason:

@@ -20,7 +20,6 @@ Only the fused model uses these packed layouts; what is saved is the builder's o
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import keras
@@ -102,38 +101,6 @@ def has_accelerator() -> bool:
 
         return torch.cuda.is_available()
     return False
-
-
-def one_op_at_a_time_on_cpu(train_recipe: dict) -> bool:
-    """Give TensorFlow one inter-op thread when this recipe trains fused copies on a CPU; whether it did.
-
-    The "copies" layout holds K independent copies of every op, and TensorFlow's executor runs independent
-    ops side by side, each asking every core for its own threads. On 2 cores DACON's 4 fused members then
-    trained at 0.84-0.9× the samples/s of one member at a time; with one inter-op thread (each op in turn,
-    on every core) at 1.1×. TensorFlow takes the setting only before its runtime starts, so the recipes'
-    command line calls this first; a run with `train.distribute = "mirrored"` keeps its threads (its
-    replicas' collective ops must run side by side).
-    """
-    if train_recipe.get("fused", 1) < 2 or keras.backend.backend() != "tensorflow":
-        return False
-    if train_recipe.get("distribute", "none") != "none" or train_recipe.get("fused_layout", "auto") == "grouped":
-        return False
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):  # physical: listing them does not start the runtime
-        return False
-    if tf.config.threading.get_inter_op_parallelism_threads() == 1:
-        return True
-    try:
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:  # the runtime has started: a caller ran TensorFlow first
-        warnings.warn(
-            "TensorFlow's runtime started before replicate.fused.one_op_at_a_time_on_cpu was called: the fused "
-            "copies' ops run side by side, slower on a CPU; call it before any TensorFlow op",
-            stacklevel=2,
-        )
-        return False
-    return True
 
 
 def _grouped(member: keras.Model, count: int, fused_inputs: list) -> list:

@@ -113,9 +113,6 @@ def main(
         overrides.append(f"train.epochs={arguments.epochs}")
     try:
         recipe = load_recipe(arguments.profile, overrides, arguments.recipe)
-        from replicate import fused  # imports Keras: not needed for --help or a bad recipe
-
-        fused.one_op_at_a_time_on_cpu(recipe["train"])  # before anything starts TensorFlow's runtime
         run_dir = Path(run(recipe, arguments.data, arguments.run_dir, progress=not arguments.no_progress))
     except (recipe_lib.RecipeError, DataError, FeatureCacheError, AudioError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -188,7 +188,6 @@ def train_fused(
             "train.fused trains members in one model, which cannot run per-member callbacks (best epoch, "
             "ReduceLROnPlateau, early stopping); set train.fused = 1 for this recipe"
         )
-    fused.one_op_at_a_time_on_cpu(recipe["train"])  # set by the command line; warns where it came too late
     run_dir = Path(run_dir)
     members, datasets = [], []
     for seed in seeds:  # the same order of seeding, building and data as train_member's

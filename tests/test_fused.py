@@ -253,38 +253,3 @@ def test_the_maic_model_with_its_resizing_and_side_input_trains_fused_as_one_at_
     for member, unpacked in zip(members, fused.unpack(model, [build(), build()]), strict=True):
         for expected, actual in zip(member.weights, unpacked.weights, strict=True):
             np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=2e-5, err_msg=expected.path)
-
-
-def test_fused_copies_on_a_cpu_get_one_inter_op_thread_before_tensorflow_starts():
-    """Fresh processes: TensorFlow takes the setting only before its runtime starts."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    before = (
-        "import tensorflow as tf\n"
-        "from replicate import fused\n"
-        "assert not fused.one_op_at_a_time_on_cpu({'fused': 1})\n"
-        "assert not fused.one_op_at_a_time_on_cpu({'fused': 4, 'distribute': 'mirrored'})\n"
-        "assert not fused.one_op_at_a_time_on_cpu({'fused': 4, 'fused_layout': 'grouped'})\n"
-        "assert tf.config.threading.get_inter_op_parallelism_threads() == 0\n"
-        "assert fused.one_op_at_a_time_on_cpu({'fused': 4})\n"
-        "tf.constant(1.0) + 1.0\n"
-        "assert tf.config.threading.get_inter_op_parallelism_threads() == 1\n"
-    )
-    too_late = (
-        "import warnings\n"
-        "import tensorflow as tf\n"
-        "from replicate import fused\n"
-        "tf.constant(1.0) + 1.0\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        "    assert not fused.one_op_at_a_time_on_cpu({'fused': 4, 'fused_layout': 'copies'})\n"
-        "assert any('runtime started before' in str(w.message) for w in caught), caught\n"
-    )
-    environment = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    for code in (before, too_late):
-        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=environment)
-        assert result.returncode == 0, result.stderr[-3000:]
