@@ -29,6 +29,7 @@ from benchmarks.training import peak_rss_mb
 
 SAMPLE_RATE = 16000
 RESOLUTIONS = ((256, 200), (512, 400), (1024, 800), (2048, 1600))  # (n_fft, win_length), hop 160, 64 mels
+PAD_MODE = "reflect"  # librosa's default when the source ran (librosa <= 0.8), the recipe's `features.pad_mode`
 DB_CHUNK = 256  # clips per dB conversion: the recipes convert batch by batch, never the whole cache at once
 
 
@@ -58,7 +59,13 @@ def source_way(paths: list[Path]) -> np.ndarray:
         power = np.array(
             [
                 librosa.feature.melspectrogram(
-                    y=clip, sr=SAMPLE_RATE, n_fft=n_fft, win_length=win_length, hop_length=160, n_mels=64
+                    y=clip,
+                    sr=SAMPLE_RATE,
+                    n_fft=n_fft,
+                    win_length=win_length,
+                    hop_length=160,
+                    n_mels=64,
+                    pad_mode=PAD_MODE,
                 )
                 for clip in audio
             ]
@@ -77,6 +84,7 @@ def our_way(paths: list[Path], cache_dir: Path, workers: int) -> np.ndarray:
         "win_length": [r[1] for r in RESOLUTIONS],
         "hop_length": 160,
         "n_mels": 64,
+        "pad_mode": PAD_MODE,
     }
     power, _ = features.cached_features(
         paths,

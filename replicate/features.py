@@ -27,15 +27,22 @@ from tqdm.auto import tqdm
 from replicate import files
 from replicate.audio import AudioError, read_audio
 
+PAD_MODES = ("constant", "reflect")  # librosa's names: zeros (librosa >= 0.9's default), reflection (<= 0.8's)
+
 
 @dataclass(frozen=True)
 class MelResolution:
-    """One log-mel resolution (librosa defaults otherwise: Slaney scale and norm, centred frames)."""
+    """One log-mel resolution (librosa defaults otherwise: Slaney scale and norm, centred frames).
+
+    `pad_mode` is how the signal is extended for the centred frames at its edges: "constant" (zeros, librosa's
+    default since 0.9) or "reflect" (librosa's default up to 0.8, what sources from before 2022 computed).
+    """
 
     n_fft: int
     win_length: int
     hop_length: int
     n_mels: int
+    pad_mode: str = "constant"
 
 
 @dataclass(frozen=True)
@@ -60,11 +67,13 @@ def melspectrogram(
     hop_length: int,
     win_length: int | None = None,
     n_mels: int = 128,
+    pad_mode: str = "constant",
 ) -> np.ndarray:
     """`librosa.feature.melspectrogram` of a batch of equal-length clips: the same numbers, several times faster.
 
     The arithmetic is librosa's, step for step: a periodic Hann window of `win_length` zero-padded to `n_fft`,
-    centred frames over a zero-padded signal, the window applied in float64, the FFT of librosa's FFT library
+    centred frames over the signal extended by n_fft // 2 samples at each end (`pad_mode`), the window applied
+    in float64, the FFT of librosa's FFT library
     (`librosa.get_fftlib()`) rounded to complex64, `abs(.) ** 2` in float32, then the float32 product with
     librosa's Slaney mel filters. What differs is the bookkeeping: librosa builds the mel filters anew on every
     call and walks the frames in blocks of 256 KiB, about 50 FFT calls per second of audio at n_fft 2048. Here
@@ -79,7 +88,8 @@ def melspectrogram(
         audio: float32 array (clips, samples); other dtypes are converted to float32, as `read_audio` gives.
         sample_rate: sampling rate in Hz.
         n_fft, hop_length, win_length, n_mels: as in `librosa.feature.melspectrogram` (power 2, centred
-            frames, constant padding, Hann window, Slaney mel scale and norm: librosa's defaults).
+            frames, Hann window, Slaney mel scale and norm: librosa's defaults).
+        pad_mode: "constant" (zeros: librosa's default since 0.9) or "reflect" (librosa's default up to 0.8).
 
     Returns:
         float32 array (clips, n_mels, 1 + samples // hop_length).
@@ -93,9 +103,15 @@ def melspectrogram(
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim != 2:
         raise ValueError(f"audio must be (clips, samples), got shape {audio.shape}")
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
     window = _hann_window(n_fft, win_length or n_fft)
     filters = _mel_filters(sample_rate, n_fft, n_mels)
-    padded = np.pad(audio, ((0, 0), (n_fft // 2, n_fft // 2)))
+    # As librosa <= 0.8 did: the whole signal extended, np.pad(y, n_fft // 2, mode=pad_mode), then framed.
+    # librosa >= 0.10 pads the head and the tail apart; with "reflect" its last frame differs where the tail it
+    # reflects is shorter than n_fft // 2 + 1 samples and the window reaches the end (e.g. n_fft 256, hop 160,
+    # win_length 256), never at DACON's resolutions (tests/test_features.py compares with both).
+    padded = np.pad(audio, ((0, 0), (n_fft // 2, n_fft // 2)), mode=pad_mode)
     frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft, axis=-1)[:, ::hop_length]
     mel = np.empty((len(audio), n_mels, frames.shape[1]), dtype=np.float32)
     rfft = librosa.get_fftlib().rfft
@@ -139,7 +155,13 @@ def mel_power(audio: np.ndarray, sample_rate: int, resolutions: Sequence[MelReso
     """
     channels = [
         melspectrogram(
-            audio, sample_rate, n_fft=r.n_fft, hop_length=r.hop_length, win_length=r.win_length, n_mels=r.n_mels
+            audio,
+            sample_rate,
+            n_fft=r.n_fft,
+            hop_length=r.hop_length,
+            win_length=r.win_length,
+            n_mels=r.n_mels,
+            pad_mode=r.pad_mode,
         )
         for r in resolutions
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import librosa
@@ -25,23 +26,59 @@ def clips() -> np.ndarray:
     return (np.stack(tones) + 0.01 * rng.normal(size=(5, 16000))).astype(np.float32)
 
 
-def _librosa_one_clip(clip: np.ndarray) -> np.ndarray:
+def _librosa_one_clip(clip: np.ndarray, resolutions=RESOLUTIONS) -> np.ndarray:
     return np.stack(
         [
             librosa.feature.melspectrogram(
-                y=clip, sr=16000, n_fft=r.n_fft, win_length=r.win_length, hop_length=r.hop_length, n_mels=r.n_mels
+                y=clip,
+                sr=16000,
+                n_fft=r.n_fft,
+                win_length=r.win_length,
+                hop_length=r.hop_length,
+                n_mels=r.n_mels,
+                pad_mode=r.pad_mode,
             )
-            for r in RESOLUTIONS
+            for r in resolutions
         ],
         axis=-1,
     )
 
 
-def test_batched_mel_power_equals_librosa_clip_by_clip(clips):
-    batched = features.mel_power(clips, 16000, RESOLUTIONS)
+@pytest.mark.parametrize("pad_mode", ["constant", "reflect"])
+def test_batched_mel_power_equals_librosa_clip_by_clip(clips, pad_mode):
+    resolutions = [dataclasses.replace(r, pad_mode=pad_mode) for r in RESOLUTIONS]
+    batched = features.mel_power(clips, 16000, resolutions)
     assert batched.shape == (5, 64, 101, 4) and batched.dtype == np.float32
-    expected = np.stack([_librosa_one_clip(clip) for clip in clips])
+    expected = np.stack([_librosa_one_clip(clip, resolutions) for clip in clips])
     np.testing.assert_array_equal(batched, expected)  # librosa's arithmetic step for step: the same bits
+
+
+@pytest.mark.parametrize(
+    "n_fft, hop_length, win_length, samples",
+    [
+        (256, 160, 200, 16000),  # DACON's first resolution
+        (256, 160, 256, 16000),  # where librosa >= 0.10's reflection of the tail alone differs from 0.8's
+        (2048, 160, 1600, 1000),  # the clip shorter than the padding: numpy reflects back and forth
+    ],
+)
+def test_reflect_padding_is_librosa_08s(n_fft, hop_length, win_length, samples):
+    """librosa <= 0.8 (the DACON source's) reflected the whole signal, then framed it: np.pad + center=False."""
+    audio = np.random.default_rng(n_fft).normal(0, 0.1, (3, samples)).astype(np.float32)
+    arguments = dict(n_fft=n_fft, hop_length=hop_length, win_length=win_length, n_mels=40)
+    ours = features.melspectrogram(audio, 16000, pad_mode="reflect", **arguments)
+    expected = np.stack(
+        [
+            librosa.feature.melspectrogram(
+                y=np.pad(clip, n_fft // 2, mode="reflect"), sr=16000, center=False, **arguments
+            )
+            for clip in audio
+        ]
+    )
+    np.testing.assert_array_equal(ours, expected)
+    zeros = features.melspectrogram(audio, 16000, pad_mode="constant", **arguments)
+    assert not np.array_equal(ours[..., 0], zeros[..., 0])  # the first frame reaches into the padding
+    inside = [t for t in range(ours.shape[-1]) if n_fft // 2 <= t * hop_length <= samples - n_fft // 2]
+    np.testing.assert_array_equal(ours[..., inside], zeros[..., inside])  # frames within the signal: the same
 
 
 @pytest.mark.parametrize(
@@ -73,9 +110,11 @@ def test_melspectrogram_equals_librosa_on_other_shapes(n_fft, hop_length, win_le
     np.testing.assert_array_equal(ours, expected)
 
 
-def test_melspectrogram_rejects_a_single_clip():
+def test_melspectrogram_rejects_a_single_clip_and_an_unknown_pad_mode():
     with pytest.raises(ValueError, match=r"\(clips, samples\)"):
         features.melspectrogram(np.zeros(16000, np.float32), 16000, n_fft=512, hop_length=160)
+    with pytest.raises(ValueError, match=r"pad_mode must be one of \('constant', 'reflect'\), got 'edge'"):
+        features.melspectrogram(np.zeros((1, 16000), np.float32), 16000, n_fft=512, hop_length=160, pad_mode="edge")
 
 
 def test_global_normalisation_reproduces_the_source(clips):
