@@ -7,8 +7,8 @@ BatchNormalization's statistics are per channel, so they stay per member. Member
 block k of every tensor: the fused model's input stacks K samples (one per member, each member's own
 shuffled batch) along the channel axis, and its K outputs are the members' outputs, each with the recipe's
 loss. The total loss is their sum, so member k's gradient is exactly its own loss's gradient, and with
-element-wise optimizers (Adam, Nadam, SGD) each member follows the trajectory of an independent run with
-the same initial weights and batches (dropout masks differ: they are drawn for the fused tensor).
+element-wise optimizers (Adam, Nadam, Keras2Nadam, SGD) each member follows the trajectory of an independent
+run with the same initial weights and batches (dropout masks differ: they are drawn for the fused tensor).
 
     fused = fuse(build_model(), count=4)                     # the architecture, 4 wide (layout "auto")
     pack(fused, members)                                     # their initial weights

@@ -27,7 +27,7 @@ from typing import Any
 
 import keras
 
-from replicate import files, report
+from replicate import files, optimizers, report
 
 MANIFEST = "manifest.json"
 
@@ -37,7 +37,8 @@ def member_name(seed: int) -> str:
 
 
 def compile_model(model: keras.Model, train_recipe: dict, metrics: Sequence[Any] | None = None) -> keras.Model:
-    """Compile with the recipe's optimizer, learning rate and loss, all Keras built-ins by name.
+    """Compile with the recipe's optimizer, learning rate and loss, by name: Keras built-ins, or one of
+    `replicate.optimizers.OPTIMIZERS` (e.g. "Keras2Nadam").
 
     Optional recipe keys: `loss_options` (the loss's constructor arguments, e.g. focal alpha/gamma),
     `weight_decay` (the optimizer's decoupled weight decay), `jit_compile` (XLA; Keras's "auto" if absent).
@@ -45,7 +46,11 @@ def compile_model(model: keras.Model, train_recipe: dict, metrics: Sequence[Any]
     optimizer_config = {"learning_rate": train_recipe["learning_rate"]}
     if train_recipe.get("weight_decay"):
         optimizer_config["weight_decay"] = train_recipe["weight_decay"]
-    optimizer = keras.optimizers.get({"class_name": train_recipe["optimizer"], "config": optimizer_config})
+    name = train_recipe["optimizer"]
+    if name in optimizers.OPTIMIZERS:
+        optimizer = optimizers.OPTIMIZERS[name](**optimizer_config)
+    else:
+        optimizer = keras.optimizers.get({"class_name": name, "config": optimizer_config})
     loss = keras.losses.get({"class_name": train_recipe["loss"], "config": dict(train_recipe.get("loss_options", {}))})
     model.compile(
         optimizer=optimizer,
@@ -284,13 +289,28 @@ def _save_member(model, recipe: dict, seed: int, run_dir: Path, train_data) -> d
     if recipe["train"].get("recalibrate_batchnorm", False):
         recalibrated = recalibrate_batchnorm(model, train_data(seed))
     with files.atomic_path(member_path, suffix=".keras") as temporary:
-        model.save(temporary)
+        loadable_anywhere(model).save(temporary)
     return {
         "seed": seed,
         "file": str(member_path.relative_to(run_dir)),
         "epochs": recipe["train"]["epochs"],
         "batchnorm_recalibration_batches": recalibrated,
     }
+
+
+def loadable_anywhere(model: keras.Model) -> keras.Model:
+    """The model to save as an ensemble member, so that plain Keras loads it in safe mode.
+
+    A model compiled with a Keras optimizer is saved as it is (compiled, with its optimizer's state). One
+    compiled with an optimizer of `replicate.optimizers` is saved uncompiled, as the same layers and weights:
+    Keras could only load that optimizer with the package imported, and prediction does not need it. The
+    checkpoints of unfinished members keep the optimizer (they resume inside the package).
+    """
+    optimizer = getattr(model, "optimizer", None)
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # under mixed_float16: a LossScaleOptimizer
+    if type(optimizer) not in optimizers.OPTIMIZERS.values():
+        return model
+    return keras.Model(model.inputs, model.outputs, name=model.name)
 
 
 class BestEpoch(keras.callbacks.Callback):

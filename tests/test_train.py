@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import zipfile
+
 import keras
 import numpy as np
 import pytest
 
 from models.dacon import build_dacon_model
-from replicate import files, metrics, pipeline, train
+from replicate import files, metrics, optimizers, pipeline, train
 from replicate.ensemble import Ensemble
 from tests.conftest import run_python
 
@@ -210,6 +213,25 @@ def test_best_epoch_refuses_a_score_without_the_monitored_value():
     model = train.compile_model(_small_model(), RECIPE["train"])
     with pytest.raises(ValueError, match="without the monitored 'val_score'"):
         model.fit(pipeline.from_arrays(FEATURES, TARGETS, batch_size=8), epochs=1, callbacks=[best], verbose=0)
+
+
+def test_a_member_trained_with_the_packages_optimizer_is_saved_for_plain_keras(tmp_path):
+    recipe = {"train": {**RECIPE["train"], "epochs": 1, "optimizer": "Keras2Nadam"}}
+    compiled = train.compile_model(_small_model(), recipe["train"])
+    assert isinstance(compiled.optimizer, optimizers.Keras2Nadam)
+    assert float(compiled.optimizer.learning_rate) == pytest.approx(0.002)
+    portable = train.loadable_anywhere(compiled)
+    assert not portable.compiled and portable.name == compiled.name  # the same network, uncompiled
+    assert len(portable.weights) == len(compiled.weights) and all(
+        ours is theirs for ours, theirs in zip(portable.weights, compiled.weights, strict=True)
+    )
+
+    train.train_member(recipe, 0, run_dir=tmp_path, **_arguments())
+    with zipfile.ZipFile(tmp_path / "members" / "seed-00.keras") as archive:
+        config = archive.read("config.json").decode()
+    assert "replicate" not in config and not json.loads(config)["compile_config"]  # only Keras's own objects
+    model = keras.models.load_model(tmp_path / "members" / "seed-00.keras", safe_mode=True)
+    assert model.predict(FEATURES[:2], verbose=0).shape == (2, 30)
 
 
 def test_members_train_and_save_under_the_recipes_precision(tmp_path):
