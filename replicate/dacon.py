@@ -41,6 +41,7 @@ RULES: dict[str, recipe_lib.Rule] = {
     "features.win_length": recipe_lib.positive,
     "features.hop_length": recipe_lib.positive,
     "features.n_mels": recipe_lib.positive,
+    "features.pad_mode": recipe_lib.one_of(*feature_lib.PAD_MODES),
     "features.top_db": recipe_lib.positive,
     "features.db_reference": recipe_lib.one_of("global", "per_clip"),
     "features.normalization": recipe_lib.one_of("train_test", "train"),
@@ -49,7 +50,7 @@ RULES: dict[str, recipe_lib.Rule] = {
     "train.epochs": recipe_lib.positive,
     "train.batch_size": recipe_lib.positive,
     "train.learning_rate": recipe_lib.positive,
-    "train.optimizer": recipe_lib.one_of("Nadam", "Adam", "AdamW", "SGD", "RMSprop"),
+    "train.optimizer": recipe_lib.one_of("Keras2Nadam", "Nadam", "Adam", "AdamW", "SGD", "RMSprop"),
     "train.loss": recipe_lib.one_of("KLDivergence", "CategoricalCrossentropy"),
     "train.validation_fraction": recipe_lib.fraction,
     "train.fused": recipe_lib.positive,
@@ -192,7 +193,7 @@ def audio_spec(recipe: dict) -> feature_lib.AudioSpec:
 
 def resolutions(features: dict) -> list[feature_lib.MelResolution]:
     return [
-        feature_lib.MelResolution(n_fft, win_length, features["hop_length"], features["n_mels"])
+        feature_lib.MelResolution(n_fft, win_length, features["hop_length"], features["n_mels"], features["pad_mode"])
         for n_fft, win_length in zip(features["n_fft"], features["win_length"], strict=True)
     ]
 
@@ -223,9 +224,9 @@ def mel_power_cached(paths: Sequence[Path], recipe: dict, name: str, progress: b
 def inference_features(paths: Sequence[str | os.PathLike], manifest: dict) -> np.ndarray:
     """Model inputs for new audio files, with the training run's parameters and statistics."""
     audio = feature_lib.AudioSpec(**manifest["audio"])
-    power = feature_lib.extract_features(
-        paths, audio=audio, extractor=_extractor(manifest["recipe"]["data"], manifest["recipe"]["features"])
-    )
+    # Runs made before `features.pad_mode` existed padded with zeros (librosa >= 0.9's default).
+    features = {"pad_mode": "constant", **manifest["recipe"]["features"]}
+    power = feature_lib.extract_features(paths, audio=audio, extractor=_extractor(manifest["recipe"]["data"], features))
     return feature_lib.Normalizer.from_config(manifest["normalization"])(power)
 
 
@@ -459,7 +460,8 @@ def write_report(run_dir: Path, scores: dict) -> Path:
         "## Features and data",
         "",
         f"- Resolutions (n_fft/win_length): {list(zip(features['n_fft'], features['win_length'], strict=True))}, "
-        f"hop {features['hop_length']}, {features['n_mels']} mels → input {tuple(manifest['input_shape'])}.",
+        f"hop {features['hop_length']}, {features['n_mels']} mels, signal edges padded by "
+        f"`{features['pad_mode']}` → input {tuple(manifest['input_shape'])}.",
         f"- dB reference: `{manifest['normalization']['reference']}`; z-score statistics from "
         f"`{recipe['features']['normalization']}` (mean {np.round(manifest['normalization']['mean'], 3).tolist()}, "
         f"std {np.round(manifest['normalization']['std'], 3).tolist()}).",

@@ -84,6 +84,31 @@ def test_a_bad_wav_stops_the_run_naming_the_file(data, tmp_path):
         dacon.run(recipe, data, tmp_path / "run", progress=False, log=lambda _: None)
 
 
+def test_pad_mode_keys_the_cache_and_travels_to_inference(dacon_data, tmp_path):
+    data = dacon.load_data(dacon_data)
+    cache = [f"run.cache_dir={str(tmp_path / 'cache')!r}", "run.workers=1"]
+    reflect = dacon.load_recipe(overrides=cache)
+    constant = dacon.load_recipe(overrides=[*cache, "features.pad_mode='constant'"])
+    assert reflect["features"]["pad_mode"] == "reflect"  # the source's (librosa <= 0.8)
+    reflected, reflect_meta = dacon.mel_power_cached(data.test_paths, reflect, "dacon-test", progress=False)
+    zeros, constant_meta = dacon.mel_power_cached(data.test_paths, constant, "dacon-test", progress=False)
+    assert reflect_meta["key"] != constant_meta["key"]
+    assert not np.array_equal(reflected[:, :, 0], zeros[:, :, 0])  # the edge frames differ, the middle not
+    np.testing.assert_array_equal(reflected[:, :, 50], zeros[:, :, 50])
+
+    normalizer = dacon.feature_lib.Normalizer.fit([reflected], "global")
+    manifest = {
+        "audio": vars(dacon.audio_spec(reflect)),
+        "recipe": {"data": reflect["data"], "features": reflect["features"]},
+        "normalization": normalizer.to_config(),
+    }
+    np.testing.assert_array_equal(dacon.inference_features(data.test_paths, manifest), normalizer(reflected))
+    del manifest["recipe"]["features"]["pad_mode"]  # a run from before the key: it padded with zeros
+    np.testing.assert_array_equal(dacon.inference_features(data.test_paths, manifest), normalizer(zeros))
+    with pytest.raises(dacon.recipe_lib.RecipeError, match=r"features.pad_mode = 'edge': must be one of"):
+        dacon.load_recipe(overrides=["features.pad_mode='edge'"])
+
+
 def test_cli_rejects_a_bad_override_with_exit_code_2(dacon_data):
     result = subprocess.run(
         [sys.executable, "-m", "replicate.dacon", "--data", str(dacon_data), "--set", "train.epochs=-1"],
@@ -128,6 +153,7 @@ def test_recipe_end_to_end_and_inference_in_a_fresh_process(dacon_data, tmp_path
     manifest = files.read_json(run_dir / "manifest.json")
     assert [m["seed"] for m in manifest["members"]] == [0, 1]
     assert manifest["input_shape"] == [64, 101, 4] and manifest["normalization"]["reference"] == "global"
+    assert manifest["recipe"]["features"]["pad_mode"] == "reflect"
     assert (run_dir / "recipe.toml").is_file() and (run_dir / "training_curves.png").stat().st_size > 1000
 
     submission = pd.read_csv(run_dir / "submission.csv", dtype={"id": str})
