@@ -1,7 +1,8 @@
 """The DACON overlapping-speech 3rd-place model: a residual CNN with mish activations.
 
-Architecture from ../shared/spec/dacon.md ("Model"). With the source's input (64 mels, 101 frames,
-4 resolutions) the model has exactly 1,914,686 parameters.
+Architecture from the 3rd-place blog post's Keras 2 code (`build_fn`), layer for layer: the same layers in
+the same order, so the weights of one copy into the other (tests/test_models_dacon.py ports `build_fn` and
+checks that). With the source's input (64 mels, 101 frames, 4 resolutions) it has 1,914,686 parameters.
 """
 
 from __future__ import annotations
