@@ -13,7 +13,7 @@ def test_source_values_are_the_default():
     assert recipe["train"] == {
         "epochs": 187,
         "batch_size": 16,
-        "optimizer": "Nadam",
+        "optimizer": "Keras2Nadam",
         "learning_rate": 0.002,
         "loss": "KLDivergence",
         "validation_fraction": 0.0,
@@ -26,6 +26,7 @@ def test_source_values_are_the_default():
     assert recipe["ensemble"]["seeds"] == 15
     assert recipe["features"]["n_fft"] == [256, 512, 1024, 2048]
     assert recipe["features"]["db_reference"] == "global" and recipe["features"]["normalization"] == "train_test"
+    assert recipe["features"]["pad_mode"] == "reflect"
     assert recipe["run"]["profile"] == "full"
 
 
@@ -47,6 +48,7 @@ def test_profile_and_overrides():
         ("train.epochs=three", r"'train.epochs' must be int like 187, got 'three'"),
         ("train.epochs=0", r"train.epochs = 0: must be > 0"),
         ("features.db_reference=local", r"features.db_reference = 'local': must be one of 'global', 'per_clip'"),
+        ("train.optimizer=Nadam2", r"train.optimizer = 'Nadam2': must be one of 'Keras2Nadam', 'Nadam', 'Adam'"),
         ("train.validation_fraction=1.5", r"train.validation_fraction = 1.5: must be in \[0, 1\)"),
         ("data.resample=1", r"'data.resample' must be bool"),
         ("train=3", r"must look like section.key=value"),
