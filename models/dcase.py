@@ -1,13 +1,19 @@
-"""DCASE 2020 Task 2 machine-ID classifiers: ResNet-50 (3-4-6-3) on 1-channel log-mel spectrograms.
+"""DCASE 2020 Task 2 machine-ID classifiers: torchvision's ResNet-50 layout on 1-channel log-mel spectrograms.
 
-Architecture from ../shared/spec/dcase.md ("Model"): the torchvision ResNet-50 layout (7×7/2 stem,
-3×3/2 max-pool, stages of 3, 4, 6, 3 units at widths 64, 128, 256, 512, strides 1, 2, 2, 2) with
+The write-up started from torchvision's resnet50 code (7×7/2 stem, BN, ReLU, 3×3/2 max-pool, stages of 3, 4,
+6, 3 units at widths 64, 128, 256, 512 and strides 1, 2, 2, 2, torchvision's padding) and
 
-- `build_resnet50_softmax`: torchvision bottleneck blocks (1×1, 3×3, 1×1 ×4) + global average pooling +
-  softmax — the plain cross-entropy variant;
-- `build_ir_resnet50_margin`: the ArcFace paper's "IR" units (BN-Conv-BN-PReLU-Conv-BN + shortcut) and,
-  instead of global pooling, the embedding head BN-Dropout-FC-BN (2048-d), then the ArcFace/CosFace
-  `CosineMarginClassifier`, which takes the labels as a second input at training time.
+- `build_resnet50_softmax`: kept its bottleneck blocks (1×1, 3×3, 1×1 ×4) + global average pooling + softmax
+  for plain cross-entropy;
+- `build_ir_resnet50_margin`: for the margin losses, swapped the bottleneck for the ArcFace paper's "IR" unit
+  (BN-Conv-BN-PReLU-Conv-BN + shortcut) and global pooling for the embedding head BN-Dropout-FC-BN (2048-d),
+  then the ArcFace/CosFace `CosineMarginClassifier`, which takes the labels as a second input at training time.
+
+Depth: IR units in torchvision's resnet50 stages (3-4-6-3, the default and the write-up's most literal reading)
+make a 34-layer network, 63,323,008 trainable parameters at the default input (128 × 313) with 41 IDs, of
+which 41.9 M are the head's FC on the flattened 512 × 4 × 10 map; the ArcFace paper's own IR-50 has 3-4-14-3
+units (`blocks=(3, 4, 14, 3)`: 72,774,528). tests/test_models_dcase.py builds both and holds an independent
+PyTorch port of the IR network that gives the same outputs with the same weights.
 
 `inference_model` turns either trained model into the saved ensemble member: built-in layers only
 (probabilities = softmax(s · cos θ) via UnitNormalization + Dense, and the embedding as a second output),
@@ -39,37 +45,54 @@ def _check(input_shape, num_classes, blocks, width):
         raise ValueError(f"width must be >= 1, got {width}")
 
 
-def _stem(x, width: int, activation: str):
-    """torchvision's stem: 7×7/2 convolution, BN, activation, 3×3/2 max-pool."""
-    x = layers.Conv2D(width, 7, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+def _conv(x, filters: int, kernel_size: int, stride: int, name: str):
+    """A bias-free convolution padded as torchvision's: kernel_size // 2 cells on every side.
+
+    For stride 1 that is Keras's "same". For stride 2 on an even size "same" pads only after (bottom, right),
+    which samples the grid one cell off PyTorch's; the padding is then explicit (same output size).
+    """
+    if stride > 1 and kernel_size > 1:
+        x = layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad")(x)
+        return layers.Conv2D(filters, kernel_size, strides=stride, use_bias=False, name=name)(x)
+    return layers.Conv2D(filters, kernel_size, strides=stride, padding="same", use_bias=False, name=name)(x)
+
+
+def _stem(x, width: int):
+    """torchvision's stem: 7×7/2 convolution (padding 3), BN, ReLU, 3×3/2 max-pool (padding 1).
+
+    torchvision pads the max-pool with −∞; after the ReLU every value is ≥ 0 and every window holds a real
+    cell, so zero padding gives the same maxima.
+    """
+    x = _conv(x, width, 7, 2, "stem_conv")
     x = layers.BatchNormalization(epsilon=1e-5, name="stem_bn")(x)
-    x = _activation(x, activation, "stem_act")
-    return layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+    x = layers.Activation("relu", name="stem_act")(x)
+    x = layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+    return layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
 
 
-def _activation(x, kind: str, name: str):
-    if kind == "prelu":  # one slope per channel, as PyTorch's nn.PReLU(channels) in the IR unit
-        return layers.PReLU(shared_axes=[1, 2], alpha_initializer=keras.initializers.Constant(0.25), name=name)(x)
-    return layers.Activation(kind, name=name)(x)
+def _prelu(x, name: str):
+    """One slope per channel starting at 0.25, as PyTorch's nn.PReLU(channels) in the IR unit."""
+    return layers.PReLU(shared_axes=[1, 2], alpha_initializer=keras.initializers.Constant(0.25), name=name)(x)
 
 
 def _shortcut(x, filters: int, stride: int, name: str):
+    """torchvision's `downsample` where the shape changes: 1×1 convolution (stride), BN; else the identity."""
     if x.shape[-1] == filters and stride == 1:
         return x
-    x = layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{name}_shortcut_conv")(x)
+    x = _conv(x, filters, 1, stride, f"{name}_shortcut_conv")
     return layers.BatchNormalization(epsilon=1e-5, name=f"{name}_shortcut_bn")(x)
 
 
 def _bottleneck(x, width: int, stride: int, name: str):
     """torchvision Bottleneck: 1×1(w) BN ReLU, 3×3(w, stride) BN ReLU, 1×1(4w) BN, + shortcut, ReLU."""
     shortcut = _shortcut(x, 4 * width, stride, name)
-    x = layers.Conv2D(width, 1, use_bias=False, name=f"{name}_conv1")(x)
+    x = _conv(x, width, 1, 1, f"{name}_conv1")
     x = layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn1")(x)
     x = layers.Activation("relu", name=f"{name}_relu1")(x)
-    x = layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv2")(x)
+    x = _conv(x, width, 3, stride, f"{name}_conv2")
     x = layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn2")(x)
     x = layers.Activation("relu", name=f"{name}_relu2")(x)
-    x = layers.Conv2D(4 * width, 1, use_bias=False, name=f"{name}_conv3")(x)
+    x = _conv(x, 4 * width, 1, 1, f"{name}_conv3")
     x = layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn3")(x)
     x = layers.Add(name=f"{name}_add")([x, shortcut])
     return layers.Activation("relu", name=f"{name}_out")(x)
@@ -79,10 +102,10 @@ def _ir_unit(x, width: int, stride: int, name: str):
     """ArcFace "IR" unit: BN, 3×3(w), BN, PReLU, 3×3(w, stride), BN, + shortcut (no activation after)."""
     shortcut = _shortcut(x, width, stride, name)
     x = layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn1")(x)
-    x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+    x = _conv(x, width, 3, 1, f"{name}_conv1")
     x = layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn2")(x)
-    x = _activation(x, "prelu", f"{name}_prelu")
-    x = layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv2")(x)
+    x = _prelu(x, f"{name}_prelu")
+    x = _conv(x, width, 3, stride, f"{name}_conv2")
     x = layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn3")(x)
     return layers.Add(name=f"{name}_add")([x, shortcut])
 
@@ -119,7 +142,7 @@ def build_resnet50_softmax(
     """
     _check(input_shape, num_classes, blocks, width)
     inputs = keras.Input(shape=input_shape, name="log_mel")
-    x = _stem(inputs, width, "relu")
+    x = _stem(inputs, width)
     x = _stages(x, _bottleneck, blocks, width)
     embedding = layers.GlobalAveragePooling2D(name="embedding")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(embedding)
@@ -137,7 +160,7 @@ def build_ir_resnet50_margin(
     blocks: Sequence[int] = (3, 4, 6, 3),
     width: int = 64,
 ) -> keras.Model:
-    """ResNet-50 of ArcFace IR units with the BN-Dropout-FC-BN embedding head and a cosine-margin classifier.
+    """torchvision's ResNet-50 with ArcFace IR units, the BN-Dropout-FC-BN embedding head and a margin classifier.
 
     Args:
         input_shape: (mels, frames, 1) log-mel input, frames fixed (the head flattens the last feature map).
@@ -147,7 +170,8 @@ def build_ir_resnet50_margin(
         margin: margin m (source: 0.05).
         embedding_dim: width of the FC layer of the head (source: 2048).
         dropout: dropout rate of the head (not in the source; the ArcFace paper's "E" head uses 0.4).
-        blocks: units per stage (3, 4, 6, 3).
+        blocks: IR units per stage (3, 4, 6, 3: torchvision's resnet50 stages, as the write-up swapped the
+            unit; the ArcFace paper's IR-50 is 3, 4, 14, 3).
         width: channels of the stem and of the first stage (64; smaller for quick CPU runs).
 
     Returns:
@@ -168,7 +192,7 @@ def build_ir_resnet50_margin(
         raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
     inputs = keras.Input(shape=input_shape, name="log_mel")
     labels = keras.Input(shape=(num_classes,), name="labels")
-    x = _stem(inputs, width, "prelu")
+    x = _stem(inputs, width)
     x = _stages(x, _ir_unit, blocks, width)
     x = layers.BatchNormalization(epsilon=1e-5, name="head_bn1")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)

@@ -20,7 +20,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,9 @@ RULES: dict[str, recipe_lib.Rule] = {
     "features.n_fft": recipe_lib.positive,
     "features.hop_length": recipe_lib.positive,
     "features.n_mels": recipe_lib.positive,
+    "features.pad_mode": recipe_lib.one_of(*feature_lib.PAD_MODES),
+    "features.mel_scale": recipe_lib.one_of(*feature_lib.MEL_SCALES),
+    "features.mel_norm": recipe_lib.one_of(*feature_lib.MEL_NORMS),
     "features.input_frames": recipe_lib.non_negative,
     "features.top_db": recipe_lib.positive,
     "features.db_reference": recipe_lib.one_of("global", "per_clip"),
@@ -245,23 +248,33 @@ def audio_spec(recipe: dict) -> feature_lib.AudioSpec:
     return feature_lib.AudioSpec(data["sample_rate"], data["clip_samples"], data["resample"], data["fix_length"])
 
 
-def _extractor(recipe: dict) -> Callable:
-    features = recipe["features"]
-    resolution = feature_lib.MelResolution(
-        features["n_fft"], features["n_fft"], features["hop_length"], features["n_mels"]
+# What runs made before the recipe had `features.pad_mode`, `mel_scale` and `mel_norm` computed (librosa's).
+LIBROSA_DEFINITION = {"pad_mode": "constant", "mel_scale": "slaney", "mel_norm": "slaney"}
+
+
+def mel_resolution(features: dict) -> feature_lib.MelResolution:
+    """The recipe's `[features]` as a `MelResolution` (the window is n_fft long, as torchaudio's default)."""
+    return feature_lib.MelResolution(
+        features["n_fft"],
+        features["n_fft"],
+        features["hop_length"],
+        features["n_mels"],
+        pad_mode=features["pad_mode"],
+        mel_scale=features["mel_scale"],
+        mel_norm=features["mel_norm"],
     )
-    return feature_lib.mel_power_extractor(recipe["data"]["sample_rate"], [resolution])
+
+
+def _extractor(recipe: dict) -> Callable:
+    return feature_lib.mel_power_extractor(recipe["data"]["sample_rate"], [mel_resolution(recipe["features"])])
 
 
 def mel_power_cached(clips: Sequence[Clip], recipe: dict, name: str, progress: bool = True):
     """Cached (clips, n_mels, frames, 1) mel power of `clips` and the cache's metadata."""
-    features = recipe["features"]
     params = {
         "kind": "mel_power",
         "sample_rate": recipe["data"]["sample_rate"],
-        "n_fft": features["n_fft"],
-        "hop_length": features["hop_length"],
-        "n_mels": features["n_mels"],
+        **asdict(mel_resolution(recipe["features"])),  # every field: a cache of another definition is not reused
     }
     return feature_lib.cached_features(
         [clip.path for clip in clips],
@@ -298,8 +311,9 @@ def to_windows(batch: np.ndarray, frames: int) -> np.ndarray:
 
 
 def inference_features(paths: Sequence[str | os.PathLike], manifest: dict) -> np.ndarray:
-    """Normalised log-mel inputs for new audio files (whole clips), with the training run's statistics."""
-    recipe = {"data": manifest["recipe"]["data"], "features": manifest["recipe"]["features"]}
+    """Normalised log-mel inputs for new audio files (whole clips), with the training run's definition and
+    statistics (a manifest without the mel definition keys comes from a run that computed librosa's)."""
+    recipe = {"data": manifest["recipe"]["data"], "features": {**LIBROSA_DEFINITION, **manifest["recipe"]["features"]}}
     power = feature_lib.extract_features(
         paths, audio=feature_lib.AudioSpec(**manifest["audio"]), extractor=_extractor(recipe)
     )
@@ -1197,7 +1211,8 @@ def write_report(run_dir: Path, recipe: dict, data: DcaseData, arrays: Arrays, g
         "## Features and data",
         "",
         f"- Log-mel: {recipe['data']['sample_rate']} Hz, n_fft {features['n_fft']}, hop {features['hop_length']}, "
-        f"{features['n_mels']} mels; clips of {manifest['clip_frames']} frames, model input "
+        f"{features['n_mels']} mels ({features['mel_scale']} scale, filter norm {features['mel_norm']}, "
+        f"`{features['pad_mode']}` padding); clips of {manifest['clip_frames']} frames, model input "
         f"{tuple(manifest['input_shape'])} ({input_note}).",
         f"- dB reference `{features['db_reference']}`, top_db {features['top_db']}; z-score from the training clips "
         f"(mean {manifest['normalization']['mean'][0]:.3f}, std {manifest['normalization']['std'][0]:.3f}).",

@@ -27,15 +27,20 @@ from tqdm.auto import tqdm
 from replicate import files
 from replicate.audio import AudioError, read_audio
 
-PAD_MODES = ("constant", "reflect")  # librosa's names: zeros (librosa >= 0.9's default), reflection (<= 0.8's)
+PAD_MODES = ("constant", "reflect")  # centred frames' ends: zeros (librosa >= 0.9), a mirror (librosa <= 0.8, torchaudio)
+MEL_SCALES = ("slaney", "htk")  # librosa's default scale, and HTK's 2595·log10(1 + f/700) (torchaudio's default)
+MEL_NORMS = ("slaney", "none")  # filters of equal area (librosa's default), or peaks of 1 (torchaudio's default)
 
 
 @dataclass(frozen=True)
 class MelResolution:
-    """One log-mel resolution (librosa defaults otherwise: Slaney scale and norm, centred frames).
+    """One mel resolution of centred frames; the defaults of the last three fields are librosa's.
 
-    `pad_mode` is how the signal is extended for the centred frames at its edges: "constant" (zeros, librosa's
-    default since 0.9) or "reflect" (librosa's default up to 0.8, what sources from before 2022 computed).
+    Attributes:
+        n_fft, win_length, hop_length, n_mels: as in `librosa.feature.melspectrogram`.
+        pad_mode: "constant" (zeros, librosa ≥ 0.9) or "reflect" (torchaudio, librosa ≤ 0.8: sources from before 2022).
+        mel_scale: "slaney" (librosa) or "htk" (torchaudio).
+        mel_norm: "slaney" (librosa: each filter divided by its width in Hz) or "none" (torchaudio).
     """
 
     n_fft: int
@@ -43,6 +48,8 @@ class MelResolution:
     hop_length: int
     n_mels: int
     pad_mode: str = "constant"
+    mel_scale: str = "slaney"
+    mel_norm: str = "slaney"
 
 
 @dataclass(frozen=True)
@@ -68,28 +75,36 @@ def melspectrogram(
     win_length: int | None = None,
     n_mels: int = 128,
     pad_mode: str = "constant",
+    mel_scale: str = "slaney",
+    mel_norm: str = "slaney",
 ) -> np.ndarray:
     """`librosa.feature.melspectrogram` of a batch of equal-length clips: the same numbers, several times faster.
 
     The arithmetic is librosa's, step for step: a periodic Hann window of `win_length` zero-padded to `n_fft`,
-    centred frames over the signal extended by n_fft // 2 samples at each end (`pad_mode`), the window applied
-    in float64, the FFT of librosa's FFT library
+    centred frames over the signal padded by n_fft // 2 at each end with `np.pad(mode=pad_mode)` (librosa pads
+    only the ends, with the same samples), the window applied in float64, the FFT of librosa's FFT library
     (`librosa.get_fftlib()`) rounded to complex64, `abs(.) ** 2` in float32, then the float32 product with
-    librosa's Slaney mel filters. What differs is the bookkeeping: librosa builds the mel filters anew on every
-    call and walks the frames in blocks of 256 KiB, about 50 FFT calls per second of audio at n_fft 2048. Here
-    the filters and the window are built once and each FFT call takes whole clips (about `FFT_BLOCK_VALUES`
-    samples). The work is then a few large numpy calls that release the GIL, so threads use every core
-    (`cached_features`). tests/test_features.py checks that the result has the same bits as librosa's, clip
-    by clip, at the same number of BLAS threads (a different number changes the mel product's last bit): the
-    mel product is handed to BLAS exactly as librosa hands it (same shapes, strides and transpose flags), as
-    OpenBLAS's kernels round differently for a transposed product on some CPUs.
+    `librosa.filters.mel` (its `htk` and `norm` from `mel_scale` and `mel_norm`). What differs is the
+    bookkeeping: librosa builds the mel filters anew on every call and walks the frames in blocks of 256 KiB,
+    about 50 FFT calls per second of audio at n_fft 2048. Here the filters and the window are built once and
+    each FFT call takes whole clips (about `FFT_BLOCK_VALUES` samples). The work is then a few large numpy
+    calls that release the GIL, so threads use every core (`cached_features`). tests/test_features.py checks
+    that the result has the same bits as librosa's, clip by clip, at the same number of BLAS threads (a
+    different number changes the mel product's last bit): the mel product is handed to BLAS exactly as librosa
+    hands it (same shapes, strides and transpose flags), as OpenBLAS's kernels round differently for a
+    transposed product on some CPUs.
 
     Args:
         audio: float32 array (clips, samples); other dtypes are converted to float32, as `read_audio` gives.
         sample_rate: sampling rate in Hz.
         n_fft, hop_length, win_length, n_mels: as in `librosa.feature.melspectrogram` (power 2, centred
-            frames, Hann window, Slaney mel scale and norm: librosa's defaults).
-        pad_mode: "constant" (zeros: librosa's default since 0.9) or "reflect" (librosa's default up to 0.8).
+            frames, Hann window).
+        pad_mode: "constant" (librosa's default) or "reflect" (`pad_mode` of librosa and torchaudio).
+        mel_scale: "slaney" (librosa's default) or "htk" (torchaudio's default; librosa's `htk=True`).
+        mel_norm: "slaney" (librosa's default) or "none" (torchaudio's default; librosa's `norm=None`).
+        With "reflect", "htk" and "none" and an even n_fft this is `torchaudio.transforms.MelSpectrogram`'s
+        definition (its other defaults are these too: f_min 0, f_max sr / 2, centred frames, periodic Hann
+        window, power 2, one-sided spectrum); tests/test_features.py compares it with `torch.stft`.
 
     Returns:
         float32 array (clips, n_mels, 1 + samples // hop_length).
@@ -103,10 +118,15 @@ def melspectrogram(
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim != 2:
         raise ValueError(f"audio must be (clips, samples), got shape {audio.shape}")
-    if pad_mode not in PAD_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    for name, value, allowed in (
+        ("pad_mode", pad_mode, PAD_MODES),
+        ("mel_scale", mel_scale, MEL_SCALES),
+        ("mel_norm", mel_norm, MEL_NORMS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     window = _hann_window(n_fft, win_length or n_fft)
-    filters = _mel_filters(sample_rate, n_fft, n_mels)
+    filters = _mel_filters(sample_rate, n_fft, n_mels, mel_scale, mel_norm)
     # As librosa <= 0.8 did: the whole signal extended, np.pad(y, n_fft // 2, mode=pad_mode), then framed.
     # librosa >= 0.10 pads the head and the tail apart; with "reflect" its last frame differs where the tail it
     # reflects is shorter than n_fft // 2 + 1 samples and the window reaches the end (e.g. n_fft 256, hop 160,
@@ -134,10 +154,11 @@ def _hann_window(n_fft: int, win_length: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+def _mel_filters(sample_rate: int, n_fft: int, n_mels: int, mel_scale: str, mel_norm: str) -> np.ndarray:
     import librosa
 
-    filters = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels)
+    norm = None if mel_norm == "none" else mel_norm
+    filters = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, htk=mel_scale == "htk", norm=norm)
     filters.flags.writeable = False
     return filters
 
@@ -153,18 +174,7 @@ def mel_power(audio: np.ndarray, sample_rate: int, resolutions: Sequence[MelReso
     Returns:
         float32 array (clips, n_mels, frames, len(resolutions)).
     """
-    channels = [
-        melspectrogram(
-            audio,
-            sample_rate,
-            n_fft=r.n_fft,
-            hop_length=r.hop_length,
-            win_length=r.win_length,
-            n_mels=r.n_mels,
-            pad_mode=r.pad_mode,
-        )
-        for r in resolutions
-    ]
+    channels = [melspectrogram(audio, sample_rate, **asdict(resolution)) for resolution in resolutions]
     return np.stack(channels, axis=-1)
 
 

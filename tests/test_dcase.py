@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 from sklearn import metrics as sk_metrics
+from threadpoolctl import threadpool_limits
 
 from replicate import dcase, files, metrics
-from replicate.features import FeatureCacheError
+from replicate.audio import read_audio
+from replicate.features import FeatureCacheError, MelResolution, Normalizer, melspectrogram
 from replicate.recipe import RecipeError
 from replicate.task import DataError
 from tests.conftest import run_python
@@ -244,6 +246,10 @@ def test_recipe_is_the_source_by_default_and_setup_is_an_alias():
         512,
         128,
     )
+    # torchaudio.transforms.MelSpectrogram's defaults, where the write-up is silent
+    assert dcase.mel_resolution(recipe["features"]) == MelResolution(1024, 1024, 512, 128, "reflect", "htk", "none")
+    with pytest.raises(RecipeError, match=r"features.mel_scale = 'mel': must be one of 'slaney', 'htk'"):
+        dcase.load_recipe(overrides=["features.mel_scale=mel"])
     assert dcase.load_recipe(overrides=["setup=per_machine"])["train"]["setup"] == "per_machine"
     assert dcase.load_recipe(overrides=["model.head=cosface"])["model"]["head"] == "cosface"
     with pytest.raises(RecipeError, match=r"train.setup = 'both': must be one of"):
@@ -252,6 +258,42 @@ def test_recipe_is_the_source_by_default_and_setup_is_an_alias():
         dcase.load_recipe(overrides=["model.head=sphere"])
     with pytest.raises(RecipeError, match=r"warmup_epochs = 10.0 must be shorter"):
         dcase.load_recipe(overrides=["train.warmup_epochs=10"])
+
+
+def test_features_are_torchaudios_definition_keyed_by_it_and_recomputed_so_at_inference(tiny_data, tmp_path):
+    clips = dcase.load_data(tiny_data).train[:4]
+    paths = [clip.path for clip in clips]
+    settings = ["data.clip_samples=8000", "run.workers=1", f"run.cache_dir='{tmp_path / 'cache'}'"]
+    source = dcase.load_recipe(overrides=settings)
+    librosa_defaults = dcase.load_recipe(
+        overrides=[*settings, "features.pad_mode=constant", "features.mel_scale=slaney", "features.mel_norm=slaney"]
+    )
+    power, meta = dcase.mel_power_cached(clips, source, "t", progress=False)
+    audio = np.stack([read_audio(path, 16000, num_samples=8000, fix_length=True)[0] for path in paths])
+    with threadpool_limits(1):  # the cache's BLAS setting (more threads change the product's last bit)
+        expected = melspectrogram(
+            audio, 16000, n_fft=1024, hop_length=512, n_mels=128, pad_mode="reflect", mel_scale="htk", mel_norm="none"
+        )
+    np.testing.assert_array_equal(power[..., 0], expected)
+
+    old_power, old_meta = dcase.mel_power_cached(clips, librosa_defaults, "t", progress=False)
+    assert old_meta["key"] != meta["key"]  # another definition: not the same cache
+    with threadpool_limits(1):
+        np.testing.assert_array_equal(old_power[..., 0], melspectrogram(audio, 16000, n_fft=1024, hop_length=512))
+
+    for recipe, cached in ((source, power), (librosa_defaults, old_power)):
+        normalizer = Normalizer.fit([cached], recipe["features"]["db_reference"], recipe["features"]["top_db"])
+        manifest = {  # what `run` records
+            "audio": vars(dcase.audio_spec(recipe)),
+            "normalization": normalizer.to_config(),
+            "recipe": {"data": recipe["data"], "features": recipe["features"]},
+        }
+        np.testing.assert_array_equal(dcase.inference_features(paths, manifest), normalizer(cached))
+    # A run from before the definition was a recipe key computed librosa's defaults, and so does its inference.
+    manifest["recipe"]["features"] = {
+        key: value for key, value in librosa_defaults["features"].items() if key not in dcase.LIBROSA_DEFINITION
+    }
+    np.testing.assert_array_equal(dcase.inference_features(paths, manifest), normalizer(old_power))
 
 
 TINY_RUN = [

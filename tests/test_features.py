@@ -110,7 +110,137 @@ def test_melspectrogram_equals_librosa_on_other_shapes(n_fft, hop_length, win_le
     np.testing.assert_array_equal(ours, expected)
 
 
-def test_melspectrogram_rejects_a_single_clip_and_an_unknown_pad_mode():
+TORCHAUDIO_DEFINITION = {"pad_mode": "reflect", "mel_scale": "htk", "mel_norm": "none"}  # DCASE's default
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        TORCHAUDIO_DEFINITION,
+        {"pad_mode": "reflect"},  # librosa <= 0.8's padding with its filters
+        {"mel_scale": "htk"},  # HTK scale, Slaney norm
+        {"mel_norm": "none"},
+    ],
+)
+@pytest.mark.parametrize(
+    "n_fft, hop_length, win_length, samples, n_mels",
+    [
+        (1024, 512, None, 16537, 128),  # DCASE's resolution, on an odd length (a partial last frame)
+        (2048, 160, 1600, 1000, 64),  # n_fft longer than the clip: the mirror folds back (np.pad's "reflect")
+        (1023, 100, 700, 5000, 40),  # odd n_fft, window shorter than the frame
+    ],
+)
+def test_melspectrogram_options_equal_librosa(options, n_fft, hop_length, win_length, samples, n_mels):
+    audio = np.random.default_rng(samples).normal(0, 0.1, (2, samples)).astype(np.float32)
+    audio[0, : samples // 2] *= 1e-4  # a quiet stretch at the start: the mirrored edge is small
+    audio[1] += np.linspace(-0.5, 0.5, samples, dtype=np.float32)  # a ramp: zeros and a mirror differ at the ends
+    ours = features.melspectrogram(
+        audio, 16000, n_fft=n_fft, hop_length=hop_length, win_length=win_length, n_mels=n_mels, **options
+    )
+    librosa_options = {
+        "pad_mode": options.get("pad_mode", "constant"),
+        "htk": options.get("mel_scale") == "htk",
+        "norm": None if options.get("mel_norm") == "none" else "slaney",
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "n_fft is too large for input signal"
+        expected = np.stack(
+            [
+                librosa.feature.melspectrogram(
+                    y=clip,
+                    sr=16000,
+                    n_fft=n_fft,
+                    hop_length=hop_length,
+                    win_length=win_length,
+                    n_mels=n_mels,
+                    **librosa_options,
+                )
+                for clip in audio
+            ]
+        )
+    assert ours.shape == expected.shape and ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, expected)
+    default = features.melspectrogram(audio, 16000, n_fft=n_fft, hop_length=hop_length, win_length=win_length)
+    assert not np.array_equal(ours[:, :n_mels], default[:, :n_mels]), "an option that changes nothing"
+
+
+def _htk_mel_filters(sample_rate: int, n_fft: int, n_mels: int):
+    """torchaudio's default filter bank, written here from its definition, in float64 (torch tensors).
+
+    HTK mel m(f) = 2595 log10(1 + f / 700); n_mels + 2 points equally spaced in mel from m(0) to m(sr / 2)
+    (torchaudio's f_min 0 and f_max sr // 2); filter i rises linearly from point i to 1 at point i + 1 and falls
+    to 0 at point i + 2, evaluated at the n_fft // 2 + 1 FFT-bin frequencies, equally spaced from 0 to sr // 2
+    (torchaudio's `linspace`, exact for an even n_fft); no normalisation (torchaudio's norm=None).
+    """
+    import torch
+
+    bins = torch.linspace(0, sample_rate // 2, n_fft // 2 + 1, dtype=torch.float64)
+    top = 2595.0 * np.log10(1.0 + (sample_rate // 2) / 700.0)
+    points = 700.0 * (10.0 ** (torch.linspace(0.0, top, n_mels + 2, dtype=torch.float64) / 2595.0) - 1.0)
+    lower, centre, upper = points[:-2, None], points[1:-1, None], points[2:, None]
+    rising = (bins - lower) / (centre - lower)
+    falling = (upper - bins) / (upper - centre)
+    return torch.clamp(torch.minimum(rising, falling), min=0.0)  # (n_mels, bins)
+
+
+@pytest.mark.parametrize(
+    "n_fft, hop_length, win_length, n_mels",
+    [(1024, 512, None, 128), (512, 160, 400, 64)],  # DCASE's resolution; a window shorter than the frame
+)
+def test_torchaudio_definition_equals_torch_stft_with_an_htk_filter_bank(n_fft, hop_length, win_length, n_mels):
+    """`torchaudio.transforms.MelSpectrogram(sample_rate, n_fft, win_length, hop_length, n_mels=n_mels)` with its
+    defaults (torchaudio cannot be installed here), computed independently: `torch.stft` with a periodic Hann
+    window (torch.hann_window's default), centred frames padded by reflection, one-sided, |X|², then the HTK
+    filter bank above. The reference runs in float64, so its round-off is negligible and the bound is ours:
+    the FFT rounded to complex64 (2u on |X|²), |.| and the square in float32 (3u), the filters rounded to
+    float32 (u), and a float32 sum of at most n_fft // 2 + 1 non-negative terms (one u per term, relative to
+    the sum), with u = 2⁻²⁴ — 3.1e-5 for n_fft 1024, within the 1e-4 asked for. Noise keeps every band's power
+    far above the float64 FFT's absolute error, so a relative comparison holds in every band.
+    """
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(n_fft)
+    time = np.arange(16537) / 16000
+    audio = (0.05 * rng.normal(size=(3, 16537)) + 0.3 * np.sin(2 * np.pi * 440 * time)).astype(np.float32)
+    ours = features.melspectrogram(
+        audio, 16000, n_fft=n_fft, hop_length=hop_length, win_length=win_length, n_mels=n_mels, **TORCHAUDIO_DEFINITION
+    )
+    window_length = win_length or n_fft
+    spectrum = torch.stft(
+        torch.from_numpy(audio).double(),
+        n_fft=n_fft,
+        hop_length=hop_length,
+        win_length=window_length,
+        window=torch.hann_window(window_length, dtype=torch.float64),
+        center=True,
+        pad_mode="reflect",
+        onesided=True,
+        return_complex=True,
+    )
+    expected = (_htk_mel_filters(16000, n_fft, n_mels) @ spectrum.abs() ** 2).numpy()
+    assert ours.shape == expected.shape == (3, n_mels, 1 + 16537 // hop_length)
+    unit_roundoff = np.finfo(np.float32).eps / 2
+    bound = (n_fft // 2 + 1 + 6) * unit_roundoff
+    assert bound < 1e-4
+    np.testing.assert_allclose(ours, expected, rtol=bound, atol=0)
+
+
+def test_melspectrogram_refuses_unknown_options():
+    audio = np.zeros((1, 4000), np.float32)
+    for option, value in (("pad_mode", "edge"), ("mel_scale", "bark"), ("mel_norm", None)):
+        with pytest.raises(ValueError, match=f"{option} must be one of"):
+            features.melspectrogram(audio, 16000, n_fft=512, hop_length=160, **{option: value})
+
+
+def test_mel_power_passes_each_resolutions_definition(clips):
+    resolution = features.MelResolution(1024, 1024, 160, 64, **TORCHAUDIO_DEFINITION)
+    channel = features.mel_power(clips, 16000, [RESOLUTIONS[2], resolution])[..., 1]
+    np.testing.assert_array_equal(
+        channel,
+        features.melspectrogram(clips, 16000, n_fft=1024, hop_length=160, n_mels=64, **TORCHAUDIO_DEFINITION),
+    )
+
+
+def test_melspectrogram_rejects_a_single_clip():
     with pytest.raises(ValueError, match=r"\(clips, samples\)"):
         features.melspectrogram(np.zeros(16000, np.float32), 16000, n_fft=512, hop_length=160)
     with pytest.raises(ValueError, match=r"pad_mode must be one of \('constant', 'reflect'\), got 'edge'"):
