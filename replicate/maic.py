@@ -738,6 +738,7 @@ def build_model(recipe: dict, num_classes: int):
         stage_filters=tuple(model["stage_filters"]),
         blocks_per_stage=model["blocks_per_stage"],
         stage_strides=tuple(model["stage_strides"]),
+        batch_norm=model["batch_norm"],
         dropout=model["dropout"],
         dense_units=tuple(model["dense_units"]),
     )
