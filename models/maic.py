@@ -20,7 +20,15 @@ def conv2d(x, filters: int, kernel_size: int, *, strides: int = 1, use_bias: boo
 
     At stride 1 that is Keras's "same". At stride 2 on an even size Keras's "same" pads one row and column
     less before than after (7×7: 2 and 3 instead of 3 and 3), which shifts every output by one pixel, so
-    there the padding is explicit.
+    there the padding is explicit (a `ZeroPadding2D` named `<name>_pad`).
+
+    Args:
+        x: the input tensor (batch, height, width, channels).
+        filters: output channels.
+        kernel_size: an odd square kernel's side.
+        strides: the stride along both axes.
+        use_bias: whether the convolution adds a bias.
+        name: the convolution's layer name.
     """
     if strides == 1 or kernel_size == 1:
         return layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=use_bias, name=name)(x)
@@ -36,17 +44,17 @@ def residual_block(x, filters: int, *, stride: int = 1, batch_norm: bool = False
     the stride changes: the diagram draws the shortcut as a line, but a sum of 128 and 192 channels needs one.
     """
 
-    def normalized(y, suffix):
+    def normalised(y, suffix):
         return layers.BatchNormalization(name=f"{name}_{suffix}")(y) if batch_norm else y
 
     shortcut = x
     if stride != 1 or x.shape[-1] != filters:
         shortcut = conv2d(x, filters, 1, strides=stride, use_bias=not batch_norm, name=f"{name}_projection")
-        shortcut = normalized(shortcut, "projection_bn")
+        shortcut = normalised(shortcut, "projection_bn")
     x = conv2d(x, filters, 3, strides=stride, use_bias=not batch_norm, name=f"{name}_conv1")
-    x = layers.Activation("relu", name=f"{name}_relu1")(normalized(x, "bn1"))
+    x = layers.Activation("relu", name=f"{name}_relu1")(normalised(x, "bn1"))
     x = conv2d(x, filters, 3, use_bias=not batch_norm, name=f"{name}_conv2")
-    x = layers.Add(name=f"{name}_add")([normalized(x, "bn2"), shortcut])
+    x = layers.Add(name=f"{name}_add")([normalised(x, "bn2"), shortcut])
     return layers.Activation("relu", name=f"{name}_out")(x)
 
 
