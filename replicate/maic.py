@@ -738,6 +738,7 @@ def build_model(recipe: dict, num_classes: int):
         stage_filters=tuple(model["stage_filters"]),
         blocks_per_stage=model["blocks_per_stage"],
         stage_strides=tuple(model["stage_strides"]),
+        batch_norm=model["batch_norm"],
         dropout=model["dropout"],
         dense_units=tuple(model["dense_units"]),
     )
@@ -1170,6 +1171,28 @@ def results_table(run_dir: str | os.PathLike) -> str:
     return report.markdown_table(("model", "data", "macro F1"), rows) + "\n\n" + caption + "\n"
 
 
+def loss_scale_note(train_recipe: dict, source: dict) -> str:
+    """How this run's loss values compare with the focal loss the write-up's figure draws (no α) and with the
+    source's reported validation loss; "" for a loss other than the focal loss."""
+    if train_recipe["loss"] != "CategoricalFocalCrossentropy":
+        return ""
+    options = train_recipe.get("loss_options", {})
+    alpha, gamma = options.get("alpha", 0.25), options.get("gamma", 2.0)  # Keras's defaults where not set
+    note = (
+        f"Loss: Keras's `CategoricalFocalCrossentropy(alpha={alpha:g}, gamma={gamma:g})`, "
+        f"−α·(1 − p)^γ·log p of the true class. The write-up's loss figure (RetinaNet's Figure 1) draws "
+        "FL = −(1 − p)^γ·log p, without α, and neither it nor the text gives α or γ. "
+    )
+    if alpha == 1:
+        return note + "With α = 1 this run's loss values are on the figure's scale."
+    return note + (
+        f"Here α multiplies every class's loss by exactly {alpha:g}, so this run's loss values (training and "
+        f"validation, and the curves below) are {1 / alpha:g}× smaller than the figure's form: compare them with "
+        f"the source's reported validation loss {source['validation_loss']} with that in mind. "
+        "`--set train.loss_options.alpha=1.0` trains with the figure's form."
+    )
+
+
 def _subclass_rows(table: SubclassTable, data: MaicData, store: TokenStore) -> list[tuple]:
     persons = np.array([table.subclass_of(person) for person in data.train])
     tokens = persons[store.person]
@@ -1223,6 +1246,9 @@ def write_report(run_dir: Path, scores: dict, data: MaicData, train_store: Token
         "",
         results_table(run_dir),
     ]
+    loss_note = loss_scale_note(recipe["train"], recipe["source"])
+    if loss_note:
+        lines += [loss_note, ""]
     for split, evaluation in scores["evaluations"].items():
         slug = split.split()[0]
         report.plot_confusion_matrix(

@@ -315,6 +315,53 @@ def test_recipe_rules():
         maic.load_recipe(overrides=["model.stage_strides=[1]"])
 
 
+def test_the_recipe_builds_the_diagram_and_batch_norm_is_an_option():
+    import keras
+
+    def batch_norms(model):
+        return sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+
+    diagram = maic.build_model(maic.load_recipe(), 21)
+    assert diagram.count_params() == 3_530_005 and batch_norms(diagram) == 0  # as in test_models_maic
+    assert diagram.get_layer("stage2_block2_out").output.shape == (None, 64, 16, 256)
+    normalised = maic.build_model(maic.load_recipe(overrides=["model.batch_norm=true"]), 21)
+    assert batch_norms(normalised) == 11  # stem, 8 block convolutions, 2 projections
+
+
+def _focal_loss(overrides=()):
+    """The loss object the recipe compiles its model with."""
+    import keras
+
+    from replicate import train
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(21, activation="softmax")])
+    return train.compile_model(model, maic.load_recipe(overrides=overrides)["train"]).loss
+
+
+def test_focal_alpha_one_is_the_figures_loss_four_times_the_default():
+    """Keras multiplies each class's term by α after the focal factor: going from α = 0.25 to 1 multiplies
+    every product, every sum and the batch mean by 4, a power of two, which floating point does exactly (no
+    term here is anywhere near float32's subnormal range), so the two losses compare bit for bit."""
+    default, figure = _focal_loss(), _focal_loss(["train.loss_options.alpha=1.0"])
+    assert (default.alpha, default.gamma, figure.alpha, figure.gamma) == (0.25, 2.0, 1.0, 2.0)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=2.0, size=(16, 21))
+    probabilities = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32)
+    targets = np.eye(21, dtype=np.float32)[rng.integers(0, 21, 16)]
+    scaled, unscaled = np.float32(default(targets, probabilities)), np.float32(figure(targets, probabilities))
+    assert unscaled > 0 and unscaled == 4 * scaled
+
+
+def test_the_loss_scale_note():
+    recipe = maic.load_recipe()
+    note = maic.loss_scale_note(recipe["train"], recipe["source"])
+    assert "alpha=0.25, gamma=2" in note and "4× smaller" in note and "0.5732" in note
+    figure = maic.load_recipe(overrides=["train.loss_options.alpha=1.0"])
+    assert "on the figure's scale" in maic.loss_scale_note(figure["train"], figure["source"])
+    cross_entropy = maic.load_recipe(overrides=["train.loss=CategoricalCrossentropy"])
+    assert maic.loss_scale_note(cross_entropy["train"], cross_entropy["source"]) == ""
+
+
 # --- end to end ----------------------------------------------------------------------------------
 
 TINY = [
@@ -362,7 +409,7 @@ def test_recipe_end_to_end_and_resume(synthetic, tmp_path, capsys):
     assert test["persons"] == 6 and len(test["member_macro_f1"]) == 1 and 0 <= test["majority_macro_f1"] < 0.2
     assert set(scores["evaluations"]) == {"test (synthetic answers)", "validation persons"}
     report = (run_dir / "report.md").read_text()
-    for heading in ("## Sub-classes", "## Label masking", "confusion matrix", "0.5759", "0.7346"):
+    for heading in ("## Sub-classes", "## Label masking", "confusion matrix", "0.5759", "0.7346", "4× smaller"):
         assert heading in report
     assert (run_dir / "confusion_test.png").is_file() and (run_dir / "validation_f1.png").is_file()
     manifest = files.read_json(run_dir / "manifest.json")
