@@ -27,7 +27,7 @@ from typing import Any
 
 import keras
 
-from replicate import files, report
+from replicate import files, losses, report
 
 MANIFEST = "manifest.json"
 
@@ -37,7 +37,8 @@ def member_name(seed: int) -> str:
 
 
 def compile_model(model: keras.Model, train_recipe: dict, metrics: Sequence[Any] | None = None) -> keras.Model:
-    """Compile with the recipe's optimizer, learning rate and loss, all Keras built-ins by name.
+    """Compile with the recipe's optimizer, learning rate and loss, by name: Keras built-ins, and the losses
+    of `replicate.losses` that Keras has no built-in for.
 
     Optional recipe keys: `loss_options` (the loss's constructor arguments, e.g. focal alpha/gamma),
     `weight_decay` (the optimizer's decoupled weight decay), `jit_compile` (XLA; Keras's "auto" if absent).
@@ -46,7 +47,7 @@ def compile_model(model: keras.Model, train_recipe: dict, metrics: Sequence[Any]
     if train_recipe.get("weight_decay"):
         optimizer_config["weight_decay"] = train_recipe["weight_decay"]
     optimizer = keras.optimizers.get({"class_name": train_recipe["optimizer"], "config": optimizer_config})
-    loss = keras.losses.get({"class_name": train_recipe["loss"], "config": dict(train_recipe.get("loss_options", {}))})
+    loss = losses.get(train_recipe["loss"], train_recipe.get("loss_options", {}))
     model.compile(
         optimizer=optimizer,
         loss=loss,
@@ -283,6 +284,10 @@ def _save_member(model, recipe: dict, seed: int, run_dir: Path, train_data) -> d
     recalibrated = 0
     if recipe["train"].get("recalibrate_batchnorm", False):
         recalibrated = recalibrate_batchnorm(model, train_data(seed))
+    if not type(model.loss).__module__.startswith("keras."):
+        # A member file is for inference and must load where only Keras is installed; compiled with a loss of
+        # this package, its training configuration would not (Keras rebuilds the loss when loading).
+        model = keras.Model(model.input, model.output, name=model.name)  # the same layers, uncompiled
     with files.atomic_path(member_path, suffix=".keras") as temporary:
         model.save(temporary)
     return {
