@@ -906,8 +906,8 @@ def evaluate_and_report(
             shared = all(np.array_equal(rows[k], rows[variants[0]]) for k in variants)
             member_rows = [rows[e["n_mfcc"]] for e in entries]
             member_probabilities = [  # (its variant's rows, 5) per member
-                predict_members([member], {key: value[member_rows[i]] for key, value in inputs.items()})[0]
-                for i, member in enumerate(ensemble.members)
+                predict_members([member], inputs if rows_of is None else {key: v[own] for key, v in inputs.items()})[0]
+                for member, own in zip(ensemble.members, member_rows, strict=True)
             ]
             of_variant = {k: [i for i, e in enumerate(entries) if e["n_mfcc"] == k] for k in variants}
             variant_probabilities = {k: np.stack([member_probabilities[i] for i in of_variant[k]]) for k in variants}
@@ -983,9 +983,8 @@ def results_table(run_dir: str | os.PathLike) -> str:
         seeds = len(modality_scores["members"]) // max(1, len(variants))
         for split, split_scores in modality_scores["splits"].items():
             first = str(variants[0])
-            what = SPLIT_WHAT[
-                split if "ensemble" in split_scores or split != "validation" else "validation_per_variant"
-            ]
+            # no ensemble score: validation folds that differ between the variants
+            what = SPLIT_WHAT[split if "ensemble" in split_scores else "validation_per_variant"]
             where = f"our synthetic data, {what}, {split_scores['persons'][first]} persons"
             rows.append(
                 (
