@@ -1,6 +1,6 @@
 """The AI CUP 2023 pathological-voice model (6th private): an MFCC CNN with an optional clinical MLP branch.
 
-Architecture from ../shared/spec/aicup.md ("Model"), layer for layer as the team's notebooks ran it:
+Architecture from the team's training notebooks (their `Network` module), layer for layer as its forward() ran:
 
     MFCC (n_mfcc, 126, 1) → per-frame standardisation
       → [Conv 3×3 → CELU → BN → MaxPool 2] (16) → [Conv (3,10) → CELU → BN → MaxPool 2] (32)
@@ -12,8 +12,10 @@ PyTorch details kept: every convolution has padding 1 (also the (3,10) ones, so 
 max pooling pads 1 with −∞ (`nn.MaxPool2d(2, padding=1)`), BatchNorm momentum 0.1 / eps 1e-5, and
 PyTorch's default initialisation (weights and biases uniform in ±1/√fan_in). The source's notebooks standardised
 each MFCC matrix per frame with numpy before the network; here that is the first layer, so a saved member
-takes raw MFCCs. The source applied `CrossEntropyLoss` to the softmax output (a softmax twice); this model
-outputs probabilities and is trained with `CategoricalCrossentropy(from_logits=False)`.
+takes raw MFCCs. The notebooks' `Network` also defines conv4-conv7, bn4-bn7, two BatchNorm1d and a dropout
+that forward() never calls; they are left out (they change neither outputs nor training). The model outputs
+probabilities, as the source's did; the source's loss took them for logits (a softmax twice), which the recipe
+reproduces with `replicate.losses.DoubleSoftmaxCrossentropy`.
 """
 
 from __future__ import annotations
@@ -136,8 +138,11 @@ def build_aicup_model(
 
     x = _dense(x, head_units, name="head_dense")
     x = _batch_norm("head_bn")(x)
+    # The policy's variable dtype: float32 under mixed precision (the loss wants full precision), float64 under
+    # float64 (the tests compare the model with the source's network in float64).
+    output_dtype = keras.config.dtype_policy().variable_dtype
     outputs = layers.Dense(
-        num_classes, activation="softmax", dtype="float32", name="probabilities", **_torch_default(head_units)
+        num_classes, activation="softmax", dtype=output_dtype, name="probabilities", **_torch_default(head_units)
     )(x)
     return keras.Model(inputs, outputs, name="aicup_mfcc_cnn" if clinical else "aicup_mfcc_cnn_audio_only")
 

@@ -6,8 +6,9 @@
     python -m replicate.aicup --data data/synth/aicup --profile quick         # the synthetic demo
 
 Stages, each skipping work already done: read and check the layout → MFCCs (cached, one cache per n_mfcc)
-→ clinical encoder (fitted on the training rows) → fold-0 split → one seed ensemble per n_mfcc variant
-(resumable) → predictions, `submission.csv` → UAR, macro F1, per-class recall, confusion matrices → `report.md`.
+→ clinical encoder (fitted on the training rows) → fold-0 splits (one per variant, as the source's five
+notebooks drew them; or one shared) → one seed ensemble per n_mfcc variant (resumable) → predictions,
+`submission.csv` → UAR, macro F1, per-class recall, confusion matrices → `report.md`.
 
 Run folder (`runs/aicup/<profile>-<hash>/`):
 
@@ -117,7 +118,9 @@ RULES: dict[str, recipe_lib.Rule] = {
     "train.learning_rate": recipe_lib.positive,
     "train.weight_decay": recipe_lib.non_negative,
     "train.optimizer": recipe_lib.one_of("SGD", "Adam", "AdamW", "Nadam", "RMSprop"),
-    "train.loss": recipe_lib.one_of("CategoricalCrossentropy", "CategoricalFocalCrossentropy"),
+    "train.loss": recipe_lib.one_of(
+        "DoubleSoftmaxCrossentropy", "CategoricalCrossentropy", "CategoricalFocalCrossentropy"
+    ),
     "train.class_weights": recipe_lib.one_of("inverse_count", "none"),
     "ensemble.seeds": recipe_lib.positive,
     "ensemble.first_seed": recipe_lib.non_negative,
@@ -559,6 +562,56 @@ def fold_split(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[np
     return np.sort(train_rows), np.sort(validation_rows)
 
 
+@dataclass(frozen=True)
+class Fold:
+    """One variant's split of the training list: its seed, training rows and validation rows."""
+
+    seed: int
+    train_rows: np.ndarray
+    validation_rows: np.ndarray
+
+
+def variant_folds(labels: np.ndarray, data_recipe: Mapping, variants: Sequence[int]) -> dict[int, Fold]:
+    """Each n_mfcc variant's training and validation rows: fold `data.validation_fold` of a stratified
+    `data.folds`-fold split.
+
+    The source trained each variant in its own notebook, and each notebook drew its own
+    `StratifiedKFold(n_splits=4, shuffle=True)` split (no random_state) and validated on its fold 0. With
+    `data.split_per_variant` (the default) variant k's split is seeded `data.split_seed + k`, so the variants
+    see different persons as the source's did, and a variant's split does not depend on which other variants
+    are trained; without it every variant gets the one split seeded `data.split_seed` (comparable variants,
+    and an ensemble score on the validation fold).
+    """
+    folds = {}
+    for n_mfcc in variants:
+        seed = data_recipe["split_seed"] + (n_mfcc if data_recipe["split_per_variant"] else 0)
+        folds[n_mfcc] = Fold(seed, *fold_split(labels, data_recipe["folds"], data_recipe["validation_fold"], seed))
+    return folds
+
+
+def split_summary(labels: np.ndarray, data_recipe: Mapping, folds: Mapping[int, Fold]) -> dict:
+    """The manifest's record of the splits: how they were drawn, and per variant its seed, persons, class
+    counts and class weights (1/count of its training rows)."""
+    return {
+        "per_variant": data_recipe["split_per_variant"],
+        "folds": data_recipe["folds"],
+        "validation_fold": data_recipe["validation_fold"],
+        "variants": {
+            str(n_mfcc): {
+                "seed": fold.seed,
+                "train_persons": len(fold.train_rows),
+                "validation_persons": len(fold.validation_rows),
+                "class_counts": {
+                    "train": np.bincount(labels[fold.train_rows] - 1, minlength=len(CLASS_NAMES)).tolist(),
+                    "validation": np.bincount(labels[fold.validation_rows] - 1, minlength=len(CLASS_NAMES)).tolist(),
+                },
+                "class_weights": class_weights(labels[fold.train_rows]).tolist(),
+            }
+            for n_mfcc, fold in folds.items()
+        },
+    }
+
+
 def make_dataset(
     inputs: Mapping[str, np.ndarray],
     labels: np.ndarray | None = None,
@@ -617,15 +670,15 @@ def train_modality(
     clinical: bool,
     arrays: Mapping[str, np.ndarray],
     labels: np.ndarray,
-    train_rows: np.ndarray,
-    validation_rows: np.ndarray,
+    folds: Mapping[int, Fold],
     base_manifest: dict,
     *,
     log: Callable[[str], None],
     progress: bool,
 ) -> dict:
-    """Train one seed ensemble per n_mfcc variant into `<run>/<modality>/mfcc<k>/`; returns the modality's
-    manifest (all variants' members, paths relative to `<run>/<modality>/`), also written there."""
+    """Train one seed ensemble per n_mfcc variant, on its own fold (`variant_folds`), into
+    `<run>/<modality>/mfcc<k>/`; returns the modality's manifest (all variants' members, paths relative to
+    `<run>/<modality>/`), also written there."""
     import keras
 
     from models.aicup import mfcc_input_name
@@ -633,21 +686,26 @@ def train_modality(
 
     modality = MODALITIES[clinical]
     modality_dir = run_dir / modality
-    weights = class_weights(labels[train_rows]) if recipe["train"]["class_weights"] == "inverse_count" else None
-    if recipe["train"]["drop_last_batch"] and len(train_rows) < recipe["train"]["batch_size"]:
-        raise DataError(
-            f"{len(train_rows)} training persons make no full batch of train.batch_size = "
-            f"{recipe['train']['batch_size']} (train.drop_last_batch = true drops incomplete batches)"
-        )
     members = []
     environment = None
     for n_mfcc in recipe["features"]["n_mfcc"]:
+        train_rows, validation_rows = folds[n_mfcc].train_rows, folds[n_mfcc].validation_rows
+        if recipe["train"]["drop_last_batch"] and len(train_rows) < recipe["train"]["batch_size"]:
+            raise DataError(
+                f"{len(train_rows)} training persons make no full batch of train.batch_size = "
+                f"{recipe['train']['batch_size']} (train.drop_last_batch = true drops incomplete batches)"
+            )
+        inverse_count = recipe["train"]["class_weights"] == "inverse_count"
+        weights = class_weights(labels[train_rows]) if inverse_count else np.ones(len(CLASS_NAMES))
         keys = [mfcc_input_name(n_mfcc)] + (["clinical"] if clinical else [])
         train_inputs = {key: arrays[key][train_rows] for key in keys}
         validation_inputs = {key: arrays[key][validation_rows] for key in keys}
         validation_labels = labels[validation_rows]
         score = uar_scorer(validation_inputs, validation_labels)
-        log(f"{modality}, n_mfcc {n_mfcc}: {len(train_rows)} training, {len(validation_rows)} validation persons")
+        log(
+            f"{modality}, n_mfcc {n_mfcc}: {len(train_rows)} training, {len(validation_rows)} validation persons "
+            f"(split seed {folds[n_mfcc].seed})"
+        )
         variant_dir = modality_dir / f"mfcc{n_mfcc}"
         variant_manifest = train.train_ensemble(
             recipe,
@@ -660,10 +718,10 @@ def train_modality(
             },
             log=log,
             build_model=functools.partial(build_model, recipe, n_mfcc, clinical),
-            train_data=lambda seed, inputs=train_inputs: make_dataset(
+            train_data=lambda seed, inputs=train_inputs, rows=train_rows, weights=weights: make_dataset(
                 inputs,
-                labels[train_rows],
-                weights=weights if weights is not None else np.ones(len(CLASS_NAMES)),
+                labels[rows],
+                weights=weights,
                 batch_size=recipe["train"]["batch_size"],
                 shuffle=True,
                 seed=seed,
@@ -692,6 +750,28 @@ def train_modality(
     return manifest
 
 
+def input_arrays(
+    data: AicupData, recipe: dict, progress: bool = True
+) -> tuple[dict[str, dict[str, np.ndarray]], ClinicalEncoder, dict[str, dict[str, int]]]:
+    """Every list's model inputs, {"mfcc_<k>": each variant's cached MFCCs, "clinical": the encoded fields}
+    per list name ("train", "public", "private"); the clinical encoder (fitted on the training list); and
+    the audio changes (padded, cropped clips) per list."""
+    from models.aicup import mfcc_input_name
+
+    splits = [data.train, *data.tests]
+    arrays: dict[str, dict[str, np.ndarray]] = {split.name: {} for split in splits}
+    audio_changes: dict[str, dict[str, int]] = {}
+    for n_mfcc in recipe["features"]["n_mfcc"]:
+        for split in splits:
+            values, meta = mfcc_cached(split.paths, recipe, n_mfcc, f"aicup-{split.name}", progress)
+            arrays[split.name][mfcc_input_name(n_mfcc)] = np.asarray(values)
+            audio_changes[split.name] = meta["notes"]
+    encoder = ClinicalEncoder.fit(data.train.clinical)
+    for split in splits:
+        arrays[split.name]["clinical"] = encoder(split.clinical)
+    return arrays, encoder, audio_changes
+
+
 def run(
     recipe: dict,
     data_root: str | os.PathLike,
@@ -701,7 +781,6 @@ def run(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run the whole recipe on a data folder; returns the run folder (report.md, submission.csv)."""
-    from models.aicup import mfcc_input_name
     from replicate import task, train
 
     data_root = Path(data_root)
@@ -714,22 +793,10 @@ def run(
     )
 
     started = time.perf_counter()
-    splits = [data.train, *data.tests]
-    arrays: dict[str, dict[str, np.ndarray]] = {split.name: {} for split in splits}
-    audio_changes: dict[str, dict[str, int]] = {}
-    for n_mfcc in recipe["features"]["n_mfcc"]:
-        for split in splits:
-            values, meta = mfcc_cached(split.paths, recipe, n_mfcc, f"aicup-{split.name}", progress)
-            arrays[split.name][mfcc_input_name(n_mfcc)] = np.asarray(values)
-            audio_changes[split.name] = meta["notes"]
+    arrays, encoder, audio_changes = input_arrays(data, recipe, progress)
     feature_seconds = time.perf_counter() - started
-
-    encoder = ClinicalEncoder.fit(data.train.clinical)
-    for split in splits:
-        arrays[split.name]["clinical"] = encoder(split.clinical)
-    train_rows, validation_rows = fold_split(
-        data.train.labels, recipe["data"]["folds"], recipe["data"]["validation_fold"], recipe["data"]["split_seed"]
-    )
+    splits = [data.train, *data.tests]
+    folds = variant_folds(data.train.labels, recipe["data"], recipe["features"]["n_mfcc"])
     base_manifest = {
         "task": "aicup",
         "recipe_name": recipe["name"],
@@ -738,18 +805,11 @@ def run(
         "audio": vars(audio_spec(recipe["data"])),
         "features": {key: recipe["features"][key] for key in ("n_mfcc", "n_fft", "hop_length")},
         "clinical_encoder": encoder.to_config(),
-        "class_weights": class_weights(data.train.labels[train_rows]).tolist(),
         "data": {
             "root": str(data_root.resolve()),
-            "train_persons": len(train_rows),
-            "validation_persons": len(validation_rows),
-            "validation": f"fold {recipe['data']['validation_fold']} of a stratified {recipe['data']['folds']}-fold "
-            f"split, seed {recipe['data']['split_seed']}",
+            "training_list_persons": len(data.train.ids),
+            "split": split_summary(data.train.labels, recipe["data"], folds),
             "test_persons": {split.name: len(split.ids) for split in data.tests},
-            "class_counts": {
-                "train": np.bincount(data.train.labels[train_rows] - 1, minlength=5).tolist(),
-                "validation": np.bincount(data.train.labels[validation_rows] - 1, minlength=5).tolist(),
-            },
             "audio_changes": audio_changes,
             "empty_cells_filled": {split.name: split.empty_cells for split in splits},
             "extra_wavs": {split.name: split.extra_wavs for split in splits},
@@ -768,8 +828,7 @@ def run(
             clinical,
             arrays["train"],
             data.train.labels,
-            train_rows,
-            validation_rows,
+            folds,
             base_manifest,
             log=log,
             progress=progress,
@@ -784,7 +843,7 @@ def run(
             "peak_memory_mb": train.peak_memory_mb(),
         },
     )
-    evaluate_and_report(run_dir, data, arrays, validation_rows, list(manifests), main_modality, log=log)
+    evaluate_and_report(run_dir, data, arrays, folds, list(manifests), main_modality, log=log)
     return run_dir
 
 
@@ -809,67 +868,91 @@ def evaluate_and_report(
     run_dir: Path,
     data: AicupData,
     arrays: Mapping[str, Mapping[str, np.ndarray]],
-    validation_rows: np.ndarray,
+    folds: Mapping[int, Fold],
     modalities: Sequence[str],
     main_modality: str,
     *,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Predict every split with every member of each modality, write submission.csv (the main modality's
-    five-variant vote), score where labels exist, and write report.md."""
+    five-variant vote), score where labels exist, and write report.md.
+
+    Each member is scored on its own variant's validation fold. The ensemble is scored on the validation
+    fold only when every variant shares one (`data.split_per_variant = false`): with a split per variant, a
+    person validating one variant trained another.
+    """
     from replicate.ensemble import Ensemble
 
-    evaluation_inputs = {
-        "validation": ({k: v[validation_rows] for k, v in arrays["train"].items()}, data.train.labels[validation_rows])
+    # split → (inputs, labels, rows of each variant or None for all rows)
+    evaluation = {
+        "validation": (arrays["train"], data.train.labels, {k: fold.validation_rows for k, fold in folds.items()})
     }
     for split in data.tests:
-        evaluation_inputs[split.name] = (arrays[split.name], split.labels)
+        evaluation[split.name] = (arrays[split.name], split.labels, None)
 
     scores: dict = {"modalities": {}, "main": main_modality}
     saved = {}
     for modality in modalities:
         ensemble = Ensemble.load(run_dir / modality)
         entries = ensemble.manifest["members"]
+        variants = sorted({e["n_mfcc"] for e in entries})
         modality_scores = {
             "members": [{"n_mfcc": e["n_mfcc"], "seed": e["seed"], "best_epoch": e.get("best_epoch")} for e in entries],
             "splits": {},
         }
-        for split_name, (inputs, labels) in evaluation_inputs.items():
-            probabilities = predict_members(ensemble.members, inputs)
-            saved[f"{modality}/{split_name}"] = probabilities
+        for split_name, (inputs, labels, rows_of) in evaluation.items():
+            persons = len(next(iter(inputs.values())))
+            rows = {k: np.arange(persons) if rows_of is None else rows_of[k] for k in variants}
+            shared = all(np.array_equal(rows[k], rows[variants[0]]) for k in variants)
+            member_rows = [rows[e["n_mfcc"]] for e in entries]
+            member_probabilities = [  # (its variant's rows, 5) per member
+                predict_members([member], inputs if rows_of is None else {key: v[own] for key, v in inputs.items()})[0]
+                for member, own in zip(ensemble.members, member_rows, strict=True)
+            ]
+            of_variant = {k: [i for i, e in enumerate(entries) if e["n_mfcc"] == k] for k in variants}
+            variant_probabilities = {k: np.stack([member_probabilities[i] for i in of_variant[k]]) for k in variants}
+            if shared:
+                saved[f"{modality}/{split_name}"] = np.stack(member_probabilities)
+            else:  # each variant on its own persons
+                saved.update({f"{modality}/{split_name}_mfcc{k}": variant_probabilities[k] for k in variants})
             if labels is None:
                 continue
-            variants = sorted({e["n_mfcc"] for e in entries})
-            modality_scores["splits"][split_name] = {
-                "ensemble": classification_scores(labels, vote(probabilities)),
-                "member_uar": [metrics.unweighted_average_recall(labels, vote(p[None])) for p in probabilities],
+            split_scores = {
+                "persons": {str(k): len(rows[k]) for k in variants},
+                "member_uar": [
+                    metrics.unweighted_average_recall(labels[member_rows[i]], vote(p[None]))
+                    for i, p in enumerate(member_probabilities)
+                ],
                 "variant_uar": {
-                    str(k): metrics.unweighted_average_recall(
-                        labels, vote(probabilities[[i for i, e in enumerate(entries) if e["n_mfcc"] == k]])
-                    )
+                    str(k): metrics.unweighted_average_recall(labels[rows[k]], vote(variant_probabilities[k]))
                     for k in variants
                 },
             }
+            if shared:
+                split_scores["ensemble"] = classification_scores(
+                    labels[rows[variants[0]]], vote(saved[f"{modality}/{split_name}"])
+                )
+            modality_scores["splits"][split_name] = split_scores
         scores["modalities"][modality] = modality_scores
 
     with files.atomic_path(run_dir / "predictions.npz", suffix=".npz") as temporary:
         np.savez(temporary, **{key.replace("/", "__"): value for key, value in saved.items()})
     if data.tests:
-        rows = []
+        lines = []
         for split in data.tests:
             labels = vote(saved[f"{main_modality}/{split.name}"])
-            rows += [f"{identifier},{label}" for identifier, label in zip(split.ids, labels, strict=True)]
-        files.write_text(run_dir / "submission.csv", "\n".join(rows) + "\n")
+            lines += [f"{identifier},{label}" for identifier, label in zip(split.ids, labels, strict=True)]
+        files.write_text(run_dir / "submission.csv", "\n".join(lines) + "\n")
         log(f"submission: {run_dir / 'submission.csv'}")
 
-    train_labels = data.train.labels
-    majority = np.bincount(train_labels).argmax()
+    majority = np.bincount(data.train.labels).argmax()
     scores["majority_class"] = int(majority)
-    scores["majority_uar"] = {
-        name: metrics.unweighted_average_recall(labels, np.full(len(labels), majority))
-        for name, (_, labels) in evaluation_inputs.items()
-        if labels is not None
-    }
+    # A constant prediction's UAR is 1 / (classes present): the same on every variant's stratified fold.
+    scores["majority_uar"] = {}
+    for name, (_, labels, rows_of) in evaluation.items():
+        if labels is not None:
+            held_out = labels if rows_of is None else labels[next(iter(rows_of.values()))]
+            scores["majority_uar"][name] = metrics.unweighted_average_recall(held_out, np.full(len(held_out), majority))
     files.write_json(run_dir / "scores.json", scores)
     write_report(run_dir, scores)
     log(f"report: {run_dir / 'report.md'}")
@@ -878,6 +961,7 @@ def evaluate_and_report(
 
 SPLIT_WHAT = {
     "validation": "validation fold (held-out training persons)",
+    "validation_per_variant": "each variant's own validation fold (held-out training persons)",
     "public": "public test list (synthetic answers)",
     "private": "private test list (synthetic answers)",
 }
@@ -898,8 +982,10 @@ def results_table(run_dir: str | os.PathLike) -> str:
         variants = sorted({m["n_mfcc"] for m in modality_scores["members"]})
         seeds = len(modality_scores["members"]) // max(1, len(variants))
         for split, split_scores in modality_scores["splits"].items():
-            where = f"our synthetic data, {SPLIT_WHAT[split]}, {split_scores['ensemble']['persons']} persons"
             first = str(variants[0])
+            # no ensemble score: validation folds that differ between the variants
+            what = SPLIT_WHAT[split if "ensemble" in split_scores else "validation_per_variant"]
+            where = f"our synthetic data, {what}, {split_scores['persons'][first]} persons"
             rows.append(
                 (
                     f"ours: {MODALITY_WHAT[modality]}, n_mfcc {first} alone",
@@ -908,14 +994,15 @@ def results_table(run_dir: str | os.PathLike) -> str:
                     "",
                 )
             )
-            rows.append(
-                (
-                    f"ours: {MODALITY_WHAT[modality]}, {len(variants)} variants × {seeds} seed(s)",
-                    where,
-                    f"{split_scores['ensemble']['uar']:.4f}",
-                    f"{split_scores['ensemble']['macro_f1']:.4f}",
+            if "ensemble" in split_scores:  # not on validation folds that differ between the variants
+                rows.append(
+                    (
+                        f"ours: {MODALITY_WHAT[modality]}, {len(variants)} variants × {seeds} seed(s)",
+                        where,
+                        f"{split_scores['ensemble']['uar']:.4f}",
+                        f"{split_scores['ensemble']['macro_f1']:.4f}",
+                    )
                 )
-            )
     chance = sorted({round(value, 4) for value in scores["majority_uar"].values()})
     rows.append(
         (
@@ -926,14 +1013,26 @@ def results_table(run_dir: str | os.PathLike) -> str:
         )
     )
     environment = manifest["environment"]
+    split = manifest["data"]["split"]
+    training_persons = sorted({variant["train_persons"] for variant in split["variants"].values()})
     caption = (
         f"UAR (the competition metric: mean per-class recall; chance 0.2) and macro F1. Ours: profile "
         f"`{recipe['run']['profile']}`, {recipe['train']['epochs']} epochs per member, the epoch with the best "
         f"validation-fold UAR kept (so validation-fold scores are optimistic, as the source's 0.7305 is; the test "
-        f"lists are unseen persons), {manifest['data']['train_persons']} training persons; {environment['machine']}, "
-        f"{environment['date'][:10]}, commit {short_commit(environment['git'])}."
+        f"lists are unseen persons), {' or '.join(map(str, training_persons))} training persons, "
+        f"{_split_line(split)}; {environment['machine']}, {environment['date'][:10]}, "
+        f"commit {short_commit(environment['git'])}."
     )
     return report.markdown_table(("model", "data", "UAR", "macro F1"), rows) + "\n\n" + caption + "\n"
+
+
+def _split_line(split: Mapping) -> str:
+    """How the manifest's splits were drawn, in words."""
+    seeds = ", ".join(f"{k}: {variant['seed']}" for k, variant in split["variants"].items())
+    how = f"fold {split['validation_fold']} of a stratified {split['folds']}-fold split"
+    if split["per_variant"]:
+        return f"{how} per variant, as the source's notebooks drew them (seeds by n_mfcc {seeds})"
+    return f"{how} shared by every variant (seed {next(iter(split['variants'].values()))['seed']})"
 
 
 def write_report(run_dir: Path, scores: dict) -> Path:
@@ -953,7 +1052,11 @@ def write_report(run_dir: Path, scores: dict) -> Path:
     ]
     if len(scores["modalities"]) > 1:
         lines += ["### Audio only vs multimodal", ""]
-        splits = list(next(iter(scores["modalities"].values()))["splits"])
+        splits = [
+            name
+            for name, split_scores in next(iter(scores["modalities"].values()))["splits"].items()
+            if "ensemble" in split_scores
+        ]
         lines.append(
             report.markdown_table(
                 ("ensemble",) + tuple(f"UAR {s}" for s in splits) + tuple(f"macro F1 {s}" for s in splits),
@@ -971,6 +1074,22 @@ def write_report(run_dir: Path, scores: dict) -> Path:
     for modality, modality_scores in scores["modalities"].items():
         lines += [f"## {MODALITY_WHAT[modality]} (`{modality}`)", ""]
         for split, split_scores in modality_scores["splits"].items():
+            variant_line = (
+                "UAR of each variant's seed ensemble: "
+                + ", ".join(f"n_mfcc {k}: {v:.4f}" for k, v in split_scores["variant_uar"].items())
+                + f"; single members: {report.mean_std(split_scores['member_uar'])} (mean ± std)."
+            )
+            if "ensemble" not in split_scores:
+                lines += [
+                    f"### {SPLIT_WHAT['validation_per_variant']}",
+                    "",
+                    "No ensemble score: each variant was validated on its own fold, as in the source, so a person "
+                    "held out by one variant trained another (`data.split_per_variant = false` shares one split).",
+                    "",
+                    variant_line,
+                    "",
+                ]
+                continue
             ensemble = split_scores["ensemble"]
             plot = f"confusion_{modality}_{split}.png"
             report.plot_confusion_matrix(
@@ -990,9 +1109,7 @@ def write_report(run_dir: Path, scores: dict) -> Path:
                     ],
                 ),
                 "",
-                "UAR of each variant's seed ensemble: "
-                + ", ".join(f"n_mfcc {k}: {v:.4f}" for k, v in split_scores["variant_uar"].items())
-                + f"; single members: {report.mean_std(split_scores['member_uar'])} (mean ± std).",
+                variant_line,
                 "",
                 f"![confusion matrix]({plot})",
                 "",
@@ -1030,10 +1147,24 @@ def write_report(run_dir: Path, scores: dict) -> Path:
         "",
         "## Data and features",
         "",
-        f"- Persons: {data['train_persons']} training, {data['validation_persons']} validation ({data['validation']}); "
-        f"test lists: {data['test_persons'] or 'none'}. Class counts (1-5): training {data['class_counts']['train']}, "
-        f"validation {data['class_counts']['validation']}; class weights 1/count: "
-        f"{np.round(manifest['class_weights'], 5).tolist()}.",
+        f"- Persons: {data['training_list_persons']} in the training list, split into training and validation "
+        f"persons by {_split_line(data['split'])}; test lists: {data['test_persons'] or 'none'}.",
+        "",
+        report.markdown_table(
+            ("n_mfcc", "split seed", "training", "validation", "class counts 1-5 (training; validation)", "weights"),
+            [
+                (
+                    k,
+                    variant["seed"],
+                    variant["train_persons"],
+                    variant["validation_persons"],
+                    f"{variant['class_counts']['train']}; {variant['class_counts']['validation']}",
+                    np.round(variant["class_weights"], 5).tolist(),
+                )
+                for k, variant in data["split"]["variants"].items()
+            ],
+        ),
+        "",
         f"- MFCC: {manifest['audio']['sample_rate']} Hz, first {manifest['audio']['num_samples']} samples, n_fft "
         f"{manifest['features']['n_fft']}, hop {manifest['features']['hop_length']}, "
         f"n_mfcc {manifest['features']['n_mfcc']}; "

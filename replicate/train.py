@@ -27,7 +27,7 @@ from typing import Any
 
 import keras
 
-from replicate import files, optimizers, report
+from replicate import files, losses, optimizers, report
 
 MANIFEST = "manifest.json"
 
@@ -38,7 +38,8 @@ def member_name(seed: int) -> str:
 
 def compile_model(model: keras.Model, train_recipe: dict, metrics: Sequence[Any] | None = None) -> keras.Model:
     """Compile with the recipe's optimizer, learning rate and loss, by name: Keras built-ins, or one of
-    `replicate.optimizers.OPTIMIZERS` (e.g. "Keras2Nadam").
+    `replicate.optimizers.OPTIMIZERS` (e.g. "Keras2Nadam") and `replicate.losses` (e.g.
+    "DoubleSoftmaxCrossentropy"), for what Keras has no built-in.
 
     Optional recipe keys: `loss_options` (the loss's constructor arguments, e.g. focal alpha/gamma),
     `weight_decay` (the optimizer's decoupled weight decay), `jit_compile` (XLA; Keras's "auto" if absent).
@@ -51,7 +52,7 @@ def compile_model(model: keras.Model, train_recipe: dict, metrics: Sequence[Any]
         optimizer = optimizers.OPTIMIZERS[name](**optimizer_config)
     else:
         optimizer = keras.optimizers.get({"class_name": name, "config": optimizer_config})
-    loss = keras.losses.get({"class_name": train_recipe["loss"], "config": dict(train_recipe.get("loss_options", {}))})
+    loss = losses.get(train_recipe["loss"], train_recipe.get("loss_options", {}))
     model.compile(
         optimizer=optimizer,
         loss=loss,
@@ -301,14 +302,16 @@ def _save_member(model, recipe: dict, seed: int, run_dir: Path, train_data) -> d
 def loadable_anywhere(model: keras.Model) -> keras.Model:
     """The model to save as an ensemble member, so that plain Keras loads it in safe mode.
 
-    A model compiled with a Keras optimizer is saved as it is (compiled, with its optimizer's state). One
-    compiled with an optimizer of `replicate.optimizers` is saved uncompiled, as the same layers and weights:
-    Keras could only load that optimizer with the package imported, and prediction does not need it. The
-    checkpoints of unfinished members keep the optimizer (they resume inside the package).
+    A model compiled with Keras's own optimizer and loss is saved as it is (compiled, with its optimizer's
+    state). One compiled with an optimizer or a loss of this package (`replicate.optimizers`,
+    `replicate.losses`) is saved uncompiled, as the same layers and weights: Keras rebuilds the training
+    configuration when loading and could only find those with the package imported, and prediction does not
+    need them. The checkpoints of unfinished members keep the optimizer (they resume inside the package).
     """
     optimizer = getattr(model, "optimizer", None)
     optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # under mixed_float16: a LossScaleOptimizer
-    if type(optimizer) not in optimizers.OPTIMIZERS.values():
+    loss = getattr(model, "loss", None)
+    if type(optimizer) not in optimizers.OPTIMIZERS.values() and type(loss).__module__ != losses.__name__:
         return model
     return keras.Model(model.inputs, model.outputs, name=model.name)
 

@@ -15,6 +15,7 @@ from sklearn import metrics as sk_metrics
 
 from replicate import aicup, files, train
 from replicate.features import FeatureCacheError
+from replicate.losses import DoubleSoftmaxCrossentropy
 from replicate.recipe import RecipeError
 from replicate.synth import aicup as synth
 from tests.conftest import run_python
@@ -211,20 +212,20 @@ def test_class_weights_are_inverse_counts():
         aicup.class_weights(np.array([1, 2, 3, 5]))
 
 
-def test_weighted_loss_is_pytorchs_weighted_mean_and_takes_probabilities():
-    """The compiled loss is Σ wᵢ·CE / Σ wᵢ on the model's probabilities (no softmax applied twice)."""
-    recipe = aicup.load_recipe()
-    model = train.compile_model(keras.Sequential([keras.Input((5,)), keras.layers.Softmax()]), recipe["train"])
-    assert model.loss.get_config()["from_logits"] is False
-    rng = np.random.default_rng(0)
-    probabilities = rng.dirichlet(np.ones(5), size=8).astype(np.float32)
-    labels = rng.integers(1, 6, size=8)
-    weights = aicup.class_weights(np.array([1, 1, 1, 2, 2, 3, 4, 5]))[labels - 1]
-    one_hot = np.eye(5, dtype=np.float32)[labels - 1]
-    loss = float(model.loss(one_hot, probabilities, sample_weight=weights))
-    cross_entropy = -np.log(probabilities[np.arange(8), labels - 1])
-    assert loss == pytest.approx(np.sum(weights * cross_entropy) / np.sum(weights), rel=1e-5)
-    assert float(model.loss(one_hot, one_hot, sample_weight=weights)) < 1e-5  # softmax-then-CE would be ≥ 0.9
+def test_the_recipes_loss_is_the_sources_and_the_plain_cross_entropy_an_option():
+    """Default: the source's CrossEntropyLoss on the softmax output (a second softmax), as PyTorch's weighted
+    mean Σ wᵢ·lossᵢ / Σ wᵢ; option: the plain cross-entropy of the probabilities. Their values against the
+    source's PyTorch network and loss: tests/test_models_aicup.py and tests/test_backends.py."""
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Softmax()])
+    source = train.compile_model(model, aicup.load_recipe()["train"]).loss
+    assert isinstance(source, DoubleSoftmaxCrossentropy) and source.reduction == "mean_with_sample_weight"
+    plain = train.compile_model(model, aicup.load_recipe(overrides=["train.loss='CategoricalCrossentropy'"])["train"])
+    assert plain.loss.get_config()["from_logits"] is False and plain.loss.reduction == "mean_with_sample_weight"
+    one_hot = np.eye(5, dtype=np.float32)[[0, 1, 2, 3, 4, 4]]
+    weights = aicup.class_weights(np.array([1, 1, 1, 2, 2, 3, 4, 5]))[[0, 1, 2, 3, 4, 4]]
+    # Sure, right answers: 0 for the plain cross-entropy; log(1 + 4/e) ≈ 0.905 through a second softmax.
+    assert float(plain.loss(one_hot, one_hot, sample_weight=weights)) < 1e-6
+    assert float(source(one_hot, one_hot, sample_weight=weights)) == pytest.approx(np.log(1 + 4 / np.e), rel=1e-6)
 
 
 def test_fold_zero_of_a_seeded_stratified_four_fold_split():
@@ -235,6 +236,41 @@ def test_fold_zero_of_a_seeded_stratified_four_fold_split():
     again = aicup.fold_split(labels, folds=4, fold=0, seed=0)
     np.testing.assert_array_equal(again[1], validation_rows)
     assert not np.array_equal(aicup.fold_split(labels, 4, 0, seed=1)[1], validation_rows)
+
+
+def test_each_variant_draws_its_own_split_as_the_sources_notebooks_did():
+    """Each notebook: StratifiedKFold(n_splits=4, shuffle=True), its fold 0; ours seeded split_seed + n_mfcc."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.repeat([1, 2, 3, 4, 5], [40, 20, 12, 4, 4])
+    data_recipe = aicup.load_recipe()["data"]
+    assert data_recipe["split_per_variant"] is True  # the default
+    folds = aicup.variant_folds(labels, data_recipe, [13, 17, 21, 30, 50])
+    assert [fold.seed for fold in folds.values()] == [13, 17, 21, 30, 50]
+    for fold in folds.values():
+        splitter = StratifiedKFold(n_splits=4, shuffle=True, random_state=fold.seed)
+        train_rows, validation_rows = next(iter(splitter.split(np.zeros(len(labels)), labels)))
+        np.testing.assert_array_equal(fold.validation_rows, np.sort(validation_rows))
+        np.testing.assert_array_equal(fold.train_rows, np.sort(train_rows))
+    assert len({tuple(fold.validation_rows) for fold in folds.values()}) == 5  # five different splits
+    # a variant's split does not depend on which other variants are trained (the quick profile's three)
+    alone = aicup.variant_folds(labels, data_recipe, [17])[17]
+    np.testing.assert_array_equal(alone.validation_rows, folds[17].validation_rows)
+    summary = aicup.split_summary(labels, data_recipe, folds)
+    assert summary["per_variant"] is True and summary["variants"]["21"]["seed"] == 21
+    assert summary["variants"]["13"]["validation_persons"] == 20
+    assert summary["variants"]["13"]["class_counts"]["validation"] == [10, 5, 3, 1, 1]
+    np.testing.assert_allclose(summary["variants"]["13"]["class_weights"], [1 / 30, 1 / 15, 1 / 9, 1 / 3, 1 / 3])
+
+
+def test_one_shared_split_is_an_option():
+    labels = np.repeat([1, 2, 3, 4, 5], [40, 20, 12, 4, 4])
+    data_recipe = aicup.load_recipe(overrides=["data.split_per_variant=false", "data.split_seed=3"])["data"]
+    folds = aicup.variant_folds(labels, data_recipe, [13, 17, 21])
+    assert {fold.seed for fold in folds.values()} == {3}
+    expected = aicup.fold_split(labels, 4, 0, seed=3)[1]
+    assert all(np.array_equal(fold.validation_rows, expected) for fold in folds.values())
+    assert aicup.split_summary(labels, data_recipe, folds)["per_variant"] is False
 
 
 def test_uar_is_balanced_accuracy_and_scores_have_recall_and_confusion():
@@ -313,6 +349,47 @@ def test_end_to_end_layout_manifest_and_submission(tiny_run, aicup_data):
     assert "0.6076" in report and "0.7305" in report and "0.6411" in report
     table = aicup.results_table(run_dir)
     assert "ours: MFCC + clinical, 2 variants × 1 seed(s)" in table and "ours: MFCC only" in table
+
+
+def test_each_variant_trains_and_is_validated_on_its_own_split(tiny_run):
+    run_dir, _, lines = tiny_run
+    split = files.read_json(run_dir / "manifest.json")["data"]["split"]
+    assert split["per_variant"] is True and {k: v["seed"] for k, v in split["variants"].items()} == {"13": 13, "17": 17}
+    assert any("n_mfcc 17: 30 training, 10 validation persons (split seed 17)" in line for line in lines)
+    scores = files.read_json(run_dir / "scores.json")["modalities"]["multimodal"]["splits"]
+    # validation folds differ between the variants: each variant scored on its own, no ensemble score
+    assert "ensemble" not in scores["validation"] and sorted(scores["validation"]["variant_uar"]) == ["13", "17"]
+    assert scores["validation"]["persons"] == {"13": 10, "17": 10} and "ensemble" in scores["public"]
+    predictions = np.load(run_dir / "predictions.npz")
+    assert predictions["multimodal__validation_mfcc17"].shape == (1, 10, 5)
+    assert predictions["multimodal__public"].shape == (2, 8, 5)
+    report = (run_dir / "report.md").read_text()
+    assert "No ensemble score: each variant was validated on its own fold" in report
+    assert "fold 0 of a stratified 4-fold split per variant, as the source's notebooks drew them" in report
+    table = aicup.results_table(run_dir)
+    assert "each variant's own validation fold" in table
+    assert "2 variants × 1 seed(s) | our synthetic data, validation" not in table
+
+
+def test_with_one_shared_split_the_ensemble_is_scored_on_the_validation_fold(tiny_run, aicup_data, tmp_path):
+    """The evaluation and report of a shared split, on the tiny run's members (copied)."""
+    run_dir, recipe, _ = tiny_run
+    run_dir = shutil.copytree(run_dir, tmp_path / "run")
+    data = aicup.load_data(aicup_data)
+    arrays, _, _ = aicup.input_arrays(data, recipe, progress=False)
+    shared = {**recipe["data"], "split_per_variant": False}
+    folds = aicup.variant_folds(data.train.labels, shared, [13, 17])
+    manifest = files.read_json(run_dir / "manifest.json")
+    manifest["data"]["split"] = aicup.split_summary(data.train.labels, shared, folds)
+    files.write_json(run_dir / "manifest.json", manifest)
+    scores = aicup.evaluate_and_report(run_dir, data, arrays, folds, ["multimodal"], "multimodal", log=lambda _: None)
+    validation = scores["modalities"]["multimodal"]["splits"]["validation"]
+    assert validation["ensemble"]["persons"] == 10 and validation["persons"] == {"13": 10, "17": 10}
+    assert np.load(run_dir / "predictions.npz")["multimodal__validation"].shape == (2, 10, 5)
+    report = (run_dir / "report.md").read_text()
+    assert "### validation fold (held-out training persons): UAR" in report and "No ensemble score" not in report
+    assert "shared by every variant (seed 0)" in report
+    assert "2 variants × 1 seed(s) | our synthetic data, validation fold" in aicup.results_table(run_dir)
 
 
 def test_saved_ensemble_predicts_new_persons_with_its_manifest(tiny_run, aicup_data):

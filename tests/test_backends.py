@@ -6,6 +6,7 @@ PyTorch comes with the dev extra where its CPU wheel is at hand (x86_64, Python 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from benchmarks import training
 from models.aicup import build_aicup_model
 from models.dacon import build_dacon_model
+from tests import aicup_reference
 from tests.conftest import ROOT
 
 # TensorFlow made unimportable: a machine with only JAX or PyTorch must be able to run this. The GPU box
@@ -114,3 +116,20 @@ def test_every_training_benchmark_trains_on_torch_fused_grouped_and_in_bfloat16(
     assert all("'backend': 'torch'" in line and "'samples_per_second': " in line for line in lines)
     assert "'model': 'maic', 'backend': 'torch', 'device': 'cpu', 'precision': 'mixed_bfloat16'" in output
     assert "'fused': 2, 'layout': 'grouped'" in output
+
+
+@TORCH  # the source's network is a PyTorch module, whatever the backend under test
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_aicup_model_loss_and_sgd_step_match_the_source_network(backend):
+    """What tests/test_models_aicup.py checks under TensorFlow, under each other installed backend: above all
+    that the recipe's loss takes the softmax output for logits there too, as the source's CrossEntropyLoss did."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    output = _run(
+        backend,
+        "import json, keras\n"
+        f"assert keras.backend.backend() == {backend!r}\n"
+        "from tests import aicup_reference\n"
+        "print(json.dumps(aicup_reference.compare_with_source()))\n",
+    )
+    aicup_reference.assert_matches_source(json.loads(output.strip().splitlines()[-1]))

@@ -1,4 +1,5 @@
-"""The AI CUP 2023 MFCC CNN: the source's parameter count, its PyTorch layer semantics, and fresh-process loading."""
+"""The AI CUP 2023 MFCC CNN against a port of the source's PyTorch network (outputs, loss, one SGD step,
+parameter count), its PyTorch layer semantics, and fresh-process loading."""
 
 from __future__ import annotations
 
@@ -7,27 +8,30 @@ import numpy as np
 import pytest
 
 from models.aicup import build_aicup_model
+from tests import aicup_reference
 from tests.conftest import run_python
-
-# Trainable parameters of the layers the source's forward() uses (it also defines conv4-7 and two BatchNorm1d
-# that forward() never calls): conv 160 + 15,392 + 61,504, BN 32 + 64 + 128, clinical 46,080 + 262,400 +
-# 32,896, head 24,704 + BN 256 + 645.
-SOURCE_TRAINABLE = 444_261
 
 
 def _trainable(model) -> int:
     return sum(int(np.prod(weight.shape)) for weight in model.trainable_weights)
 
 
-def test_parameter_count_matches_the_source_forward():
-    model = build_aicup_model(n_mfcc=13)
-    assert _trainable(model) == SOURCE_TRAINABLE
+def test_parameter_count_is_that_of_the_source_networks_forward():
+    # The source's Network also builds conv4-7, bn4-7 and two BatchNorm1d that its forward() never calls.
+    source_used, source_unused = aicup_reference.used_parameter_count(aicup_reference.SourceNetwork())
+    assert source_unused == set(aicup_reference.UNUSED_LAYERS)
+    assert _trainable(build_aicup_model(n_mfcc=13)) == source_used == 444_261
     # The CNN ends in global average pooling, so the count does not depend on n_mfcc.
-    assert _trainable(build_aicup_model(n_mfcc=50)) == SOURCE_TRAINABLE
-    assert (
-        _trainable(build_aicup_model(n_mfcc=13, clinical=False))
-        == SOURCE_TRAINABLE - 46_080 - 262_400 - 32_896 - 128 * 128
-    )
+    assert _trainable(build_aicup_model(n_mfcc=50)) == source_used
+    clinical_branch = 44 * 1024 + 1024 + 1024 * 256 + 256 + 256 * 128 + 128 + 128 * 128  # and its part of fc1
+    assert _trainable(build_aicup_model(n_mfcc=13, clinical=False)) == source_used - clinical_branch
+
+
+def test_outputs_loss_and_one_sgd_step_match_the_source_network():
+    """The model with the recipe's loss and optimizer against the port of the notebooks' Network,
+    CrossEntropyLoss(weight=1/count) on its softmax output, and SGD step (this process: TensorFlow; the other
+    backends in tests/test_backends.py)."""
+    aicup_reference.assert_matches_source(aicup_reference.compare_with_source())
 
 
 def test_inputs_outputs_and_shapes_as_pytorch_computes_them():

@@ -55,6 +55,20 @@ def test_same_seed_gives_identical_weights_with_the_source_model(tmp_path):
     assert not np.array_equal(weights["c"][0], weights["a"][0])
 
 
+def test_a_member_trained_with_a_loss_of_this_package_loads_where_only_keras_is(tmp_path):
+    recipe = {"train": {**RECIPE["train"], "epochs": 1, "loss": "DoubleSoftmaxCrossentropy"}}
+    train.train_member(recipe, 0, run_dir=tmp_path, **_arguments())
+    member = tmp_path / "members" / "seed-00.keras"
+    # Saved without its training configuration: Keras would need replicate.losses imported to rebuild it.
+    run_python(
+        "import keras, numpy as np\n"
+        f"model = keras.models.load_model({str(member)!r}, safe_mode=True)\n"
+        "assert not model.compiled and model.output_shape == (None, 30)\n"
+        "print(model.predict(np.zeros((1, 64, 101, 4), np.float32), verbose=0).sum())\n",
+        cwd=tmp_path,
+    )
+
+
 class KillSecondMember(keras.callbacks.Callback):
     """Stops the run the hard way at the end of the second member's first epoch (after its checkpoint)."""
 
