@@ -127,7 +127,7 @@ RULES: dict[str, recipe_lib.Rule] = {
 
 def load_recipe(profile: str | None = None, overrides: Sequence[str] = (), path: str | None = None) -> dict:
     """The AI CUP recipe with a profile and overrides, validated."""
-    recipe = recipe_lib.load_recipe(path or "aicup", profile, overrides, RULES)
+    recipe = recipe_lib.load_recipe(path or "aicup", profile, overrides, RULES, task="aicup")
     if recipe["data"]["validation_fold"] >= recipe["data"]["folds"]:
         raise recipe_lib.RecipeError(
             f"data.validation_fold = {recipe['data']['validation_fold']}: must be below data.folds "

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 # The largest sample magnitude a usable file may have, 4.0 = +12 dBFS. Integer PCM is within [-1, 1) by
 # construction; a float file may go a few dB over full scale after resampling (inter-sample peaks, about
 # +3 dB at worst) or unlimited mastering, so a strict [-1, 1] would refuse real recordings. A sample ten

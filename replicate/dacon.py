@@ -64,7 +64,7 @@ RULES: dict[str, recipe_lib.Rule] = {
 
 def load_recipe(profile: str | None = None, overrides: Sequence[str] = (), path: str | None = None) -> dict:
     """The DACON recipe with a profile and overrides, validated (also the resolutions' consistency)."""
-    recipe = recipe_lib.load_recipe(path or "dacon", profile, overrides, RULES)
+    recipe = recipe_lib.load_recipe(path or "dacon", profile, overrides, RULES, task="dacon")
     features = recipe["features"]
     if len(features["n_fft"]) != len(features["win_length"]):
         raise recipe_lib.RecipeError(

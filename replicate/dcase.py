@@ -81,7 +81,7 @@ RULES: dict[str, recipe_lib.Rule] = {
 def load_recipe(profile: str | None = None, overrides: Sequence[str] = (), path: str | None = None) -> dict:
     """The DCASE recipe with a profile and overrides, validated. `setup=X` is short for `train.setup=X`."""
     overrides = [f"train.{item}" if item.split("=", 1)[0].strip() == "setup" else item for item in overrides]
-    recipe = recipe_lib.load_recipe(path or "dcase", profile, overrides, RULES)
+    recipe = recipe_lib.load_recipe(path or "dcase", profile, overrides, RULES, task="dcase")
     train = recipe["train"]
     if len(recipe["model"]["blocks"]) != 4:
         raise recipe_lib.RecipeError(f"model.blocks = {recipe['model']['blocks']}: must be four unit counts")

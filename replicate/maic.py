@@ -89,7 +89,7 @@ RULES: dict[str, recipe_lib.Rule] = {
 
 def load_recipe(profile: str | None = None, overrides: Sequence[str] = (), path: str | None = None) -> dict:
     """The MAIC recipe with a profile and overrides, validated."""
-    recipe = recipe_lib.load_recipe(path or "maic", profile, overrides, RULES)
+    recipe = recipe_lib.load_recipe(path or "maic", profile, overrides, RULES, task="maic")
     model = recipe["model"]
     if len(model["stage_filters"]) != len(model["stage_strides"]):
         raise recipe_lib.RecipeError(
