@@ -613,7 +613,10 @@ def run(
     )
     feature_seconds = time.perf_counter() - started
     normalizer = feature_lib.Normalizer.fit(
-        [train_power], recipe["features"]["db_reference"], recipe["features"]["top_db"]
+        [train_power],
+        recipe["features"]["db_reference"],
+        recipe["features"]["top_db"],
+        name=f"the training clips of {data_root} (<dataset>/<machine type>/train/)",
     )
     total_frames = train_power.shape[2]
     frames = recipe["features"]["input_frames"] or total_frames
