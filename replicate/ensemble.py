@@ -28,14 +28,19 @@ def check_finite(member_outputs: Sequence[np.ndarray], seeds: Sequence[int], wha
     """Refuse member outputs with a NaN or infinite value, naming the members' seeds.
 
     Args:
-        member_outputs: one array per member (probabilities, embeddings, scores).
-        seeds: the members' seeds, in the same order.
+        member_outputs: per member, an array or a list of arrays (probabilities, embeddings, scores).
+        seeds: the members' seeds (or other names), in the same order.
         what: what was predicted, for the message (e.g. "runs/dacon/x: the test clips").
 
     Raises:
         PredictionError: listing every member with a non-finite value.
     """
-    bad = [seed for seed, output in zip(seeds, member_outputs, strict=True) if not np.isfinite(output).all()]
+
+    def finite(output) -> bool:
+        parts = output if isinstance(output, (list, tuple)) else [output]
+        return all(np.isfinite(part).all() for part in parts)
+
+    bad = [seed for seed, output in zip(seeds, member_outputs, strict=True) if not finite(output)]
     if bad:
         raise PredictionError(
             f"{what}: the member(s) of seed(s) {', '.join(map(str, bad))} predict NaN or infinite values "
