@@ -112,12 +112,15 @@ def _write_recipe(path, text):
     return str(path)
 
 
-def test_a_recipe_file_of_ones_own_needs_every_key(tmp_path):
+def test_a_recipe_file_of_ones_own_needs_every_key(tmp_path, capsys):
     package = (RECIPES_DIR / "dacon.toml").read_text(encoding="utf-8")
     without_train = package.replace("[train]", "[removed_train]", 1)
     path = _write_recipe(tmp_path / "mine.toml", without_train)
     with pytest.raises(RecipeError, match=r"mine.toml: missing train.epochs, train.batch_size, .* needs every key"):
         dacon.load_recipe(path=path)
+    assert dacon.main(["--data", str(tmp_path), "--recipe", path]) == 2  # was KeyError: 'train'
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {path}: missing train.epochs") and error.count("\n") == 1
     path = _write_recipe(tmp_path / "typed.toml", package.replace("batch_size = 16", 'batch_size = "16"'))
     with pytest.raises(RecipeError, match=r"typed.toml: 'train.batch_size' must be int"):
         dacon.load_recipe(path=path)
