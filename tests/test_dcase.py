@@ -347,10 +347,11 @@ def test_tiny_run_writes_official_files_and_members_that_load_alone(one_type_dat
         arguments += ["--set", item]
     assert dcase.main(arguments) == 0
     last = capsys.readouterr().out.splitlines()[-1]
-    result = files.read_json(run_dir / "scores.json")["groups"][setup]["eval"]["softmax"]["ensemble"]
+    scores = files.read_json(run_dir / "scores.json")
+    result = scores["groups"][setup]["eval"][scores["method"]]["ensemble"]
     assert last.startswith(
         f"done: evaluation AUC {100 * result['mean_auc']:.2f} / pAUC {100 * result['mean_pauc']:.2f} (1-member "
-        "average, softmax score; source: "
+        f"average, {scores['method']} score; source: "
     )
     assert last.endswith(f"on the real data) — report {run_dir / 'report.md'}")
     assert sorted(path.name for path in (run_dir / "dev").glob("*.csv")) == [
@@ -364,7 +365,6 @@ def test_tiny_run_writes_official_files_and_members_that_load_alone(one_type_dat
     assert len((run_dir / "eval" / "anomaly_score_valve_id_01.csv").read_text().splitlines()) == 6
     parsed = dcase.read_result_csv(run_dir / "dev" / "result.csv")
     assert sorted(parsed) == ["valve"] and sorted(parsed["valve"]) == ["00", "Average"]
-    scores = files.read_json(run_dir / "scores.json")
     assert scores["final_group"] == setup and sorted(scores["groups"][setup]["dev"]) == sorted(dcase.SCORE_METHODS)
     for name in ("report.md", "roc_dev.png", "embeddings_dev.png", "training_curves.png"):
         assert (run_dir / name).is_file(), name

@@ -33,7 +33,8 @@ def test_the_log_level_is_set_before_tensorflow_and_a_users_own_is_kept():
     assert own.stdout.strip() == "1"
 
 
-def test_import_replicate_is_enough_to_load_a_model_with_the_packages_layers(tmp_path):
+@pytest.mark.parametrize("imports", ["import replicate, keras", "import keras, replicate"])
+def test_import_replicate_is_enough_to_load_a_model_with_the_packages_layers(tmp_path, imports):
     from replicate.layers import CosineMarginClassifier, WarmupCosineRestarts
 
     embeddings, labels = keras.Input((8,)), keras.Input((3,))
@@ -41,13 +42,26 @@ def test_import_replicate_is_enough_to_load_a_model_with_the_packages_layers(tmp
     model.compile(optimizer=keras.optimizers.Adam(WarmupCosineRestarts(1e-3, steps_per_epoch=2)), loss="mse")
     model.save(tmp_path / "training.keras")
     code = (
-        "import keras, numpy as np, replicate\n"
+        f"{imports}\n"
         f"model = keras.models.load_model({str(tmp_path / 'training.keras')!r}, safe_mode=True)\n"
-        "print(model.get_layer('classifier').__class__.__name__)\n"
+        "print(type(model.get_layer('classifier')).__name__, type(model.optimizer._learning_rate).__name__)\n"
+        "print(type(keras.__loader__).__name__)\n"
     )
     loaded = _fresh(code)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
-    assert loaded.stdout.strip() == "CosineMarginClassifier"
+    layer_and_schedule, loader = loaded.stdout.splitlines()
+    assert layer_and_schedule == "CosineMarginClassifier WarmupCosineRestarts"
+    assert loader == "SourceFileLoader"  # Keras's own loader, put back after the registration
+
+
+def test_reading_data_and_recipes_imports_neither_keras_nor_tensorflow():
+    code = (
+        "import sys, replicate.recipe, replicate.audio, replicate.features, replicate.synth.dacon, replicate.dacon\n"
+        "print(sorted(name for name in ('keras', 'tensorflow') if name in sys.modules))\n"
+    )
+    result = _fresh(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
