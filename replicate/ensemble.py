@@ -24,7 +24,7 @@ class PredictionError(ValueError):
     such outputs: a NaN probability would become an empty submission cell or a label chosen by argmax of NaN."""
 
 
-def check_finite(member_outputs: Sequence[np.ndarray], seeds: Sequence[int], what: str) -> None:
+def check_finite(member_outputs: Sequence, seeds: Sequence[int | str], what: str) -> None:
     """Refuse member outputs with a NaN or infinite value, naming the members' seeds.
 
     Args:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -231,6 +232,7 @@ def test_recipe_end_to_end_and_inference_in_a_fresh_process(dacon_data, tmp_path
         cwd=ROOT,
         capture_output=True,
         text=True,
+        env={key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"},  # the package's
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cuInit" not in result.stderr  # TensorFlow's start-up noise on a machine without a GPU driver
