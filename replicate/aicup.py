@@ -130,7 +130,7 @@ RULES: dict[str, recipe_lib.Rule] = {
 
 def load_recipe(profile: str | None = None, overrides: Sequence[str] = (), path: str | None = None) -> dict:
     """The AI CUP recipe with a profile and overrides, validated."""
-    recipe = recipe_lib.load_recipe(path or "aicup", profile, overrides, RULES)
+    recipe = recipe_lib.load_recipe(path or "aicup", profile, overrides, RULES, task="aicup")
     if recipe["data"]["validation_fold"] >= recipe["data"]["folds"]:
         raise recipe_lib.RecipeError(
             f"data.validation_fold = {recipe['data']['validation_fold']}: must be below data.folds "
@@ -193,14 +193,27 @@ LAYOUT = {
 
 
 def _find(root: Path, normalized: str, *, directory: bool, near: Path | None = None) -> Path | None:
-    """A file (or folder) whose normalised name matches, beside `near` first, then in `root` and one level down."""
-    places = ([near] if near is not None else []) + [root, *sorted(p for p in root.iterdir() if p.is_dir())]
-    for place in places:
-        for candidate in sorted(place.iterdir()):
-            if normalize_file_name(candidate.name) == normalized and (
-                candidate.is_dir() if directory else candidate.is_file()
-            ):
-                return candidate
+    """The file (or folder) whose normalised name matches: beside `near` if it is there, else the one in `root`
+    or one level down. Two candidates in the same search are an error (the loader cannot tell which is the data)."""
+
+    def matches(place: Path) -> list[Path]:
+        return [
+            candidate
+            for candidate in sorted(place.iterdir())
+            if normalize_file_name(candidate.name) == normalized
+            and (candidate.is_dir() if directory else candidate.is_file())
+        ]
+
+    searches = ([[near]] if near is not None else []) + [[root, *sorted(p for p in root.iterdir() if p.is_dir())]]
+    for places in searches:
+        found = [candidate for place in places for candidate in matches(place)]
+        if len(found) > 1:
+            raise DataError(
+                f"{root}: {normalized} is there {len(found)} times ({listing(map(str, found))}); keep one (or use "
+                "a data folder that holds one)"
+            )
+        if found:
+            return found[0]
     return None
 
 
@@ -553,6 +566,24 @@ def class_weights(labels: np.ndarray, num_classes: int = len(CLASS_NAMES)) -> np
     return 1.0 / counts
 
 
+def check_training_classes(split: Split, train_rows: np.ndarray, data_recipe: Mapping) -> None:
+    """Every class must have training persons: the loss weighs a class by 1 / its count (the source's), and
+    a class the model never sees cannot be learned.
+
+    Raises:
+        DataError: naming the table, the absent classes and how many persons of each the table has.
+    """
+    counts = np.bincount(split.labels[train_rows] - 1, minlength=len(CLASS_NAMES))
+    absent = np.flatnonzero(counts == 0)
+    if len(absent):
+        in_table = np.bincount(split.labels - 1, minlength=len(CLASS_NAMES))
+        classes = ", ".join(f"{index + 1} {CLASS_NAMES[index]} ({in_table[index]} in the table)" for index in absent)
+        raise DataError(
+            f"{split.table}: the training persons (all but validation fold {data_recipe['validation_fold']} of "
+            f"{data_recipe['folds']}) have no person of class {classes}; every class needs training persons"
+        )
+
+
 def fold_split(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Training and validation rows: fold `fold` of a seeded stratified k-fold split (the source: fold 0 of 4)."""
     from sklearn.model_selection import StratifiedKFold
@@ -785,6 +816,10 @@ def run(
 
     data_root = Path(data_root)
     data = load_data(data_root)
+    train_rows, validation_rows = fold_split(
+        data.train.labels, recipe["data"]["folds"], recipe["data"]["validation_fold"], recipe["data"]["split_seed"]
+    )
+    check_training_classes(data.train, train_rows, recipe["data"])
     run_dir = task.open_run_dir(recipe, data_root, run_dir)
     log(f"run folder: {run_dir}")
     log(
@@ -880,8 +915,11 @@ def evaluate_and_report(
     Each member is scored on its own variant's validation fold. The ensemble is scored on the validation
     fold only when every variant shares one (`data.split_per_variant = false`): with a split per variant, a
     person validating one variant trained another.
+
+    Raises:
+        PredictionError: a member predicts a NaN or infinite probability (before anything is written).
     """
-    from replicate.ensemble import Ensemble
+    from replicate.ensemble import Ensemble, check_finite
 
     # split → (inputs, labels, rows of each variant or None for all rows)
     evaluation = {
@@ -909,6 +947,8 @@ def evaluate_and_report(
                 predict_members([member], inputs if rows_of is None else {key: v[own] for key, v in inputs.items()})[0]
                 for member, own in zip(ensemble.members, member_rows, strict=True)
             ]
+            names = [f"{e['seed']} (n_mfcc {e['n_mfcc']})" for e in entries]
+            check_finite(member_probabilities, names, f"{run_dir / modality}: the {split_name} persons")
             of_variant = {k: [i for i, e in enumerate(entries) if e["n_mfcc"] == k] for k in variants}
             variant_probabilities = {k: np.stack([member_probabilities[i] for i in of_variant[k]]) for k in variants}
             if shared:
@@ -953,10 +993,31 @@ def evaluate_and_report(
         if labels is not None:
             held_out = labels if rows_of is None else labels[next(iter(rows_of.values()))]
             scores["majority_uar"][name] = metrics.unweighted_average_recall(held_out, np.full(len(held_out), majority))
+    scores["headline"] = headline(scores, recipe_lib.load_recipe(run_dir / "recipe.toml")["source"])
     files.write_json(run_dir / "scores.json", scores)
     write_report(run_dir, scores)
     log(f"report: {run_dir / 'report.md'}")
     return scores
+
+
+def headline(scores: dict, source: dict) -> str:
+    """The run's result in a phrase (the command line's last line): the submission ensemble's UAR on the first
+    scored split of public, private, validation, beside the source's number on that split."""
+    modality = scores["main"]
+    splits = scores["modalities"][modality]["splits"]
+    split = next((name for name in ("public", "private", "validation") if name in splits), None)
+    if split is None:
+        return "not scored"
+    members = scores["modalities"][modality]["members"]
+    variants = len({member["n_mfcc"] for member in members})
+    text = (
+        f"{split} UAR {splits[split]['ensemble']['uar']:.4f} ({MODALITY_WHAT[modality]}, {variants} variant(s) × "
+        f"{len(members) // max(1, variants)} seed(s)"
+    )
+    reported = next((entry for entry in source["reported"] if split in entry["split"]), None)
+    if reported is None:
+        return text + ")"
+    return text + f"; source: {reported['what']} {reported['uar']:.4f} on the real data, {reported['split']})"
 
 
 SPLIT_WHAT = {

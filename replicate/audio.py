@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The largest sample magnitude a usable file may have, 4.0 = +12 dBFS. Integer PCM is within [-1, 1) by
+# construction; a float file may go a few dB over full scale after resampling (inter-sample peaks, about
+# +3 dB at worst) or unlimited mastering, so a strict [-1, 1] would refuse real recordings. A sample ten
+# times full scale or more is not audio any more: a corrupt value (a 1e30 makes the power spectrum
+# overflow to inf and every statistic NaN) or the wrong scale (int16 values stored as floats).
+PEAK_LIMIT = 4.0
+
 
 class AudioError(ValueError):
     """An audio file that cannot be used; the message names the file and the reason."""
@@ -30,7 +37,7 @@ def read_audio(
     num_samples: int | None = None,
     fix_length: bool = False,
 ) -> tuple[np.ndarray, AudioNotes]:
-    """Read one file as float32 mono in [-1, 1].
+    """Read one file as float32 mono, in [-1, 1] (a float file: within ±`PEAK_LIMIT`).
 
     Rules: several channels are mixed to mono (their mean) and counted; a different sample rate is an
     error unless `resample` is on (then librosa's default soxr resampler is used); with `num_samples` set,
@@ -47,7 +54,8 @@ def read_audio(
         (samples of shape (n,), notes on what was changed).
 
     Raises:
-        AudioError: unreadable or corrupt file, no samples, non-finite samples, wrong rate or length.
+        AudioError: unreadable or corrupt file, no samples, non-finite samples, a sample beyond ±`PEAK_LIMIT`,
+            wrong rate or length.
     """
     import soundfile as sf  # imported here: the models and benchmarks run where no audio is read (a GPU box)
 
@@ -59,6 +67,12 @@ def read_audio(
         raise AudioError(f"{path}: the file has no samples (zero-length audio)")
     if not np.isfinite(samples).all():
         raise AudioError(f"{path}: the audio contains NaN or infinite samples")
+    peak = float(np.abs(samples).max())
+    if peak > PEAK_LIMIT:
+        raise AudioError(
+            f"{path}: a sample of magnitude {peak:.3g} is {20 * np.log10(peak):.0f} dB above full scale; audio "
+            f"must lie within [-1, 1] (a float file may go a little over, up to ±{PEAK_LIMIT:g})"
+        )
 
     mixed = samples.shape[1] > 1
     samples = samples.mean(axis=1) if mixed else samples[:, 0]

@@ -65,7 +65,7 @@ RULES: dict[str, recipe_lib.Rule] = {
 
 def load_recipe(profile: str | None = None, overrides: Sequence[str] = (), path: str | None = None) -> dict:
     """The DACON recipe with a profile and overrides, validated (also the resolutions' consistency)."""
-    recipe = recipe_lib.load_recipe(path or "dacon", profile, overrides, RULES)
+    recipe = recipe_lib.load_recipe(path or "dacon", profile, overrides, RULES, task="dacon")
     features = recipe["features"]
     if len(features["n_fft"]) != len(features["win_length"]):
         raise recipe_lib.RecipeError(
@@ -96,13 +96,16 @@ class DaconData:
     submission_columns: list[str]
 
 
-def read_answers(path: Path, class_names: Sequence[str] | None = None, check_rows: bool = True) -> pd.DataFrame:
+def read_answers(
+    path: Path, class_names: Sequence[str] | None = None, check_rows: bool = True, template: str = "submission.csv"
+) -> pd.DataFrame:
     """Read an answer or submission CSV (`id` + one column per class) and check it.
 
     Args:
         path: the CSV.
         class_names: the columns it must have after `id`, in order (None: take them from the file).
         check_rows: check that every row is a distribution (not for the submission template).
+        template: the file `class_names` come from, named in the error when the columns differ.
     """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -114,7 +117,17 @@ def read_answers(path: Path, class_names: Sequence[str] | None = None, check_row
         raise DataError(f"{path}: the first column must be 'id', found {table.columns[0]!r}")
     columns = list(table.columns[1:])
     if class_names is not None and columns != list(class_names):
-        raise DataError(f"{path}: columns after 'id' must be train_answer.csv's {list(class_names)}, found {columns}")
+        extra = [column for column in columns if column not in class_names]
+        missing = [name for name in class_names if name not in columns]
+        differences = ([f"extra columns {task.listing(extra)}"] if extra else []) + (
+            [f"missing {task.listing(missing)}"] if missing else []
+        )
+        raise DataError(
+            f"{path}: the columns after 'id' must be {template}'s {len(class_names)} classes in its order; "
+            + ("; ".join(differences) or "the same columns in another order")
+        )
+    if table.empty:
+        raise DataError(f"{path}: no rows (only the header)")
     if len(columns) < 2:
         raise DataError(f"{path}: needs at least two label columns after 'id'")
     duplicated = table["id"][table["id"].duplicated()].tolist()
@@ -161,9 +174,9 @@ def load_data(root: str | os.PathLike) -> DaconData:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
-    train = read_answers(root / "train_answer.csv")
-    class_names = list(train.columns[1:])
-    submission = read_answers(root / "submission.csv", class_names, check_rows=False)
+    submission = read_answers(root / "submission.csv", check_rows=False)  # the template: ids and class columns
+    class_names = list(submission.columns[1:])
+    train = read_answers(root / "train_answer.csv", class_names)
     test_targets = None
     if (root / "test_answer.csv").is_file():
         answers = read_answers(root / "test_answer.csv", class_names)
@@ -267,8 +280,12 @@ def run(
     feature_memory = train.peak_memory_mb()
 
     features = recipe["features"]
-    fit_on = [train_power, test_power] if features["normalization"] == "train_test" else [train_power]
-    normalizer = feature_lib.Normalizer.fit(fit_on, features["db_reference"], features["top_db"])
+    fit_on = {data_root / "train": train_power}
+    if features["normalization"] == "train_test":
+        fit_on[data_root / "test"] = test_power
+    normalizer = feature_lib.Normalizer.fit(
+        list(fit_on.values()), features["db_reference"], features["top_db"], name=" + ".join(map(str, fit_on))
+    )
 
     rows = np.arange(len(train_power))
     validation_rows = np.array([], dtype=np.int64)
@@ -354,10 +371,23 @@ def evaluate_and_report(
             ensemble.predict_members(validation_inputs), data.train_targets[validation_rows], prior
         )
     scores = {"seeds": ensemble.seeds, "evaluations": evaluations}
+    scores["headline"] = headline(scores, recipe_lib.load_recipe(run_dir / "recipe.toml")["source"])
     files.write_json(run_dir / "scores.json", scores)
     write_report(run_dir, scores)
     log(f"report: {run_dir / 'report.md'}")
     return scores
+
+
+def headline(scores: dict, source: dict) -> str:
+    """The run's result in a phrase (the command line's last line), beside the source's final number."""
+    final = source["reported"][-1]
+    for split, evaluation in scores["evaluations"].items():  # the test clips first, where they have answers
+        size = len(evaluation["member_kl"])
+        return (
+            f"{split.split()[0]} KL {evaluation['ensemble_kl_by_size'][str(size)]:.4f} ({size}-model average; "
+            f"source: {final['what']} {final['kl']:.4f} on the real data, {final['split']})"
+        )
+    return "not scored (the test clips have no answers and train.validation_fraction is 0)"
 
 
 def _scores(member_probabilities: np.ndarray, targets: np.ndarray, prior: np.ndarray) -> dict:

@@ -84,7 +84,7 @@ RULES: dict[str, recipe_lib.Rule] = {
 def load_recipe(profile: str | None = None, overrides: Sequence[str] = (), path: str | None = None) -> dict:
     """The DCASE recipe with a profile and overrides, validated. `setup=X` is short for `train.setup=X`."""
     overrides = [f"train.{item}" if item.split("=", 1)[0].strip() == "setup" else item for item in overrides]
-    recipe = recipe_lib.load_recipe(path or "dcase", profile, overrides, RULES)
+    recipe = recipe_lib.load_recipe(path or "dcase", profile, overrides, RULES, task="dcase")
     train = recipe["train"]
     if len(recipe["model"]["blocks"]) != 4:
         raise recipe_lib.RecipeError(f"model.blocks = {recipe['model']['blocks']}: must be four unit counts")
@@ -142,18 +142,22 @@ def parse_name(path: Path, *, labelled: bool) -> tuple[int | None, str]:
         labelled: the name must carry `normal_`/`anomaly_` (train and dev test); else `id_XX_n.wav` (eval test).
 
     Raises:
-        DataError: the name does not have the official form.
+        DataError: the name does not have the official form (a two-digit ID among them).
     """
     name = Path(path).name
     if labelled:
         match = LABELLED_NAME.match(name)
         if not match:
             raise DataError(f"{path}: file name does not parse; expected normal_id_<ID>_<index>.wav or anomaly_id_…")
-        return (1 if match.group(1) == "anomaly" else 0), match.group(2)
-    match = EVAL_TEST_NAME.match(name)
-    if not match:
-        raise DataError(f"{path}: file name does not parse; evaluation test files are named id_<ID>_<index>.wav")
-    return None, match.group(1)
+        label, machine_id = (1 if match.group(1) == "anomaly" else 0), match.group(2)
+    else:
+        match = EVAL_TEST_NAME.match(name)
+        if not match:
+            raise DataError(f"{path}: file name does not parse; evaluation test files are named id_<ID>_<index>.wav")
+        label, machine_id = None, match.group(1)
+    if len(machine_id) != 2:  # "id_0" beside "id_00" would be two IDs of one machine
+        raise DataError(f"{path}: machine ID {machine_id!r} must have two digits, as in the official layout (id_00)")
+    return label, machine_id
 
 
 def _clips_in(folder: Path, machine_type: str, dataset: str, split: str, ignored: list[str]) -> list[Clip]:
@@ -229,6 +233,14 @@ def read_ground_truth(root: Path, eval_test: Sequence[Clip]) -> np.ndarray | Non
     bad = table.index[~table["label"].isin([0, 1])].tolist()
     if bad:
         raise DataError(f"{path}: labels must be 0 or 1 (rows {task.listing([row + 2 for row in bad])})")
+    repeated = table[table.duplicated(["machine_type", "file"], keep=False)]
+    if len(repeated):
+        rows = [
+            f"{machine_type}/{name} on lines {', '.join(str(row + 2) for row in group.index)} "
+            f"(labels {', '.join(map(str, group['label']))})"
+            for (machine_type, name), group in repeated.groupby(["machine_type", "file"], sort=False)
+        ]
+        raise DataError(f"{path}: more than one row for {task.listing(rows)}; one label per file")
     labels = {(row.machine_type, row.file): int(row.label) for row in table.itertuples()}
     missing = [
         f"{clip.machine_type}/{clip.path.name}"
@@ -627,7 +639,10 @@ def run(
     )
     feature_seconds = time.perf_counter() - started
     normalizer = feature_lib.Normalizer.fit(
-        [train_power], recipe["features"]["db_reference"], recipe["features"]["top_db"]
+        [train_power],
+        recipe["features"]["db_reference"],
+        recipe["features"]["top_db"],
+        name=f"the training clips of {data_root} (<dataset>/<machine type>/train/)",
     )
     total_frames = train_power.shape[2]
     frames = recipe["features"]["input_frames"] or total_frames
@@ -806,8 +821,14 @@ def _train_group(
 
 
 def _group_outputs(recipe, data, arrays, types, sub_dir, log):
-    """Every member's clip-level outputs for the clips of `types` ("*" = all): scores by method, embeddings."""
+    """Every member's clip-level outputs for the clips of `types` ("*" = all): scores by method, embeddings.
+
+    Raises:
+        PredictionError: a member's probabilities or embeddings are not finite (its seed is named).
+    """
     import keras
+
+    from replicate.ensemble import check_finite
 
     manifest = files.read_json(sub_dir / "manifest.json")
     class_names = manifest["class_names"]
@@ -838,6 +859,8 @@ def _group_outputs(recipe, data, arrays, types, sub_dir, log):
             for split, (clips, power) in splits.items()
             if len(rows[split])
         }
+        member_outputs = [array for pair in outputs.values() for array in pair]
+        check_finite([member_outputs], [entry["seed"]], f"{sub_dir}: the clips' probabilities and embeddings")
         scored = {}
         for split in ("dev", "eval"):
             if split not in outputs:
@@ -926,9 +949,35 @@ def evaluate_and_write(run_dir, recipe, data, arrays, groups, ground_truth, *, l
                 for types, (rows, _) in item["embeddings"].items()
             },
         )
+    result["headline"] = headline(result, recipe)
     files.write_json(run_dir / "scores.json", result)
     log(f"official files: {run_dir / 'dev'}" + (f", {run_dir / 'eval'}" if data.eval_test else ""))
     return result
+
+
+def headline(scores: dict, recipe: dict) -> str:
+    """The run's result in a phrase (the command line's last line), beside the source's number for the same
+    set-up and head on the same split."""
+    group = scores["groups"][scores["final_group"]]
+    split = next((split for split in ("eval", "dev") if split in group), None)
+    if split is None:
+        return "not scored (no labelled test clips)"
+    method = scores["method"]
+    result = group[split][method]
+    words = {"eval": "evaluation", "dev": "development"}[split]
+    text = (
+        f"{words} AUC {100 * result['ensemble']['mean_auc']:.2f} / pAUC {100 * result['ensemble']['mean_pauc']:.2f} "
+        f"({len(result['members'])}-member average, {method} score"
+    )
+    same_setup = [entry for entry in recipe["source"]["reported"] if entry["setup"] == scores["setup"]]
+    same_head = [entry for entry in same_setup if recipe["model"]["head"] in entry["what"].lower()]
+    source = (same_head or same_setup or [None])[0]
+    if source is None:
+        return text + ")"
+    return (
+        text
+        + f"; source: {source['what']} {source[f'{split}_auc']:.2f} / {source[f'{split}_pauc']:.2f} on the real data)"
+    )
 
 
 def _summary(evaluation: dict) -> dict:

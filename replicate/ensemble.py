@@ -19,6 +19,35 @@ from replicate import files
 from replicate.train import MANIFEST
 
 
+class PredictionError(ValueError):
+    """Members whose outputs are not finite numbers; the message names their seeds. Nothing is written from
+    such outputs: a NaN probability would become an empty submission cell or a label chosen by argmax of NaN."""
+
+
+def check_finite(member_outputs: Sequence, seeds: Sequence[int | str], what: str) -> None:
+    """Refuse member outputs with a NaN or infinite value, naming the members' seeds.
+
+    Args:
+        member_outputs: per member, an array or a list of arrays (probabilities, embeddings, scores).
+        seeds: the members' seeds (or other names), in the same order.
+        what: what was predicted, for the message (e.g. "runs/dacon/x: the test clips").
+
+    Raises:
+        PredictionError: listing every member with a non-finite value.
+    """
+
+    def finite(output) -> bool:
+        parts = output if isinstance(output, (list, tuple)) else [output]
+        return all(np.isfinite(part).all() for part in parts)
+
+    bad = [seed for seed, output in zip(seeds, member_outputs, strict=True) if not finite(output)]
+    if bad:
+        raise PredictionError(
+            f"{what}: the member(s) of seed(s) {', '.join(map(str, bad))} predict NaN or infinite values "
+            f"(of {len(seeds)} members); nothing was written from these predictions"
+        )
+
+
 class Ensemble:
     """Members of one run, averaged.
 
@@ -59,8 +88,14 @@ class Ensemble:
         return [entry["seed"] for entry in self.manifest["members"][: len(self.members)]]
 
     def predict_members(self, inputs, batch_size: int = 256) -> np.ndarray:
-        """Each member's probabilities: (members, rows, classes)."""
-        return np.stack([member.predict(inputs, batch_size=batch_size, verbose=0) for member in self.members])
+        """Each member's probabilities: (members, rows, classes).
+
+        Raises:
+            PredictionError: a member predicts a NaN or infinite value (its seed is named).
+        """
+        outputs = np.stack([member.predict(inputs, batch_size=batch_size, verbose=0) for member in self.members])
+        check_finite(outputs, self.seeds, str(self.run_dir))
+        return outputs
 
     def predict(self, inputs, batch_size: int = 256) -> np.ndarray:
         """The ensemble's probabilities: the plain mean of the members' (as every source averaged)."""

@@ -281,12 +281,33 @@ class Normalizer:
         return np.asarray(self.ref, dtype=np.float32)
 
     @classmethod
-    def fit(cls, arrays: Sequence[np.ndarray], reference: str, top_db: float = 80.0, chunk: int = 1024) -> Normalizer:
-        """Compute the reference and the dB mean/std over one or more (memory-mapped) arrays, in chunks."""
+    def fit(
+        cls,
+        arrays: Sequence[np.ndarray],
+        reference: str,
+        top_db: float = 80.0,
+        chunk: int = 1024,
+        name: str = "the data set",
+    ) -> Normalizer:
+        """Compute the reference and the dB mean/std over one or more (memory-mapped) arrays, in chunks.
+
+        Args:
+            arrays: (clips, mels, frames, channels) mel power, e.g. the training and test caches.
+            reference: "global" or "per_clip" (see the class).
+            top_db: the dB range kept.
+            chunk: clips read at a time.
+            name: what the arrays are, for errors (e.g. "dacon-train + dacon-test").
+
+        Raises:
+            DataError: naming `name`: no clips, statistics that are not finite (NaN or infinite features), or
+                a channel with the same value everywhere (silent clips), which a z-score cannot scale.
+        """
+        from replicate.task import DataError
+
         if reference not in ("global", "per_clip"):
             raise ValueError(f"reference must be 'global' or 'per_clip', got {reference!r}")
         if not any(len(array) for array in arrays):
-            raise ValueError("cannot fit normalisation statistics on an empty data set")
+            raise DataError(f"{name}: no clips to fit the normalisation statistics on (an empty data set)")
         channels = arrays[0].shape[-1]
         ref = channel_max(arrays, chunk) if reference == "global" else np.zeros(channels, dtype=np.float32)
         provisional = cls(reference, tuple(map(float, ref)), (0.0,) * channels, (1.0,) * channels, top_db)
@@ -301,8 +322,16 @@ class Normalizer:
                 count += db.size // channels
         mean = total / count
         std = np.sqrt(np.maximum(total_squares / count - np.square(mean), 0.0))
+        if not (np.isfinite(ref).all() and np.isfinite(mean).all() and np.isfinite(std).all()):
+            raise DataError(
+                f"{name}: the normalisation statistics are not finite (reference {ref.tolist()}, mean "
+                f"{mean.tolist()}, std {std.tolist()}): the features hold NaN or infinite values"
+            )
         if (std == 0).any():
-            raise ValueError(f"a feature channel is constant over the data set (std {std.tolist()})")
+            raise DataError(
+                f"{name}: feature channel(s) {np.flatnonzero(std == 0).tolist()} have the same value in every "
+                "clip (std 0), which a z-score cannot scale: are the clips silent?"
+            )
         return cls(reference, provisional.ref, tuple(map(float, mean)), tuple(map(float, std)), top_db)
 
     def to_config(self) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +14,34 @@ from typing import Any
 def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
 
+    The temporary file is created as `open()` creates files (mode 0666 less the umask, e.g. 0644), not with
+    `tempfile.mkstemp`'s 0600, so what the package writes can be read like any other file of the user's.
+
     Args:
         path: the final file.
         suffix: suffix of the temporary name (some writers, e.g. Keras, insist on ".keras").
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or ".tmp")
-    os.close(handle)
+    temporary = _create_beside(path, suffix or ".tmp")
     try:
-        yield Path(temporary)
+        yield temporary
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+def _create_beside(path: Path, suffix: str) -> Path:
+    """A new empty file `.<name>.<random><suffix>` in `path`'s folder, created exclusively (never an existing one)."""
+    while True:
+        temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return temporary
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -89,7 +89,7 @@ RULES: dict[str, recipe_lib.Rule] = {
 
 def load_recipe(profile: str | None = None, overrides: Sequence[str] = (), path: str | None = None) -> dict:
     """The MAIC recipe with a profile and overrides, validated."""
-    recipe = recipe_lib.load_recipe(path or "maic", profile, overrides, RULES)
+    recipe = recipe_lib.load_recipe(path or "maic", profile, overrides, RULES, task="maic")
     model = recipe["model"]
     if len(model["stage_filters"]) != len(model["stage_strides"]):
         raise recipe_lib.RecipeError(
@@ -161,6 +161,8 @@ def read_person(csv_path: Path, json_paths: Sequence[Path], *, labelled: bool, e
             content = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise DataError(f"{path}: not valid JSON ({error})") from error
+        except OSError as error:
+            raise DataError(f"{path}: cannot read the file ({error.strerror or error})") from error
         if isinstance(content, list):  # an annotation file that is just the token list
             content = {"tokens": content}
         if not isinstance(content, dict):
@@ -228,6 +230,11 @@ def load_split(folder: Path, *, labelled: bool, end_inclusive: bool = False) -> 
         raise DataError(f"{folder}: no <id>.csv files")
     ids = {path.stem for path in csvs}
     jsons = sorted(folder.glob("*.json"))
+    not_files = [path.name for path in csvs + jsons if not path.is_file()]
+    if not_files:
+        raise DataError(
+            f"{folder}: {task.listing(not_files)} not a readable file (a folder, a broken link or a link loop)"
+        )
     by_person: dict[str, list[Path]] = {identifier: [] for identifier in ids}
     orphans = []
     for path in jsons:
@@ -255,6 +262,13 @@ def read_answers(path: Path, persons: Sequence[Person]) -> dict[str, str]:
     bad = table["wav_code"][~table["diagnosis"].isin(DIAGNOSES)].tolist()
     if bad:
         raise DataError(f"{path}: unknown diagnosis for {task.listing(bad)}; allowed: {', '.join(DIAGNOSES)}")
+    repeated = table[table["wav_code"].duplicated(keep=False)]
+    if len(repeated):
+        rows = [
+            f"{code} on lines {', '.join(str(line + 2) for line in group.index)} ({', '.join(group['diagnosis'])})"
+            for code, group in repeated.groupby("wav_code", sort=False)
+        ]
+        raise DataError(f"{path}: more than one answer for {task.listing(rows)}; one row per person")
     answers = dict(zip(table["wav_code"], table["diagnosis"], strict=True))
     missing = [person.person_id for person in persons if person.person_id not in answers]
     if missing:
@@ -307,6 +321,8 @@ def read_mel_csv(path: Path, mel_bins: int = 128) -> np.ndarray:
         table = pd.read_csv(path, header=None, dtype=np.float32)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not a readable CSV ({error})") from error
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the file ({error.strerror or error})") from error
     except ValueError as error:  # a cell that is not a number: find it for the message
         raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
         bad = np.argwhere(raw.apply(pd.to_numeric, errors="coerce").isna().to_numpy())
@@ -601,11 +617,13 @@ def fit_normalization(store: TokenStore, rows: np.ndarray, kind: str) -> tuple[f
         squares += np.square(values).sum()
         count += values.size
     if count == 0:
-        raise ValueError("cannot fit normalisation statistics on no tokens")
+        raise DataError("no training tokens to fit the normalisation statistics on (all skipped or held out)")
     mean = total / count
     std = float(np.sqrt(max(squares / count - mean**2, 0.0)))
+    if not np.isfinite([mean, std]).all():
+        raise DataError(f"the training tokens' normalisation statistics are not finite (mean {mean}, std {std})")
     if std == 0:
-        raise ValueError("every mel value of the training tokens is the same: nothing to learn from")
+        raise DataError("every mel value of the training tokens is the same: nothing to learn from")
     return float(mean), std
 
 
@@ -879,7 +897,13 @@ def person_rows(store: TokenStore, tokens_per_person: int) -> np.ndarray:
 def predict_tokens(
     members, store: TokenStore, persons: Sequence[Person], rows: np.ndarray, manifest: dict
 ) -> np.ndarray:
-    """Every member's sub-class probabilities for the given tokens: (members, rows, sub-classes)."""
+    """Every member's sub-class probabilities for the given tokens: (members, rows, sub-classes).
+
+    Raises:
+        PredictionError: a member predicts a NaN or infinite value (its seed is named).
+    """
+    from replicate.ensemble import check_finite
+
     config = manifest["inputs"]
     inputs = Inputs(config["frames"], config["mean"], config["std"], config["age_scale"])
     inference = manifest["recipe"]["inference"]
@@ -887,7 +911,10 @@ def predict_tokens(
     dataset = token_dataset(
         store, rows, inputs.aux(persons)[store.person], inputs, batch_size=inference["batch_size"], starts=starts
     )
-    return np.stack([member.predict(dataset, verbose=0) for member in members])
+    outputs = np.stack([member.predict(dataset, verbose=0) for member in members])
+    seeds = [entry["seed"] for entry in manifest["members"][: len(members)]]
+    check_finite(outputs, seeds, f"{len(np.unique(store.person[rows]))} persons' tokens")
+    return outputs
 
 
 def _evaluate_persons(
@@ -1032,10 +1059,29 @@ def evaluate_and_report(
                 majority,
             )
     scores = {"seeds": ensemble.seeds, "evaluations": evaluations, "validation": validation}
+    scores["headline"] = headline(scores, recipe["source"])
     files.write_json(run_dir / "scores.json", scores)
     write_report(run_dir, scores, data, train_store)
     log(f"report: {run_dir / 'report.md'}")
     return scores
+
+
+def headline(scores: dict, source: dict) -> str:
+    """The run's result in a phrase (the command line's last line), beside the source's number."""
+    for split, evaluation in scores["evaluations"].items():  # the test persons first, where they have answers
+        size = len(evaluation["member_macro_f1"])
+        return (
+            f"{split.split()[0]} persons macro F1 {evaluation['ensemble_macro_f1_by_size'][str(size)]:.4f} "
+            f"({size}-member ensemble; source: single model {source['test_macro_f1']:.4f} on the real hidden "
+            "test set)"
+        )
+    validation = scores["validation"]
+    if validation:
+        return (
+            f"validation tokens macro F1 {np.mean(validation['member_token_macro_f1']):.4f} (member mean; source: "
+            f"single model {source['validation_f1']:.4f} on the real data's 5 % token split)"
+        )
+    return "not scored (the test persons have no answers and there is no validation split)"
 
 
 def predict_persons(

@@ -3,7 +3,9 @@
 A recipe is plain data. `load_recipe("dacon", profile="quick", overrides=["train.epochs=3"])` reads
 `recipes/dacon.toml`, merges the profile's table over the base, applies the `--set` overrides and
 validates the result against the base recipe (every key must exist there, every value must have the
-base value's type) and against the task module's rules (allowed values, ranges).
+base value's type), against the rules every recipe shares (`check_common`: finite numbers, the engine's
+`train.*`, `ensemble.*` and `run.*` keys, feature sizes) and against the task module's rules (allowed
+values, ranges). A recipe file of one's own (`--recipe my.toml`) must have the package recipe's keys.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -49,11 +53,54 @@ def fraction(value: Any) -> str | None:
     return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
 
 
+# An optimizer step moves a weight by about the learning rate (Adam and its kin: lr · m / √v ≈ ±lr) or by
+# lr × its gradient (SGD). The sources train at 2e-4 to 0.01; around 1 these networks already diverge, and
+# the large-batch SGD recipes that scale the rate with the batch stay below 10. A rate above 10 is a typo or
+# an overflow (1e30, inf) that trains NaN, so it is refused before anything runs.
+LEARNING_RATE_LIMIT = 10.0
+# Seeds go to `keras.utils.set_random_seed`, which seeds numpy's legacy generator: 0 <= seed < 2**32.
+SEED_LIMIT = 2**32
+# The task names a package module and a folder under `run.runs_dir`: a plain name, no path.
+TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def learning_rate(value: Any) -> str | None:
+    return None if 0 < value <= LEARNING_RATE_LIMIT else f"must be in (0, {LEARNING_RATE_LIMIT:g}]"
+
+
+def learning_rate_floor(value: Any) -> str | None:
+    return None if 0 <= value <= LEARNING_RATE_LIMIT else f"must be in [0, {LEARNING_RATE_LIMIT:g}]"
+
+
+def non_empty_text(value: Any) -> str | None:
+    return None if isinstance(value, str) and value.strip() else "must be a non-empty string"
+
+
+# The engine's keys, checked for every recipe that has them (a task module's rules may narrow them further).
+ENGINE_RULES: dict[str, Rule] = {
+    "train.epochs": positive,
+    "train.batch_size": positive,
+    "train.learning_rate": learning_rate,
+    "train.weight_decay": non_negative,
+    "train.fused": positive,
+    "train.fused_layout": one_of("auto", "grouped", "copies"),
+    "train.precision": one_of("float32", "mixed_bfloat16", "mixed_float16"),
+    "train.distribute": one_of("none", "mirrored"),
+    "ensemble.seeds": positive,
+    "ensemble.first_seed": non_negative,
+    "run.workers": non_negative,
+    "run.cache_dir": non_empty_text,
+    "run.runs_dir": non_empty_text,
+}
+
+
 def load_recipe(
     name_or_path: str | os.PathLike,
     profile: str | None = None,
     overrides: Iterable[str] = (),
     rules: Mapping[str, Rule] | None = None,
+    *,
+    task: str | None = None,
 ) -> dict[str, Any]:
     """Read, merge and validate a recipe.
 
@@ -61,7 +108,9 @@ def load_recipe(
         name_or_path: a recipe name ("dacon" → recipes/dacon.toml) or a path to a TOML file.
         profile: name of a table under `[profiles]` merged over the base recipe.
         overrides: "section.key=value" strings; the value is parsed as TOML, else taken as a string.
-        rules: dotted key → rule, checked after merging.
+        rules: dotted key → rule, checked after merging (after `check_common`).
+        task: the task that will run the recipe: its `task` value must be this, and a recipe file other than
+            the package's `recipes/<task>.toml` must have exactly that file's keys, with the same types.
 
     Returns:
         The resolved recipe (profiles removed, `profile` recorded under `run.profile`).
@@ -72,10 +121,13 @@ def load_recipe(
     if not path.is_file():
         available = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
         raise RecipeError(f"recipe {str(name_or_path)!r} not found at {path}; available: {', '.join(available)}")
-    try:
-        base = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise RecipeError(f"{path}: not valid TOML ({error})") from error
+    base = _read(path)
+    if task is not None:
+        if base.get("task") != task:
+            raise RecipeError(f"{path}: task = {base.get('task')!r}, but this command runs the {task!r} recipe")
+        package_path = RECIPES_DIR / f"{task}.toml"
+        if path.resolve() != package_path.resolve():
+            base = _conform(base, _read(package_path), path, package_path)
 
     profiles = base.pop("profiles", {})
     recipe = copy.deepcopy(base)
@@ -89,11 +141,55 @@ def load_recipe(
     run = recipe.setdefault("run", {})
     if profile is not None or "profile" not in run:  # a resolved recipe (a run's recipe.toml) keeps its own
         run["profile"] = profile or "full"
+    check_common(recipe, where=str(path))
     for key, rule in (rules or {}).items():
         message = rule(get(recipe, key))
         if message:
             raise RecipeError(f"{key} = {get(recipe, key)!r}: {message}")
     return recipe
+
+
+def check_common(recipe: Mapping[str, Any], where: str = "recipe") -> None:
+    """The checks every recipe gets, whatever its task.
+
+    Every float is finite (TOML and `--set` accept `inf` and `nan`); the engine's keys (`ENGINE_RULES`) and
+    every learning rate (a key named `learning_rate` or ending in `_lr`, in any section) are in range; the
+    seeds fit a 32-bit seed; `features.n_mels` is at most the FFT bins of the smallest `features.n_fft`
+    (more mel bands than bins leaves bands empty, and 100,000 of them were an out-of-memory kill, not an
+    error); `task` is a plain name.
+
+    Raises:
+        RecipeError: naming the key, its value and the rule.
+    """
+    for key, value in _leaves(recipe):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"{key} = {value!r}: must be a finite number")
+        name = key.rsplit(".", 1)[-1]
+        if name == "learning_rate" or name.endswith("_lr"):
+            message = (learning_rate if name == "learning_rate" else learning_rate_floor)(value)
+            if message:
+                raise RecipeError(f"{key} = {value!r}: {message}")
+    for key, rule in ENGINE_RULES.items():
+        value = _lookup(recipe, key)
+        if value is not _ABSENT and (message := rule(value)):
+            raise RecipeError(f"{key} = {value!r}: {message}")
+    first_seed, seeds = _lookup(recipe, "ensemble.first_seed"), _lookup(recipe, "ensemble.seeds")
+    if _ABSENT not in (first_seed, seeds) and first_seed + seeds > SEED_LIMIT:
+        raise RecipeError(
+            f"ensemble.first_seed = {first_seed!r}: the seeds {first_seed}..{first_seed + seeds - 1} must be "
+            f"below 2**32 = {SEED_LIMIT} (keras.utils.set_random_seed takes 32-bit seeds)"
+        )
+    n_mels, n_fft = _lookup(recipe, "features.n_mels"), _lookup(recipe, "features.n_fft")
+    if _ABSENT not in (n_mels, n_fft) and isinstance(n_mels, int):
+        smallest = min(n_fft) if isinstance(n_fft, list) and n_fft else n_fft
+        if isinstance(smallest, int) and smallest > 0 and n_mels > smallest // 2 + 1:
+            raise RecipeError(
+                f"features.n_mels = {n_mels}: must be at most {smallest // 2 + 1}, the frequency bins of "
+                f"features.n_fft {smallest} (more mel bands than bins are empty)"
+            )
+    task = recipe.get("task")
+    if task is not None and not (isinstance(task, str) and TASK_NAME.match(task)):
+        raise RecipeError(f"{where}: task = {task!r} must be a plain lower-case name such as 'dacon' (no path)")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -119,6 +215,73 @@ def get(recipe: Mapping[str, Any], dotted_key: str) -> Any:
 def fingerprint(data: Any) -> str:
     """A short stable hash of JSON-able data (recipes, feature parameters)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+_ABSENT = object()
+
+
+def _lookup(recipe: Mapping[str, Any], dotted_key: str) -> Any:
+    """The value at `dotted_key`, or `_ABSENT`."""
+    node: Any = recipe
+    for part in dotted_key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _leaves(node: Any, key: str = ""):
+    """(dotted key, value) of every scalar of a recipe; list items come under their list's key."""
+    if isinstance(node, Mapping):
+        for name, value in node.items():
+            yield from _leaves(value, f"{key}.{name}" if key else name)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _leaves(item, key)
+    else:
+        yield key, node
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise RecipeError(f"{path}: not valid TOML ({error})") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"{path}: cannot read the recipe ({error})") from error
+
+
+def _conform(recipe: dict, package: dict, path: Path, package_path: Path) -> dict:
+    """A recipe file of one's own checked against the package's recipe of its task: the same keys (its own
+    profiles and a resolved recipe's `run.profile` aside), values of the same types (ints taken as floats)."""
+    own = copy.deepcopy(recipe)
+    profiles = own.pop("profiles", None)
+    resolved_profile = own.get("run", {}).pop("profile", _ABSENT) if isinstance(own.get("run"), dict) else _ABSENT
+    schema = {key: value for key, value in package.items() if key != "profiles"}
+    missing = [key for key in _keys(schema) if _lookup(own, key) is _ABSENT]
+    if missing:
+        raise RecipeError(
+            f"{path}: missing {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} "
+            f"({len(missing)} key(s)); a recipe for {recipe['task']!r} needs every key of {package_path.name}"
+        )
+    conformed = copy.deepcopy(schema)
+    _merge(conformed, own, schema, where=str(path))
+    if profiles is not None:
+        conformed["profiles"] = profiles
+    if resolved_profile is not _ABSENT:
+        conformed["run"]["profile"] = resolved_profile
+    return conformed
+
+
+def _keys(schema: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key of a recipe, sections opened (a section's key is not listed, its values are)."""
+    keys = []
+    for key, value in schema.items():
+        if isinstance(value, dict) and value:
+            keys += _keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def _nest(dotted_key: str, value: Any) -> dict[str, Any]:

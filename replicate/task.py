@@ -77,6 +77,10 @@ def main(
 ) -> int:
     """The command line of a recipe: parse, resolve the recipe, run it, and turn bad input into one line.
 
+    Bad input is whatever the package itself refuses: its own error types (`is_package_error`: RecipeError,
+    DataError, AudioError, FeatureCacheError, PredictionError, ...), printed as `error: ...` with exit code 2.
+    Any other exception is a bug and keeps its traceback.
+
     Args:
         argv: the arguments (None: sys.argv).
         prog: e.g. "python -m replicate.maic".
@@ -86,11 +90,9 @@ def main(
         run: (recipe, data folder, run folder or None, progress=bool) → the finished run folder.
 
     Returns:
-        0 on success, 2 for a bad recipe, data folder or audio file (the error is printed on stderr).
+        0 on success (the last line names the headline score, the report and the submission), 2 for bad input
+        (the error is printed on stderr).
     """
-    from replicate.audio import AudioError
-    from replicate.features import FeatureCacheError
-
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--data", type=Path, required=True, help=f"data folder: {data_help}")
     parser.add_argument("--profile", help="recipe profile, e.g. 'quick' (default: the full source recipe)")
@@ -114,9 +116,29 @@ def main(
     try:
         recipe = load_recipe(arguments.profile, overrides, arguments.recipe)
         run_dir = Path(run(recipe, arguments.data, arguments.run_dir, progress=not arguments.no_progress))
-    except (recipe_lib.RecipeError, DataError, FeatureCacheError, AudioError) as error:
+    except ValueError as error:
+        if not is_package_error(error):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    submission = run_dir / "submission.csv"
-    print(f"done: report {run_dir / 'report.md'}" + (f", submission {submission}" if submission.is_file() else ""))
+    print(done_line(run_dir))
     return 0
+
+
+def is_package_error(error: BaseException) -> bool:
+    """Whether an exception is one of the package's own error types: a `ValueError` subclass defined in a
+    `replicate` module (any of them, those added later too). A ValueError of Python, numpy or Keras is not."""
+    return isinstance(error, ValueError) and any(
+        cls.__module__.partition(".")[0] == "replicate" for cls in type(error).__mro__
+    )
+
+
+def done_line(run_dir: Path) -> str:
+    """The run's last line: its headline score (`scores.json`'s "headline", which the task writes beside the
+    source's number), then the report and the submission."""
+    scores_path = run_dir / "scores.json"
+    headline = files.read_json(scores_path).get("headline") if scores_path.is_file() else None
+    outputs = [f"report {run_dir / 'report.md'}"]
+    if (run_dir / "submission.csv").is_file():
+        outputs.append(f"submission {run_dir / 'submission.csv'}")
+    return "done: " + (f"{headline} — " if headline else "") + ", ".join(outputs)

@@ -126,6 +126,58 @@ def test_missing_training_list_and_folder(data, tmp_path):
         aicup.load_data(data)
 
 
+def test_a_second_training_list_is_an_error_not_a_silent_choice(data):
+    shutil.copy(data / TRAIN_CSV, data / "training_datalist.csv")  # a stray copy at the top
+    with pytest.raises(
+        aicup.DataError,
+        match=rf"{data}: training_datalist.csv is there 2 times \({data / 'training_datalist.csv'}, "
+        rf"{data / TRAIN_CSV}\); keep one",
+    ):
+        aicup.load_data(data)
+
+
+def test_a_training_split_without_a_class_is_one_line(data, tmp_path, capsys):
+    table = _table(data)
+    _write(data, table[table["Disease category"] != "4"])  # no Neoplasm (its wavs are extra, ignored)
+    arguments = ["--data", str(data), "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert aicup.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        f"error: {data / TRAIN_CSV}: the training persons (all but validation fold 0 of 4) have no person of class "
+        "4 Neoplasm (0 in the table); every class needs training persons\n"
+    )
+    assert not (tmp_path / "run").exists()  # refused before any folder or feature
+
+
+def test_non_finite_predictions_write_no_submission(aicup_data, tmp_path):
+    from replicate.ensemble import PredictionError
+
+    data = aicup.load_data(aicup_data)
+    rng = np.random.default_rng(0)
+    arrays = {
+        split.name: {"mfcc_13": rng.random((len(split.ids), 13, 4, 1), dtype=np.float32)}
+        for split in [data.train, *data.tests]
+    }
+    (tmp_path / "audio_only").mkdir()
+    members = []
+    for seed, poisoned in ((0, False), (1, True)):
+        inputs = keras.Input((13, 4, 1), name="mfcc_13")
+        dense = keras.layers.Dense(5, activation="softmax")
+        model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+        if poisoned:
+            dense.bias.assign(np.full(5, np.inf, np.float32))
+        model.save(tmp_path / "audio_only" / f"seed-{seed:02d}.keras")
+        members.append({"seed": seed, "n_mfcc": 13, "file": f"seed-{seed:02d}.keras"})
+    files.write_json(
+        tmp_path / "audio_only" / "manifest.json", {"class_names": list(aicup.CLASS_NAMES), "members": members}
+    )
+    with pytest.raises(
+        PredictionError, match=r"audio_only: the validation persons: the member\(s\) of seed\(s\) 1 \(n_mfcc 13\)"
+    ):
+        aicup.evaluate_and_report(tmp_path, data, arrays, np.arange(5), ["audio_only"], "audio_only")
+    assert not (tmp_path / "submission.csv").exists() and not (tmp_path / "predictions.npz").exists()
+
+
 def test_extra_wavs_are_counted_not_fatal(data):
     folder = data / "Training_Dataset" / "training_voice_data"
     shutil.copy(next(folder.glob("*.wav")), folder / "unlisted.wav")
@@ -323,6 +375,12 @@ def tiny_run(aicup_data, tmp_path_factory):
 
 def test_end_to_end_layout_manifest_and_submission(tiny_run, aicup_data):
     run_dir, _, _ = tiny_run
+    scores = files.read_json(run_dir / "scores.json")
+    assert scores["headline"] == (
+        f"public UAR {scores['modalities']['multimodal']['splits']['public']['ensemble']['uar']:.4f} (MFCC + "
+        "clinical, 2 variant(s) × 1 seed(s); source: 5-variant ensemble 0.6007 on the real data, public leaderboard "
+        "(7/371))"
+    )
     for name in (
         "report.md",
         "scores.json",

@@ -66,3 +66,21 @@ def test_length_rule(tmp_path):
         write_tone(tmp_path / "long.wav", seconds=1.5), 16000, num_samples=16000, fix_length=True
     )
     assert cropped.shape == (16000,) and notes.cropped
+
+
+@pytest.mark.parametrize("value", [1e30, -40.0, np.inf])
+def test_a_float_wav_far_outside_full_scale_is_refused(tmp_path, value):
+    samples = np.full(1600, 0.1, dtype=np.float32)
+    samples[10] = value
+    sf.write(tmp_path / "loud.wav", samples, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"loud\.wav: (.*above full scale|.*NaN or infinite)"):
+        read_audio(tmp_path / "loud.wav", 16000)
+
+
+def test_a_float_wav_a_few_db_over_full_scale_is_read(tmp_path):
+    # Resampling and mastering leave float files a little over 1.0: that is audio, not an error.
+    samples = np.full(1600, 0.1, dtype=np.float32)
+    samples[10], samples[20] = 1.4, -2.5
+    sf.write(tmp_path / "hot.wav", samples, 16000, subtype="FLOAT")
+    read, _ = read_audio(tmp_path / "hot.wav", 16000)
+    assert read[10] == np.float32(1.4) and read[20] == np.float32(-2.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import soundfile as sf
 
 from replicate import dacon, files, task
 from tests.conftest import ROOT, run_python
@@ -56,11 +58,31 @@ def test_label_rows_are_checked(data):
         dacon.load_data(data)
 
 
-def test_submission_template_must_have_the_training_columns(data):
+def test_the_answers_must_have_the_templates_columns(data):
     template = pd.read_csv(data / "submission.csv", dtype={"id": str})
     template.rename(columns={"nine": "nein"}).to_csv(data / "submission.csv", index=False)
-    with pytest.raises(dacon.DataError, match=r"submission.csv: columns after 'id' must be"):
+    with pytest.raises(
+        dacon.DataError,
+        match=r"train_answer.csv: the columns after 'id' must be submission.csv's 30 classes in its order; "
+        r"extra columns nine; missing nein$",
+    ):
         dacon.load_data(data)
+
+
+def test_an_extra_numeric_column_in_the_answers_is_not_a_31st_class(data):
+    answers = pd.read_csv(data / "train_answer.csv", dtype={"id": str})
+    answers.assign(speaker=0).to_csv(data / "train_answer.csv", index=False)
+    with pytest.raises(
+        dacon.DataError, match=r"train_answer.csv: .* submission.csv's 30 classes .*; extra columns speaker$"
+    ):
+        dacon.load_data(data)
+
+
+@pytest.mark.parametrize("table", ["train_answer.csv", "submission.csv"])
+def test_a_table_with_only_its_header_is_an_error(data, table, capsys):
+    pd.read_csv(data / table, dtype={"id": str}).iloc[:0].to_csv(data / table, index=False)
+    assert dacon.main(["--data", str(data), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: {data / table}: no rows (only the header)\n"
 
 
 def test_missing_table_and_folder(data, tmp_path):
@@ -76,7 +98,6 @@ def test_missing_table_and_folder(data, tmp_path):
 
 def test_a_bad_wav_stops_the_run_naming_the_file(data, tmp_path):
     (data / "train" / "5.wav").write_bytes(b"RIFF....WAVEgarbage")
-    import soundfile as sf
 
     sf.write(data / "test" / "2.wav", np.zeros(16000, dtype=np.float32), 8000)
     recipe = dacon.load_recipe("quick", [f"run.cache_dir={str(tmp_path / 'cache')!r}", "run.workers=1"])
@@ -107,6 +128,96 @@ def test_pad_mode_keys_the_cache_and_travels_to_inference(dacon_data, tmp_path):
     np.testing.assert_array_equal(dacon.inference_features(data.test_paths, manifest), normalizer(zeros))
     with pytest.raises(dacon.recipe_lib.RecipeError, match=r"features.pad_mode = 'edge': must be one of"):
         dacon.load_recipe(overrides=["features.pad_mode='edge'"])
+
+
+def _quick(tmp_path) -> list[str]:
+    return [
+        "--profile",
+        "quick",
+        "--no-progress",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        f"run.cache_dir={str(tmp_path / 'cache')!r}",
+        "--set",
+        "run.workers=1",
+    ]
+
+
+def test_silent_clips_are_one_line_naming_the_split(data, tmp_path, capsys):
+    for path in [*(data / "train").glob("*.wav"), *(data / "test").glob("*.wav")]:
+        sf.write(path, np.zeros(16000, dtype=np.int16), 16000, subtype="PCM_16")
+    assert dacon.main(["--data", str(data), *_quick(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {data / 'train'} + {data / 'test'}: feature channel(s) [0, 1, 2, 3] have the")
+    assert "are the clips silent?" in error and error.count("\n") == 1
+
+
+def test_a_float_wav_at_1e30_stops_the_run_naming_the_file(data, tmp_path, capsys):
+    samples, _ = sf.read(data / "train" / "4.wav", dtype="float32")
+    samples[100] = 1e30
+    sf.write(data / "train" / "4.wav", samples, 16000, subtype="FLOAT")
+    assert dacon.main(["--data", str(data), *_quick(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: 1 of 24 audio files cannot be used:")
+    assert f"{data / 'train' / '4.wav'}: a sample of magnitude 1e+30 is 600 dB above full scale" in error
+    assert "Traceback" not in error and not (tmp_path / "run" / "submission.csv").exists()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, on purpose
+def test_non_finite_statistics_are_an_error_naming_the_split():
+    power = np.ones((3, 4, 5, 2), dtype=np.float32)
+    power[1, 2, 3, 1] = np.inf
+    with pytest.raises(dacon.DataError, match=r"^dacon-test: the normalisation statistics are not finite"):
+        dacon.feature_lib.Normalizer.fit([power], "per_clip", name="dacon-test")
+    power[1, 2, 3, 1] = np.nan
+    with pytest.raises(dacon.DataError, match=r"^dacon-test: the normalisation statistics are not finite"):
+        dacon.feature_lib.Normalizer.fit([power], "global", name="dacon-test")
+
+
+def test_non_finite_predictions_write_no_submission(dacon_data, tmp_path):
+    """A member that predicts NaN stops the run before submission.csv, naming its seed."""
+    import keras
+
+    from replicate.ensemble import PredictionError
+
+    data = dacon.load_data(dacon_data)
+    run_dir = tmp_path / "run"
+    task.write_recipe(run_dir, dacon.load_recipe("quick"))
+    members = []
+    for seed, poisoned in ((3, False), (4, True)):
+        inputs = keras.Input((2, 3, 1))
+        dense = keras.layers.Dense(30, activation="softmax")
+        model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+        if poisoned:
+            dense.kernel.assign(np.full((6, 30), np.nan, dtype=np.float32))
+        model.save(run_dir / f"seed-{seed:02d}.keras")
+        members.append({"seed": seed, "file": f"seed-{seed:02d}.keras"})
+    files.write_json(run_dir / "manifest.json", {"class_names": data.class_names, "members": members})
+    power = np.random.default_rng(0).random((8, 2, 3, 1), dtype=np.float32)
+    normalizer = dacon.feature_lib.Normalizer.fit([power], "global")
+    with pytest.raises(PredictionError, match=r"the member\(s\) of seed\(s\) 4 predict NaN or infinite values \(of 2"):
+        dacon.evaluate_and_report(run_dir, data, power, power, normalizer, np.array([], int), np.arange(8))
+    assert not (run_dir / "submission.csv").exists() and not (run_dir / "test_predictions.npz").exists()
+
+
+def test_the_command_line_turns_the_packages_own_errors_into_exit_2_and_keeps_other_tracebacks(capsys):
+    from replicate.features import FeatureCacheError
+
+    def run_raising(error):
+        def run(*args, **kwargs):
+            raise error
+
+        return run
+
+    arguments = {"prog": "p", "description": "d", "data_help": "h", "load_recipe": lambda *args: {}}
+    damaged = FeatureCacheError("cache/maic-train-1234: frames.npy is truncated; delete the folder")
+    assert task.main(["--data", "x"], run=run_raising(damaged), **arguments) == 2
+    assert capsys.readouterr().err == "error: cache/maic-train-1234: frames.npy is truncated; delete the folder\n"
+    with pytest.raises(ValueError, match="a bug"):
+        task.main(["--data", "x"], run=run_raising(ValueError("a bug")), **arguments)
+    with pytest.raises(KeyError):
+        task.main(["--data", "x"], run=run_raising(KeyError("train")), **arguments)
 
 
 def test_cli_rejects_a_bad_override_with_exit_code_2(dacon_data):
@@ -146,9 +257,15 @@ def test_recipe_end_to_end_and_inference_in_a_fresh_process(dacon_data, tmp_path
         cwd=ROOT,
         capture_output=True,
         text=True,
+        env={key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"},  # the package's
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"done: report {run_dir / 'report.md'}" in result.stdout
+    assert "cuInit" not in result.stderr  # TensorFlow's start-up noise on a machine without a GPU driver
+    kl = files.read_json(run_dir / "scores.json")["evaluations"]["test (synthetic answers)"]["ensemble_kl_by_size"]
+    assert result.stdout.splitlines()[-1] == (
+        f"done: test KL {kl['2']:.4f} (2-model average; source: 15-model average 0.3920 on the real data, private "
+        f"leaderboard (3rd place)) — report {run_dir / 'report.md'}, submission {run_dir / 'submission.csv'}"
+    )
 
     manifest = files.read_json(run_dir / "manifest.json")
     assert [m["seed"] for m in manifest["members"]] == [0, 1]

@@ -69,6 +69,70 @@ def test_ids_and_labels_come_from_the_file_name_only():
             dcase.parse_name(Path("/d") / name, labelled=labelled)
 
 
+def test_machine_ids_have_two_digits(tiny_data, tmp_path):
+    for name, labelled in (("normal_id_0_00000003.wav", True), ("id_123_00000003.wav", False)):
+        with pytest.raises(DataError, match=r"machine ID '(0|123)' must have two digits, as in the official layout"):
+            dcase.parse_name(Path("/d") / name, labelled=labelled)
+    root = _copy(tiny_data, tmp_path)
+    shutil.copy(root / "dev_data/fan/train/normal_id_00_00000000.wav", root / "dev_data/fan/train/normal_id_0_3.wav")
+    with pytest.raises(DataError, match=r"fan/train/normal_id_0_3\.wav: machine ID '0' must have two digits"):
+        dcase.load_data(root)
+
+
+def test_ground_truth_with_two_rows_for_a_file_names_the_lines(tiny_data, tmp_path):
+    root = _copy(tiny_data, tmp_path)
+    truth = (root / "eval_ground_truth.csv").read_text().splitlines()
+    machine_type, name, label = truth[3].split(",")
+    (root / "eval_ground_truth.csv").write_text("\n".join([*truth, f"{machine_type},{name},{1 - int(label)}"]) + "\n")
+    data = dcase.load_data(root)
+    with pytest.raises(
+        DataError,
+        match=rf"eval_ground_truth\.csv: more than one row for {machine_type}/{name} on lines 4, {len(truth) + 1} "
+        rf"\(labels {label}, {1 - int(label)}\); one label per file",
+    ):
+        dcase.read_ground_truth(root, data.eval_test)
+
+
+def test_silent_clips_are_one_line_naming_the_training_clips(one_type_data, tmp_path, capsys):
+    root = _copy(one_type_data, tmp_path)
+    for path in root.rglob("*.wav"):
+        sf.write(path, np.zeros(8000, np.int16), 16000, subtype="PCM_16")
+    arguments = ["--data", str(root), "--profile", "quick", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    arguments += ["--set", f"run.cache_dir='{tmp_path / 'cache'}'", "--set", "data.clip_samples=8000"]
+    assert dcase.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: the training clips of {root} (<dataset>/<machine type>/train/): feature channel")
+    assert error.count("\n") == 1 and "are the clips silent?" in error
+
+
+def test_non_finite_member_outputs_name_the_seed_before_any_score(one_type_data, tmp_path):
+    import keras
+
+    from replicate.ensemble import PredictionError
+
+    data = dcase.load_data(one_type_data)
+    rng = np.random.default_rng(0)
+    power = {
+        name: rng.random((len(clips), 4, 6, 1), dtype=np.float32) + 0.1
+        for name, clips in (("train", data.train), ("dev", data.dev_test), ("eval", data.eval_test))
+    }
+    normalizer = dcase.feature_lib.Normalizer.fit([power["train"]], "global")
+    arrays = dcase.Arrays(power["train"], power["dev"], power["eval"], normalizer, 6)
+    inputs = keras.Input((4, 6, 1))
+    embedding = keras.layers.Dense(3, name="embedding")(keras.layers.Flatten()(inputs))
+    probabilities = keras.layers.Dense(len(data.class_names), activation="softmax", name="probabilities")(embedding)
+    model = keras.Model(inputs, {"probabilities": probabilities, "embedding": embedding})
+    model.get_layer("embedding").kernel.assign(np.full((24, 3), np.nan, np.float32))
+    model.save(tmp_path / "seed-09.keras")
+    files.write_json(
+        tmp_path / "manifest.json",
+        {"class_names": data.class_names, "members": [{"seed": 9, "file": "seed-09.keras"}]},
+    )
+    recipe = dcase.load_recipe("quick")
+    with pytest.raises(PredictionError, match=r"probabilities and embeddings: the member\(s\) of seed\(s\) 9 predict"):
+        dcase._group_outputs(recipe, data, arrays, "*", tmp_path, log=lambda _: None)
+
+
 def test_layout_is_read_with_types_ids_labels_and_ground_truth(tiny_data):
     data = dcase.load_data(tiny_data)
     assert data.machine_types == ["fan", "valve"]
@@ -324,7 +388,14 @@ def test_tiny_run_writes_official_files_and_members_that_load_alone(one_type_dat
     for item in TINY_RUN:
         arguments += ["--set", item]
     assert dcase.main(arguments) == 0
-    assert f"done: report {run_dir / 'report.md'}" in capsys.readouterr().out
+    last = capsys.readouterr().out.splitlines()[-1]
+    scores = files.read_json(run_dir / "scores.json")
+    result = scores["groups"][setup]["eval"][scores["method"]]["ensemble"]
+    assert last.startswith(
+        f"done: evaluation AUC {100 * result['mean_auc']:.2f} / pAUC {100 * result['mean_pauc']:.2f} (1-member "
+        f"average, {scores['method']} score; source: "
+    )
+    assert last.endswith(f"on the real data) — report {run_dir / 'report.md'}")
     assert sorted(path.name for path in (run_dir / "dev").glob("*.csv")) == [
         "anomaly_score_valve_id_00.csv",
         "result.csv",
@@ -336,7 +407,6 @@ def test_tiny_run_writes_official_files_and_members_that_load_alone(one_type_dat
     assert len((run_dir / "eval" / "anomaly_score_valve_id_01.csv").read_text().splitlines()) == 6
     parsed = dcase.read_result_csv(run_dir / "dev" / "result.csv")
     assert sorted(parsed) == ["valve"] and sorted(parsed["valve"]) == ["00", "Average"]
-    scores = files.read_json(run_dir / "scores.json")
     assert scores["final_group"] == setup and sorted(scores["groups"][setup]["dev"]) == sorted(dcase.SCORE_METHODS)
     for name in ("report.md", "roc_dev.png", "embeddings_dev.png", "training_curves.png"):
         assert (run_dir / name).is_file(), name

@@ -4,6 +4,7 @@ crops, splits, and the whole recipe end to end on a tiny data set."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,88 @@ def test_csv_errors_name_the_file_and_cell(tmp_path, breakage, message):
     breakage(tmp_path / "train" / "a.csv")
     with pytest.raises(DataError, match=message):
         _store(maic.load_data(tmp_path).train, tmp_path)
+
+
+def _link_loop(folder):
+    (folder / "b.csv").symlink_to("b.csv")
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (_link_loop, r"train: b.csv not a readable file \(a folder, a broken link or a link loop\)$"),
+        (lambda d: (d / "a_notes.json").mkdir(), r"train: a_notes.json not a readable file"),
+    ],
+)
+def test_a_file_that_is_no_file_is_one_line_on_stderr(tmp_path, capsys, breakage, message):
+    write_person(tmp_path / "train", "a")
+    breakage(tmp_path / "train")
+    arguments = ["--data", str(tmp_path), "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert maic.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and re.search(message, error.strip())
+
+
+def test_an_unreadable_json_is_a_data_error(tmp_path, monkeypatch):
+    write_person(tmp_path / "train", "a")
+    path = tmp_path / "train" / "a.json"
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: cannot read the file \(Permission denied\)"):
+        maic.read_person(tmp_path / "train" / "a.csv", [path], labelled=True)
+
+
+def test_test_answers_with_two_rows_for_a_person_name_the_lines(tmp_path):
+    write_person(tmp_path / "train", "a")
+    write_person(tmp_path / "test", "t1", diagnosis=None)
+    write_person(tmp_path / "test", "t2", diagnosis=None)
+    (tmp_path / "test_answer.csv").write_text("wav_code,diagnosis\nt1,Normal\nt2,Cancer\nt1,Nodules\n")
+    with pytest.raises(
+        DataError, match=r"test_answer.csv: more than one answer for t1 on lines 2, 4 \(Normal, Nodules\)"
+    ):
+        maic.load_data(tmp_path)
+    (tmp_path / "test_answer.csv").write_text("wav_code,diagnosis\nt1,Normal\nt2,Cancer\nt1,Normal\n")
+    with pytest.raises(DataError, match=r"more than one answer for t1 on lines 2, 4 \(Normal, Normal\)"):
+        maic.load_data(tmp_path)
+    (tmp_path / "test_answer.csv").write_text("wav_code,diagnosis\nt1,Normal\nt2,Cancer\n")
+    assert maic.load_data(tmp_path).test_answers == {"t1": "Normal", "t2": "Cancer"}
+
+
+def test_constant_training_tokens_are_a_data_error(tmp_path):
+    write_person(tmp_path / "train", "a")
+    np.savetxt(tmp_path / "train" / "a.csv", np.full((128, 130), -80.0), fmt="%.2f", delimiter=",")
+    store = _store(maic.load_data(tmp_path).train, tmp_path)
+    with pytest.raises(DataError, match=r"every mel value of the training tokens is the same"):
+        maic.fit_normalization(store, np.arange(len(store)), "zscore")
+    with pytest.raises(DataError, match=r"no training tokens"):
+        maic.fit_normalization(store, np.arange(0), "zscore")
+
+
+def test_non_finite_token_predictions_name_the_seed(tmp_path):
+    import keras
+
+    from replicate.ensemble import PredictionError
+
+    write_person(tmp_path / "train", "a")
+    persons = maic.load_data(tmp_path).train
+    store = _store(persons, tmp_path)
+    mel, aux = keras.Input((128, 8, 1), name="mel"), keras.Input((2,), name="aux")
+    dense = keras.layers.Dense(3, activation="softmax")
+    model = keras.Model({"mel": mel, "aux": aux}, dense(keras.layers.Concatenate()([keras.layers.Flatten()(mel), aux])))
+    manifest = {
+        "inputs": maic.Inputs(8, 0.0, 1.0, 100.0).to_config(),
+        "recipe": {"inference": {"crop_seed": 0, "batch_size": 4}},
+        "members": [{"seed": 5}, {"seed": 6}],
+    }
+    rows = np.arange(len(store))
+    assert np.isfinite(maic.predict_tokens([model, model], store, persons, rows, manifest)).all()
+    poisoned = keras.models.clone_model(model)
+    poisoned.set_weights([np.full_like(weight, np.nan) for weight in model.get_weights()])
+    with pytest.raises(PredictionError, match=r"1 persons' tokens: the member\(s\) of seed\(s\) 6 predict NaN"):
+        maic.predict_tokens([model, poisoned], store, persons, rows, manifest)
 
 
 def _drop_field(path, key):
@@ -400,7 +483,13 @@ def test_recipe_end_to_end_and_resume(synthetic, tmp_path, capsys):
     ]
     assert maic.main(arguments) == 0
     run_dir = tmp_path / "run"
-    assert f"done: report {run_dir / 'report.md'}, submission {run_dir / 'submission.csv'}" in capsys.readouterr().out
+    f1 = files.read_json(run_dir / "scores.json")["evaluations"]["test (synthetic answers)"][
+        "ensemble_macro_f1_by_size"
+    ]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"done: test persons macro F1 {f1['1']:.4f} (1-member ensemble; source: single model 0.5759 on the real "
+        f"hidden test set) — report {run_dir / 'report.md'}, submission {run_dir / 'submission.csv'}"
+    )
     submission = (run_dir / "submission.csv").read_text().splitlines()
     assert submission[0] == "wav_code,diagnosis," + ",".join(f"p_{name}" for name in maic.DIAGNOSES)
     assert len(submission) == 7

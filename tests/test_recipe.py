@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from replicate import dacon
-from replicate.recipe import RecipeError, load_recipe, parse_override
+from replicate.recipe import RECIPES_DIR, RecipeError, load_recipe, parse_override
 
 
 def test_source_values_are_the_default():
@@ -74,3 +74,78 @@ def test_override_values_are_parsed_as_toml():
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     assert parse_override("a.b=train") == ("a.b", "train")
     assert parse_override('a.b="x=y"') == ("a.b", "x=y")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.learning_rate=inf", r"train.learning_rate = inf: must be a finite number"),
+        ("train.learning_rate=nan", r"train.learning_rate = nan: must be a finite number"),
+        ("train.learning_rate=1e30", r"train.learning_rate = 1e\+30: must be in \(0, 10\]"),
+        ("features.top_db=-inf", r"features.top_db = -inf: must be a finite number"),
+        ("features.n_mels=100000", r"features.n_mels = 100000: must be at most 129, the frequency bins of .* 256"),
+        ("ensemble.first_seed=99999999999", r"ensemble.first_seed = 99999999999: the seeds .* must be below 2\*\*32"),
+        ("ensemble.seeds=0", r"ensemble.seeds = 0: must be > 0"),
+        ("run.runs_dir=''", r"run.runs_dir = '': must be a non-empty string"),
+    ],
+)
+def test_out_of_range_numbers_name_the_key(override, message):
+    with pytest.raises(RecipeError, match=message):
+        dacon.load_recipe(overrides=[override])
+
+
+def test_learning_rates_of_every_task_and_section_are_bounded():
+    from replicate import aicup, dcase, maic
+
+    for module in (maic, dcase, aicup):
+        with pytest.raises(RecipeError, match=r"train.learning_rate = 1e\+30"):
+            module.load_recipe(overrides=["train.learning_rate=1e30"])
+    with pytest.raises(RecipeError, match=r"finetune.learning_rate = 100.0: must be in \(0, 10\]"):
+        dcase.load_recipe(overrides=["finetune.learning_rate=100.0"])
+    with pytest.raises(RecipeError, match=r"train.min_lr = 50.0: must be in \[0, 10\]"):
+        dcase.load_recipe(overrides=["train.min_lr=50.0"])
+    assert dacon.load_recipe(overrides=["train.learning_rate=10"])["train"]["learning_rate"] == 10.0
+    seeds = dacon.load_recipe(overrides=[f"ensemble.first_seed={2**32 - 15}"])["ensemble"]
+    assert seeds["first_seed"] + seeds["seeds"] == 2**32  # the last seed, 2**32 - 1, is valid
+
+
+def _write_recipe(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_a_recipe_file_of_ones_own_needs_every_key(tmp_path, capsys):
+    package = (RECIPES_DIR / "dacon.toml").read_text(encoding="utf-8")
+    without_train = package.replace("[train]", "[removed_train]", 1)
+    path = _write_recipe(tmp_path / "mine.toml", without_train)
+    with pytest.raises(RecipeError, match=r"mine.toml: missing train.epochs, train.batch_size, .* needs every key"):
+        dacon.load_recipe(path=path)
+    assert dacon.main(["--data", str(tmp_path), "--recipe", path]) == 2  # was KeyError: 'train'
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {path}: missing train.epochs") and error.count("\n") == 1
+    path = _write_recipe(tmp_path / "typed.toml", package.replace("batch_size = 16", 'batch_size = "16"'))
+    with pytest.raises(RecipeError, match=r"typed.toml: 'train.batch_size' must be int"):
+        dacon.load_recipe(path=path)
+    path = _write_recipe(tmp_path / "ok.toml", package.replace("epochs = 187", "epochs = 5"))
+    assert dacon.load_recipe(path=path)["train"]["epochs"] == 5
+    assert dacon.load_recipe("quick", path=path)["ensemble"]["seeds"] == 2  # its own profiles
+
+
+def test_the_task_value_must_be_the_commands_task(tmp_path):
+    package = (RECIPES_DIR / "dacon.toml").read_text(encoding="utf-8")
+    path = _write_recipe(tmp_path / "escape.toml", package.replace('task = "dacon"', 'task = "../../outside"'))
+    with pytest.raises(RecipeError, match=r"escape.toml: task = '../../outside', but this command runs the 'dacon'"):
+        dacon.load_recipe(path=path)
+    with pytest.raises(RecipeError, match=r"task = 'maic', but this command runs the 'dacon' recipe"):
+        dacon.load_recipe(path=str(RECIPES_DIR / "maic.toml"))
+    resolved = _write_recipe(tmp_path / "resolved.toml", package.replace('task = "dacon"', 'task = "a/b"'))
+    with pytest.raises(RecipeError, match=r"task = 'a/b' must be a plain lower-case name"):
+        load_recipe(resolved)
+
+
+def test_a_resolved_recipe_reads_back_as_a_recipe_of_its_task(tmp_path):
+    from replicate import task
+
+    recipe = dacon.load_recipe("quick", ["train.epochs=2"])
+    written = task.write_recipe(tmp_path, recipe)
+    assert dacon.load_recipe(path=str(written)) == recipe

@@ -26,7 +26,8 @@ def make_recipe(name: str, tmp_path) -> tuple:
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"done: report {run_dir / 'report.md'}" in result.stdout
+    last = result.stdout.splitlines()[-1]  # "done: <headline score> — report ..., submission ..."
+    assert last.startswith("done: ") and f" — report {run_dir / 'report.md'}" in last
     return run_dir, files.read_json(run_dir / "scores.json"), result.stdout
 
 
