@@ -623,9 +623,11 @@ def train_modality(
     *,
     log: Callable[[str], None],
     progress: bool,
+    retrain: bool = False,
 ) -> dict:
     """Train one seed ensemble per n_mfcc variant into `<run>/<modality>/mfcc<k>/`; returns the modality's
-    manifest (all variants' members, paths relative to `<run>/<modality>/`), also written there."""
+    manifest (all variants' members, paths relative to `<run>/<modality>/`), also written there.
+    `retrain`: train again the members trained from another set-up (`train.train_ensemble`)."""
     import keras
 
     from models.aicup import mfcc_input_name
@@ -649,8 +651,14 @@ def train_modality(
         score = uar_scorer(validation_inputs, validation_labels)
         log(f"{modality}, n_mfcc {n_mfcc}: {len(train_rows)} training, {len(validation_rows)} validation persons")
         variant_dir = modality_dir / f"mfcc{n_mfcc}"
+        # The recipe as this variant is trained, so that other variants or modalities leave its members be.
+        variant_recipe = {
+            **recipe,
+            "features": {**recipe["features"], "n_mfcc": [n_mfcc]},
+            "model": {**recipe["model"], "clinical": clinical},
+        }
         variant_manifest = train.train_ensemble(
-            recipe,
+            variant_recipe,
             task.seeds_of(recipe),
             run_dir=variant_dir,
             manifest={
@@ -658,6 +666,14 @@ def train_modality(
                 "clinical": clinical,
                 "features": {**base_manifest["features"], "n_mfcc": [n_mfcc]},
             },
+            trained_from={
+                "inputs": train_inputs,
+                "labels": labels[train_rows],
+                "class weights": weights,
+                "validation inputs": validation_inputs,  # they choose the best epoch
+                "validation labels": validation_labels,
+            },
+            retrain=retrain,
             log=log,
             build_model=functools.partial(build_model, recipe, n_mfcc, clinical),
             train_data=lambda seed, inputs=train_inputs: make_dataset(
@@ -698,9 +714,11 @@ def run(
     run_dir: str | os.PathLike | None = None,
     *,
     progress: bool = True,
+    retrain: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run the whole recipe on a data folder; returns the run folder (report.md, submission.csv)."""
+    """Run the whole recipe on a data folder; returns the run folder (report.md, submission.csv).
+    `retrain`: train again the members trained from another set-up (`train.train_ensemble`)."""
     from models.aicup import mfcc_input_name
     from replicate import task, train
 
@@ -773,6 +791,7 @@ def run(
             base_manifest,
             log=log,
             progress=progress,
+            retrain=retrain,
         )
     main_modality = MODALITIES[recipe["model"]["clinical"]]
     main = manifests[main_modality]
