@@ -639,8 +639,9 @@ def _member_problem(run_dir: Path, seed: int, records: Mapping[int, dict | None]
         model = run_dir / "members" / f"{name}.keras"
         shown = model if model in leftovers else leftovers[0]
         return f"{shown.relative_to(run_dir).as_posix()} has no record of its set-up"
-    if record["state"] != "trained":
-        return ""
+    if record["state"] != "trained":  # interrupted: resumed from its checkpoint, unless it was saved meanwhile
+        saved = (run_dir / "members" / f"{name}.keras").is_file()
+        return f"members/{name}.keras was saved but not recorded (the run was killed in between)" if saved else ""
     return damaged_member(run_dir, record["entry"]["file"], record["sha256"])
 
 

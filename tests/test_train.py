@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -347,37 +349,52 @@ def test_an_interrupted_member_of_another_set_up_starts_over_with_retrain(tmp_pa
     assert [m["epochs_this_session"] for m in manifest["members"]] == [2, 2]  # from the start, not resumed
 
 
-@pytest.mark.parametrize("damage", ["truncated", "overwritten", "deleted"])
-def test_a_damaged_member_is_detected_and_trained_again(tmp_path, damage):
+def test_a_damaged_member_is_detected_and_trained_again(tmp_path):
     _train_ensemble(tmp_path, [0])
     member = tmp_path / "members" / "seed-00.keras"
-    content = member.read_bytes()
-    if damage == "truncated":
-        member.write_bytes(content[: len(content) // 2])
-    elif damage == "overwritten":
-        member.write_bytes(content[:1000] + bytes(4096) + content[5096:])
-    else:
-        member.unlink()
+    for damage in ("truncated", "overwritten", "deleted"):
+        content = member.read_bytes()
+        if damage == "truncated":
+            member.write_bytes(content[: len(content) // 2])
+            problem = "is damaged (its SHA-256 differs from members/seed-00.json)"
+            with pytest.raises(task.RunFolderError, match=rf"{tmp_path}: members/seed-00.keras {re.escape(problem)}"):
+                Ensemble.load(tmp_path)  # loading it is refused too
+        elif damage == "overwritten":  # the same size, other bytes
+            member.write_bytes(content[:1000] + bytes(4096) + content[5096:])
+            problem = "is damaged (its SHA-256 differs from members/seed-00.json)"
+        else:
+            member.unlink()
+            problem = "is missing"
+        logged = []
+        _train_ensemble(tmp_path, [0], log=logged.append)
+        assert logged == [
+            f"member 1/1 (seed 0): members/seed-00.keras {problem}: training again",
+            "member 1/1 (seed 0): training",
+        ], damage
+        assert keras.models.load_model(member).predict(FEATURES[:2], verbose=0).shape == (2, 30)
+        assert len((tmp_path / "members" / "seed-00.history.csv").read_text().splitlines()) == 2  # not appended
+
+
+def test_a_member_without_a_finished_record_is_trained_again(tmp_path):
+    _train_ensemble(tmp_path, [0])
+    record_path = tmp_path / "members" / "seed-00.json"
+    record = files.read_json(record_path)
+    files.write_json(record_path, {"seed": 0, "state": "training", "trained_from": record["trained_from"]})
     logged = []
-    _train_ensemble(tmp_path, [0], log=logged.append)
-    problem = "is missing" if damage == "deleted" else "is damaged (its SHA-256 differs from members/seed-00.json)"
+    _train_ensemble(tmp_path, [0], log=logged.append)  # killed between saving the member and recording it
     assert logged == [
-        f"member 1/1 (seed 0): members/seed-00.keras {problem}: training again",
+        "member 1/1 (seed 0): members/seed-00.keras was saved but not recorded (the run was killed in between): "
+        "training again",
         "member 1/1 (seed 0): training",
     ]
-    assert keras.models.load_model(member).predict(FEATURES[:2], verbose=0).shape == (2, 30)
-    assert len((tmp_path / "members" / "seed-00.history.csv").read_text().splitlines()) == 2  # not appended to
-
-
-def test_a_member_without_a_record_is_trained_again(tmp_path):
-    _train_ensemble(tmp_path, [0])
-    (tmp_path / "members" / "seed-00.json").unlink()  # e.g. a run folder of an earlier version
+    record_path.unlink()  # e.g. a run folder of an earlier version
     logged = []
     _train_ensemble(tmp_path, [0], log=logged.append)
     assert logged == [
         "member 1/1 (seed 0): members/seed-00.keras has no record of its set-up: training again",
         "member 1/1 (seed 0): training",
     ]
+    assert len((tmp_path / "members" / "seed-00.history.csv").read_text().splitlines()) == 2  # header, one epoch
 
 
 def test_a_deleted_manifest_is_rebuilt_from_the_member_records_without_training(tmp_path):
@@ -394,11 +411,3 @@ def test_a_deleted_manifest_is_rebuilt_from_the_member_records_without_training(
     record = files.read_json(tmp_path / "members" / "seed-01.json")
     assert record["entry"] == first["members"][1] and record["state"] == "trained"
     assert Ensemble.load(tmp_path).seeds == [0, 1]
-
-
-def test_an_ensemble_with_a_damaged_member_does_not_load(tmp_path):
-    _train_ensemble(tmp_path, [0])
-    member = tmp_path / "members" / "seed-00.keras"
-    member.write_bytes(member.read_bytes()[:-10])
-    with pytest.raises(task.RunFolderError, match=r"members/seed-00.keras is damaged \(its SHA-256 differs"):
-        Ensemble.load(tmp_path)
