@@ -409,10 +409,10 @@ def cached_features(
     key = _cache_key(paths, params, audio)
     final_dir = Path(cache_dir) / f"{name}-{key}"
     threads = max(1, workers or os.cpu_count() or 1)
-    meta, _ = verified_meta(final_dir, threads)  # the usual case: whole, read without a lock
+    meta, _ = files.verified_cache(final_dir, threads)  # the usual case: whole, read without a lock
     if meta is None:
         with files.folder_lock(final_dir, "feature cache"):
-            meta, problem = verified_meta(final_dir, threads)  # another process may have built it meanwhile
+            meta, problem = files.verified_cache(final_dir, threads)  # another process may have built it meanwhile
             if problem is not None:
                 log(f"features {name}: the cache {final_dir} {problem}; computing it again")
                 shutil.rmtree(final_dir)
@@ -421,29 +421,6 @@ def cached_features(
                     paths, audio, extractor, params, final_dir, key, name, chunk_size, workers, progress
                 )
     return np.load(final_dir / "features.npy", mmap_mode="r"), meta
-
-
-def verified_meta(folder: Path, workers: int = 1) -> tuple[dict | None, str | None]:
-    """(metadata, None) for a finished cache folder whose files match the checksums in its `meta.json`;
-    (None, None) where there is no such folder; (None, what is wrong) otherwise ("is damaged (...)")."""
-    if not folder.exists():
-        return None, None
-    try:
-        meta = files.read_json(folder / "meta.json")
-    except FileNotFoundError:
-        return None, "is damaged (meta.json is missing)"
-    except ValueError:
-        return None, "is damaged (meta.json is not valid JSON)"
-    if "checksums" not in meta:
-        return None, "has no checksums (an earlier version wrote it)"
-    for file_name, recorded in meta["checksums"].items():
-        try:
-            problem = files.checksum_mismatch(folder / file_name, recorded, workers)
-        except OSError as error:  # e.g. removed meanwhile by a process rebuilding it
-            problem = f"{file_name} cannot be read ({error.strerror})"
-        if problem:
-            return None, f"is damaged ({problem})"
-    return meta, None
 
 
 def _build_cache(paths, audio, extractor, params, final_dir, key, name, chunk_size, workers, progress) -> dict:

@@ -119,6 +119,34 @@ def checksum_mismatch(path: str | os.PathLike, recorded: dict, workers: int = 1)
     return f"bytes {first}..{min(first + block, size) - 1} of {path.name} differ from their checksum{more}"
 
 
+def verified_cache(folder: str | os.PathLike, workers: int = 1) -> tuple[dict | None, str | None]:
+    """Open a finished cache folder: its `meta.json`, once every file named in its "checksums" matches them.
+
+    Returns:
+        (metadata, None) for a whole cache; (None, None) where there is no folder; (None, what is wrong) for
+        a damaged one or one without checksums, e.g. "is damaged (bytes 0..4095 of x.npy differ ...)".
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return None, None
+    try:
+        meta = read_json(folder / "meta.json")
+    except FileNotFoundError:
+        return None, "is damaged (meta.json is missing)"
+    except ValueError:
+        return None, "is damaged (meta.json is not valid JSON)"
+    if "checksums" not in meta:
+        return None, "has no checksums (an earlier version wrote it)"
+    for file_name, recorded in meta["checksums"].items():
+        try:
+            problem = checksum_mismatch(folder / file_name, recorded, workers)
+        except OSError as error:  # e.g. removed meanwhile by a process rebuilding it
+            problem = f"{file_name} cannot be read ({error.strerror})"
+        if problem:
+            return None, f"is damaged ({problem})"
+    return meta, None
+
+
 def sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a whole file."""
     digest = hashlib.sha256()

@@ -360,15 +360,13 @@ def token_store(
         DataError: a CSV with the wrong shape or bad cells, or a token whose frames fall outside its CSV.
         files.LockedError: another process is building the same cache.
     """
-    from replicate.features import verified_meta
-
     params = {"kind": "maic-tokens", "version": CACHE_VERSION, "mel_bins": mel_bins, "drop_skipped": drop_skipped}
     key = _token_cache_key(persons, params)
     final_dir = Path(cache_dir) / f"{name}-{key}"
-    meta, _ = verified_meta(final_dir)  # the usual case: whole, read without a lock
+    meta, _ = files.verified_cache(final_dir)  # the usual case: whole, read without a lock
     if meta is None:
         with files.folder_lock(final_dir, "token cache"):
-            meta, problem = verified_meta(final_dir)  # another process may have built it meanwhile
+            meta, problem = files.verified_cache(final_dir)  # another process may have built it meanwhile
             if problem is not None:
                 log(f"tokens {name}: the cache {final_dir} {problem}; parsing the CSVs again")
                 shutil.rmtree(final_dir)
