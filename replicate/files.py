@@ -115,7 +115,7 @@ def checksum_mismatch(path: str | os.PathLike, recorded: dict, workers: int = 1)
     if not bad:
         return None
     first = bad[0] * block
-    more = f" (and {len(bad) - 1} more blocks)" if len(bad) > 1 else ""
+    more = f" (and {len(bad) - 1} more block{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
     return f"bytes {first}..{min(first + block, size) - 1} of {path.name} differ from their checksum{more}"
 
 

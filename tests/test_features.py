@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import time
@@ -279,6 +280,24 @@ def test_mel_power_over_several_fft_blocks_keeps_the_clip_order(clips):
     batched = features.mel_power(many, 16000, RESOLUTIONS)
     np.testing.assert_array_equal(batched[17], _librosa_one_clip(many[17]))
     np.testing.assert_array_equal(batched[:5], features.mel_power(clips, 16000, RESOLUTIONS))
+
+
+def test_block_checksums_are_computed_in_threads_and_name_the_damaged_block(tmp_path):
+    path = tmp_path / "x.bin"
+    content = np.random.default_rng(1).bytes(2500)
+    path.write_bytes(content)
+    recorded = files.checksums(path, block_bytes=1000, workers=2)
+    blocks = [hashlib.sha256(content[start : start + 1000]).hexdigest() for start in (0, 1000, 2000)]
+    assert recorded == {"bytes": 2500, "block_bytes": 1000, "sha256": blocks}
+    assert files.checksum_mismatch(path, recorded, workers=2) is None
+    path.write_bytes(content[:1500] + bytes([content[1500] ^ 1]) + content[1501:])  # one bit
+    assert files.checksum_mismatch(path, recorded) == "bytes 1000..1999 of x.bin differ from their checksum"
+    path.write_bytes(bytes([content[0] ^ 1]) + content[1:1500] + bytes([content[1500] ^ 1]) + content[1501:])
+    assert files.checksum_mismatch(path, recorded, workers=2) == (
+        "bytes 0..999 of x.bin differ from their checksum (and 1 more block)"
+    )
+    path.write_bytes(content[:2400])
+    assert files.checksum_mismatch(path, recorded) == "x.bin has 2400 bytes, 2500 recorded"
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "meta"])
