@@ -706,10 +706,12 @@ def train_modality(
     *,
     log: Callable[[str], None],
     progress: bool,
+    retrain: bool = False,
 ) -> dict:
     """Train one seed ensemble per n_mfcc variant, on its own fold (`variant_folds`), into
     `<run>/<modality>/mfcc<k>/`; returns the modality's manifest (all variants' members, paths relative to
-    `<run>/<modality>/`), also written there."""
+    `<run>/<modality>/`), also written there. `retrain`: train again the members trained from another set-up
+    (`train.train_ensemble`)."""
     import keras
 
     from models.aicup import mfcc_input_name
@@ -738,8 +740,14 @@ def train_modality(
             f"(split seed {folds[n_mfcc].seed})"
         )
         variant_dir = modality_dir / f"mfcc{n_mfcc}"
+        # The recipe as this variant is trained, so that other variants or modalities leave its members be.
+        variant_recipe = {
+            **recipe,
+            "features": {**recipe["features"], "n_mfcc": [n_mfcc]},
+            "model": {**recipe["model"], "clinical": clinical},
+        }
         variant_manifest = train.train_ensemble(
-            recipe,
+            variant_recipe,
             task.seeds_of(recipe),
             run_dir=variant_dir,
             manifest={
@@ -747,6 +755,14 @@ def train_modality(
                 "clinical": clinical,
                 "features": {**base_manifest["features"], "n_mfcc": [n_mfcc]},
             },
+            trained_from={
+                "inputs": train_inputs,
+                "labels": labels[train_rows],
+                "class weights": weights,
+                "validation inputs": validation_inputs,  # they choose the best epoch
+                "validation labels": validation_labels,
+            },
+            retrain=retrain,
             log=log,
             build_model=functools.partial(build_model, recipe, n_mfcc, clinical),
             train_data=lambda seed, inputs=train_inputs, rows=train_rows, weights=weights: make_dataset(
@@ -809,9 +825,11 @@ def run(
     run_dir: str | os.PathLike | None = None,
     *,
     progress: bool = True,
+    retrain: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run the whole recipe on a data folder; returns the run folder (report.md, submission.csv)."""
+    """Run the whole recipe on a data folder; returns the run folder (report.md, submission.csv).
+    `retrain`: train again the members trained from another set-up (`train.train_ensemble`)."""
     from replicate import task, train
 
     data_root = Path(data_root)
@@ -867,6 +885,7 @@ def run(
             base_manifest,
             log=log,
             progress=progress,
+            retrain=retrain,
         )
     main_modality = MODALITIES[recipe["model"]["clinical"]]
     main = manifests[main_modality]

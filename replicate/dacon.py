@@ -262,9 +262,11 @@ def run(
     run_dir: str | os.PathLike | None = None,
     *,
     progress: bool = True,
+    retrain: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run the whole recipe on a data folder; returns the run folder (with report.md and submission.csv)."""
+    """Run the whole recipe on a data folder; returns the run folder (with report.md and submission.csv).
+    `retrain`: train again the members trained from another set-up (`train.train_ensemble`)."""
     from replicate import pipeline, train
 
     data_root = Path(data_root)
@@ -322,6 +324,13 @@ def run(
         seeds,
         run_dir=run_dir,
         manifest=manifest,
+        trained_from={
+            "features": train_meta["checksums"],
+            "targets": data.train_targets,
+            "rows": rows,
+            "normalization": normalizer.to_config(),
+        },
+        retrain=retrain,
         log=log,
         build_model=functools.partial(build_model, recipe, tuple(train_power.shape[1:]), len(data.class_names)),
         train_data=lambda seed: make_dataset(batch_size=batch_size, indices=rows, shuffle=True, seed=seed),

@@ -604,6 +604,7 @@ def export_members(run_dir: Path, log: Callable[[str], None] = print) -> None:
         with files.atomic_path(member_path, suffix=".keras") as temporary:
             inference_model(model).save(temporary)
         entry.update(exported=True, training_file=str(training_path.relative_to(run_dir)))
+        train.update_member(run_dir, entry)  # the member's record follows its new file
         files.write_json(manifest_path, manifest)
         log(f"member {member_path.name}: exported (built-in layers only)")
 
@@ -617,9 +618,11 @@ def run(
     run_dir: str | os.PathLike | None = None,
     *,
     progress: bool = True,
+    retrain: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run the whole recipe on a data folder; returns the run folder (report.md, dev/ and eval/ CSVs)."""
+    """Run the whole recipe on a data folder; returns the run folder (report.md, dev/ and eval/ CSVs).
+    `retrain`: train again the members trained from another set-up (`train.train_ensemble`)."""
 
     data_root = Path(data_root)
     data = load_data(data_root)
@@ -678,9 +681,17 @@ def run(
     }
     seeds = task.seeds_of(recipe)
     setup = recipe["train"]["setup"]
+    members = {
+        "trained_from": {
+            "features": train_meta["checksums"],
+            "dev features": dev_meta["checksums"],  # they choose the best epoch
+            "normalization": normalizer.to_config(),
+        },
+        "retrain": retrain,
+    }
     groups: dict[str, list[tuple[str, Path]]] = {}  # model group → [(machine types it scores, sub-run folder)]
     if setup in ("integrated", "finetune"):
-        _train_group(recipe, run_dir, data, arrays, data.class_names, None, seeds, manifest, progress, log)
+        _train_group(recipe, run_dir, data, arrays, data.class_names, None, seeds, manifest, progress, log, **members)
         groups["integrated"] = [("*", run_dir)]
     if setup == "per_machine":
         groups["per_machine"] = []
@@ -697,6 +708,7 @@ def run(
                 {**manifest, "machine_type": machine_type},
                 progress,
                 log,
+                **members,
             )
             groups["per_machine"].append((machine_type, sub_dir))
         files.write_json(
@@ -724,6 +736,7 @@ def run(
                 progress,
                 log,
                 pretrained=run_dir,
+                **members,
             )
             groups["finetune"].append((machine_type, sub_dir))
 
@@ -745,8 +758,12 @@ def _train_group(
     progress,
     log,
     pretrained: Path | None = None,
+    *,
+    trained_from: dict,
+    retrain: bool,
 ):
-    """Train (or keep) one seed ensemble over `class_names`, scored on its machine types' dev test clips."""
+    """Train (or keep) one seed ensemble over `class_names`, scored on its machine types' dev test clips.
+    `trained_from` and `retrain` as for `train.train_ensemble` (this group's rows are added)."""
     import keras
 
     from models.dcase import finetune_model
@@ -781,6 +798,15 @@ def _train_group(
     arguments = {
         "run_dir": group_dir,
         "manifest": {**manifest, "class_names": class_names, "finetune_of": str(pretrained) if finetune else None},
+        "trained_from": {
+            **trained_from,
+            "rows": rows,
+            "classes": class_indices,
+            "dev rows": dev_rows,
+            "dev labels": dev_labels,
+            "dev classes": dev_indices,
+        },
+        "retrain": retrain,
         "log": log,
         "train_data": lambda seed: training_dataset(
             arrays,

@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from replicate import files
+from replicate import files, task, train
 from replicate.train import MANIFEST
 
 
@@ -66,7 +66,12 @@ class Ensemble:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, size: int | None = None) -> Ensemble:
-        """Load the manifest and the first `size` members (all by default), in safe mode."""
+        """Load the manifest and the first `size` members (all by default), in safe mode, each checked
+        against the SHA-256 in its record (`members/seed-XX.json` beside it) where it has one.
+
+        Raises:
+            task.RunFolderError: a member's file differs from its record.
+        """
         run_dir = Path(run_dir)
         manifest_path = run_dir / MANIFEST
         if not manifest_path.is_file():
@@ -76,6 +81,13 @@ class Ensemble:
         missing = [entry["file"] for entry in entries if not (run_dir / entry["file"]).is_file()]
         if missing:
             raise FileNotFoundError(f"{run_dir}: member files listed in the manifest are missing: {missing}")
+        for entry in entries:
+            record_path = (run_dir / entry["file"]).with_suffix(".json")
+            recorded = files.read_json(record_path).get("sha256") if record_path.is_file() else None
+            if recorded is not None:
+                problem = train.damaged_member(run_dir, entry["file"], recorded)
+                if problem:
+                    raise task.RunFolderError(f"{run_dir}: {problem}; run the recipe again to train it again")
         members = [keras.models.load_model(run_dir / entry["file"], safe_mode=True) for entry in entries]
         return cls(run_dir, manifest, members)
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from replicate import files
 from replicate.audio import AudioError, read_audio
 
-PAD_MODES = ("constant", "reflect")  # centred frames' ends: zeros (librosa >= 0.9), a mirror (librosa <= 0.8, torchaudio)
+PAD_MODES = ("constant", "reflect")  # frames' ends: zeros (librosa >= 0.9), a mirror (librosa <= 0.8, torchaudio)
 MEL_SCALES = ("slaney", "htk")  # librosa's default scale, and HTK's 2595·log10(1 + f/700) (torchaudio's default)
 MEL_NORMS = ("slaney", "none")  # filters of equal area (librosa's default), or peaks of 1 (torchaudio's default)
 
@@ -422,6 +422,7 @@ def cached_features(
     chunk_size: int = 64,
     workers: int | None = None,
     progress: bool = True,
+    log: Callable[[str], None] = print,
 ) -> tuple[np.ndarray, dict]:
     """Features of `paths`, computed once and memory-mapped from `cache_dir` afterwards.
 
@@ -429,6 +430,13 @@ def cached_features(
     file's size and modification time, so a changed file or parameter computes anew and a second run
     with the same inputs reads the cache. Work is resumable: an interrupted extraction continues from
     the last finished chunk. The finished cache is renamed into place atomically.
+
+    A finished cache records the SHA-256 of every 16 MiB block of its array (`files.checksums`), and is
+    checked against them each time it is opened: a cache damaged on disk (garbage written into it, a
+    truncated file) is computed again, said on `log`, never read as features. Checking reads the whole
+    array once (in `workers` threads), which a run does anyway, twice, to fit its normalisation statistics;
+    checking only sizes and headers would miss garbage inside. While a cache is built, it is locked
+    (`files.folder_lock`): another process that needs it stops at once with `files.LockedError`.
 
     Chunks are read and extracted in `workers` threads: reading (libsndfile) and the extractors' numpy, FFT
     and BLAS calls release the GIL, so threads use every core without the start-up, imports and pickling of
@@ -446,23 +454,39 @@ def cached_features(
         chunk_size: clips per extractor call.
         workers: threads (default: all cores, at most one per chunk).
         progress: show a progress bar.
+        log: where a line goes when a damaged cache is computed again.
 
     Returns:
-        (read-only memory-mapped array, metadata with counts of mixed/resampled/padded/cropped files).
+        (read-only memory-mapped array, metadata with counts of mixed/resampled/padded/cropped files and
+        the array's `checksums`, which name its content, e.g. in what a member was trained from).
 
     Raises:
         FeatureCacheError: listing every file that could not be used, after the whole pass.
+        files.LockedError: another process is building the same cache.
     """
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise ValueError(f"{name}: no audio files to extract features from")
     key = _cache_key(paths, params, audio)
     final_dir = Path(cache_dir) / f"{name}-{key}"
-    if (final_dir / "meta.json").is_file():
-        meta = files.read_json(final_dir / "meta.json")
-        return np.load(final_dir / "features.npy", mmap_mode="r"), meta
+    threads = max(1, workers or os.cpu_count() or 1)
+    meta, _ = files.verified_cache(final_dir, threads)  # the usual case: whole, read without a lock
+    if meta is None:
+        with files.folder_lock(final_dir, "feature cache"):
+            meta, problem = files.verified_cache(final_dir, threads)  # another process may have built it meanwhile
+            if problem is not None:
+                log(f"features {name}: the cache {final_dir} {problem}; computing it again")
+                shutil.rmtree(final_dir)
+            if meta is None:
+                meta = _build_cache(
+                    paths, audio, extractor, params, final_dir, key, name, chunk_size, workers, progress
+                )
+    return np.load(final_dir / "features.npy", mmap_mode="r"), meta
 
-    partial_dir = Path(cache_dir) / f".{name}-{key}.partial"
+
+def _build_cache(paths, audio, extractor, params, final_dir, key, name, chunk_size, workers, progress) -> dict:
+    """Extract the features of `paths` into `.<name>-<key>.partial`, resuming it, and rename it to `final_dir`."""
+    partial_dir = final_dir.parent / f".{final_dir.name}.partial"
     partial_dir.mkdir(parents=True, exist_ok=True)
     state_path = partial_dir / "state.json"
     state = files.read_json(state_path) if state_path.is_file() else {"done": 0, "notes": {}}
@@ -504,14 +528,12 @@ def cached_features(
         "audio": asdict(audio),
         "count": len(paths),
         "notes": {k: notes.get(k, 0) for k in ("mixed_to_mono", "resampled", "padded", "cropped")},
+        "checksums": {"features.npy": files.checksums(partial_dir / "features.npy", workers=workers)},
     }
     files.write_json(partial_dir / "meta.json", meta)
     state_path.unlink()
-    if final_dir.exists():  # another process finished the same cache first
-        shutil.rmtree(partial_dir)
-    else:
-        os.replace(partial_dir, final_dir)
-    return np.load(final_dir / "features.npy", mmap_mode="r"), meta
+    os.replace(partial_dir, final_dir)  # the lock keeps other processes from building it meanwhile
+    return meta
 
 
 class _RowWriter:

@@ -301,6 +301,7 @@ class TokenStore:
         person: per token, the index of its person in the split's list.
         token_no: per token, its number in the annotation.
         counts: what was dropped or flagged (skipped tokens, abnormal pronunciation, persons without tokens).
+        checksums: the cache files' block checksums (`files.checksums`), which name the store's content.
     """
 
     frames: np.ndarray
@@ -309,6 +310,7 @@ class TokenStore:
     person: np.ndarray
     token_no: np.ndarray
     counts: dict
+    checksums: dict
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -361,24 +363,33 @@ def token_store(
     cache_dir: str | os.PathLike,
     name: str,
     progress: bool = True,
+    log: Callable[[str], None] = print,
 ) -> TokenStore:
     """The tokens of `persons`, parsed from their CSVs once and memory-mapped from the cache afterwards.
 
-    The cache follows the engine's convention (`<cache_dir>/<name>-<key>/`, the key hashing the
-    parameters and every CSV/JSON file's path, size and modification time; written in a partial folder
-    and renamed into place), so a second run reads no CSV.
+    The cache follows the engine's convention (`features.cached_features`: `<cache_dir>/<name>-<key>/`, the
+    key hashing the parameters and every CSV/JSON file's path, size and modification time; built under a
+    lock in a partial folder and renamed into place; checked against its checksums when opened, and parsed
+    again, said on `log`, when damaged), so a second run reads no CSV.
 
     Raises:
         DataError: a CSV with the wrong shape or bad cells, or a token whose frames fall outside its CSV.
+        files.LockedError: another process is building the same cache.
     """
     params = {"kind": "maic-tokens", "version": CACHE_VERSION, "mel_bins": mel_bins, "drop_skipped": drop_skipped}
     key = _token_cache_key(persons, params)
     final_dir = Path(cache_dir) / f"{name}-{key}"
-    if not (final_dir / "meta.json").is_file():
-        _build_token_cache(
-            persons, final_dir, mel_bins=mel_bins, drop_skipped=drop_skipped, name=name, progress=progress
-        )
-    meta = files.read_json(final_dir / "meta.json")
+    meta, _ = files.verified_cache(final_dir)  # the usual case: whole, read without a lock
+    if meta is None:
+        with files.folder_lock(final_dir, "token cache"):
+            meta, problem = files.verified_cache(final_dir)  # another process may have built it meanwhile
+            if problem is not None:
+                log(f"tokens {name}: the cache {final_dir} {problem}; parsing the CSVs again")
+                shutil.rmtree(final_dir)
+            if meta is None:
+                meta = _build_token_cache(
+                    persons, final_dir, mel_bins=mel_bins, drop_skipped=drop_skipped, name=name, progress=progress
+                )
     index = np.load(final_dir / "index.npz")
     return TokenStore(
         frames=np.load(final_dir / "frames.npy", mmap_mode="r"),
@@ -387,12 +398,13 @@ def token_store(
         person=index["person"],
         token_no=index["token_no"],
         counts=meta["counts"],
+        checksums=meta["checksums"],
     )
 
 
 def _build_token_cache(
     persons: Sequence[Person], final_dir: Path, *, mel_bins: int, drop_skipped: bool, name: str, progress: bool
-) -> None:
+) -> dict:
     kept = [[token for token in person.tokens if not (drop_skipped and token.skip)] for person in persons]
     total = sum(token.stop - token.start for tokens in kept for token in tokens)
     partial_dir = final_dir.parent / f".{final_dir.name}.partial"
@@ -442,11 +454,11 @@ def _build_token_cache(
             person.person_id for person, tokens in zip(persons, kept, strict=True) if not tokens
         ],
     }
-    files.write_json(partial_dir / "meta.json", {"name": name, "counts": counts})
-    if final_dir.exists():  # another process finished the same cache first
-        shutil.rmtree(partial_dir)
-    else:
-        os.replace(partial_dir, final_dir)
+    checksums = {file_name: files.checksums(partial_dir / file_name) for file_name in ("frames.npy", "index.npz")}
+    meta = {"name": name, "counts": counts, "checksums": checksums}
+    files.write_json(partial_dir / "meta.json", meta)
+    os.replace(partial_dir, final_dir)  # the lock keeps other processes from building it meanwhile
+    return meta
 
 
 # --- sub-classes and label masking ---------------------------------------------------------------
@@ -768,9 +780,11 @@ def run(
     run_dir: str | os.PathLike | None = None,
     *,
     progress: bool = True,
+    retrain: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run the whole recipe on a data folder; returns the run folder (report.md, submission.csv)."""
+    """Run the whole recipe on a data folder; returns the run folder (report.md, submission.csv).
+    `retrain`: train again the members trained from another set-up (`train.train_ensemble`)."""
     import keras
 
     from replicate import train
@@ -871,6 +885,16 @@ def run(
         task.seeds_of(recipe),
         run_dir=run_dir,
         manifest=manifest,
+        trained_from={
+            "tokens": train_store.checksums,
+            "labels": labels,
+            "aux": train_aux,
+            "rows": train_rows,
+            "validation rows": validation_rows,  # they choose the best epoch
+            "inputs": inputs.to_config(),
+            "subclasses": table.to_config(),
+        },
+        retrain=retrain,
         log=log,
         build_model=functools.partial(build_model, recipe, len(table.entries)),
         train_data=lambda seed: token_dataset(

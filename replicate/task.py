@@ -21,6 +21,10 @@ class DataError(ValueError):
     """The data folder does not have the competition's layout; the message names the file and rows."""
 
 
+class RunFolderError(ValueError):
+    """A run folder holds members that cannot be kept (trained from another set-up, or damaged at load)."""
+
+
 def listing(values: Sequence, limit: int = 10) -> str:
     """ "a, b, c" or, past `limit` values, "a, b, ... (and 7 more)"."""
     values = list(values)
@@ -41,17 +45,25 @@ def seeds_of(recipe: dict) -> list[int]:
     return list(range(first, first + recipe["ensemble"]["seeds"]))
 
 
+def run_dir_of(recipe: dict, data_root: Path, run_dir: str | Path | None = None) -> Path:
+    """The run folder: `run_dir` if given, else `runs/<task>/<profile>-<hash of recipe and data folder>`."""
+    if run_dir:
+        return Path(run_dir)
+    return Path(recipe["run"]["runs_dir"]) / recipe["task"] / default_run_id(recipe, data_root)
+
+
 def open_run_dir(recipe: dict, data_root: Path, run_dir: str | Path | None = None) -> Path:
-    """The run folder (`runs/<task>/<profile>-<hash>` unless one is given), created, with the resolved
-    recipe written into it."""
-    run_dir = (
-        Path(run_dir)
-        if run_dir
-        else Path(recipe["run"]["runs_dir"]) / recipe["task"] / default_run_id(recipe, data_root)
-    )
+    """The run folder (`run_dir_of`), created, with the resolved recipe written into it."""
+    run_dir = run_dir_of(recipe, data_root, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_recipe(run_dir, recipe)
     return run_dir
+
+
+def lock_run_dir(run_dir: str | Path):
+    """Keep other processes out of a run folder while this one uses it (`files.folder_lock`): a second
+    command on the same folder stops at once with `files.LockedError` naming this process."""
+    return files.folder_lock(run_dir, "run folder", "wait for it to finish, or choose another --run-dir")
 
 
 def write_recipe(run_dir: Path, recipe: dict) -> Path:
@@ -87,11 +99,12 @@ def main(
         description: one line on the recipe.
         data_help: what `--data` must contain.
         load_recipe: (profile, overrides, recipe path or None) → the validated recipe.
-        run: (recipe, data folder, run folder or None, progress=bool) → the finished run folder.
+        run: (recipe, data folder, run folder, progress=bool, retrain=bool) → the finished run folder.
 
     Returns:
-        0 on success (the last line names the headline score, the report and the submission), 2 for bad input
-        (the error is printed on stderr).
+        0 on success (the last line names the headline score, the report and the submission), 2 for bad input,
+        a run folder or cache in use by another process, or a run folder whose members were trained from
+        another set-up (the error is printed on stderr).
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--data", type=Path, required=True, help=f"data folder: {data_help}")
@@ -105,6 +118,12 @@ def main(
     parser.add_argument(
         "--run-dir", type=Path, help="run folder (default: runs/<recipe>/<profile>-<hash>; reused to resume)"
     )
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train again the members of the run folder that were trained from another set-up (recipe values "
+        "or data), instead of stopping",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     arguments = parser.parse_args(argv)
 
@@ -115,9 +134,13 @@ def main(
         overrides.append(f"train.epochs={arguments.epochs}")
     try:
         recipe = load_recipe(arguments.profile, overrides, arguments.recipe)
-        run_dir = Path(run(recipe, arguments.data, arguments.run_dir, progress=not arguments.no_progress))
-    except ValueError as error:
-        if not is_package_error(error):
+        run_dir = run_dir_of(recipe, arguments.data, arguments.run_dir)
+        with lock_run_dir(run_dir):  # from the first file written to the last
+            run_dir = Path(
+                run(recipe, arguments.data, run_dir, progress=not arguments.no_progress, retrain=arguments.retrain)
+            )
+    except (ValueError, files.LockedError) as error:
+        if isinstance(error, ValueError) and not is_package_error(error):
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -5,9 +5,15 @@ Layout of a run folder (`runs/<recipe>/<run-id>/`):
     recipe.toml                 the resolved recipe
     manifest.json               members, feature parameters, normalisation, class names, versions
     members/seed-XX.keras       one saved model per finished member
+    members/seed-XX.json        its record: what it was trained from, the file's SHA-256, its manifest entry
     members/seed-XX.history.csv its per-epoch history
     checkpoints/seed-XX/        the unfinished member's last epoch (removed when it finishes)
     tensorboard/seed-XX/        TensorBoard logs
+
+Each member stands on its own record, written when it starts ("training") and when it is saved ("trained"):
+a rerun keeps a member whose record matches the run's set-up and whose file matches its checksum, resumes
+an interrupted one, trains a damaged one again, and refuses (or with `retrain`, removes) members trained
+from another set-up. The manifest is rebuilt from the records.
 """
 
 from __future__ import annotations
@@ -15,21 +21,41 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import hashlib
+import json
 import platform
 import resource
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
-from replicate import files, losses, optimizers, report
+from replicate import files, losses, optimizers, report, task
 
 MANIFEST = "manifest.json"
+
+# Recipe values that do not change what a member learns, left out of its set-up (`training_setup`): the
+# recipe's name and the source's reported numbers; where and how the run works (run.*: folders, threads,
+# the profile's name — its values are in the recipe); which members make up the ensembles (ensemble.seeds:
+# a member is its own seed; AI CUP's ensemble.compare_modalities: whether a second ensemble is trained
+# beside); and how members share the hardware (train.fused, fused_layout, distribute), which changes float
+# rounding and dropout masks but not what is trained. Every other value is part of the set-up.
+NOT_IN_SETUP = (
+    "name",
+    "source",
+    "run",
+    "ensemble.seeds",
+    "ensemble.compare_modalities",
+    "train.fused",
+    "train.fused_layout",
+    "train.distribute",
+)
 
 
 def member_name(seed: int) -> str:
@@ -437,53 +463,262 @@ def train_ensemble(
     *,
     run_dir: str | Path,
     manifest: dict,
+    trained_from: Mapping[str, Any],
+    retrain: bool = False,
     log: Callable[[str], None] = print,
     **member_arguments: Any,
 ) -> dict:
     """Train every seed's member in turn (or `train.fused` of them at a time), keeping members that an
-    earlier run finished.
+    earlier run finished from the same set-up.
 
-    The manifest is rewritten (atomically) after each member, so a killed run loses at most the epoch
-    in progress: started again with the same run folder, finished members are kept and the
-    interrupted one continues from its last checkpoint.
+    The run folder is locked (`task.lock_run_dir`) meanwhile. Each member's record (`members/seed-XX.json`)
+    says what it was trained from: the recipe's values (all but `NOT_IN_SETUP`) and `trained_from`. A
+    member whose record matches and whose file matches the record's SHA-256 is kept; an interrupted one
+    continues from its last checkpoint; a damaged, missing or unrecorded one is trained again from the
+    start, said on `log`. Members trained from another set-up stop the run with `task.RunFolderError`
+    naming what changed, unless `retrain`: then they are removed and trained again. The manifest is
+    rebuilt from the records and rewritten (atomically) after each member, so a killed run loses at most
+    the epoch in progress.
 
     Args:
         recipe: the resolved recipe.
         seeds: one member per seed.
         run_dir: the run folder.
         manifest: what inference needs besides the members (task, features, normalisation, class names).
+        trained_from: what the members learn from besides the recipe, by name: the training data (a cache's
+            `checksums`, or arrays, hashed by content), the normalisation statistics, the split... Small
+            JSON-able values or numpy arrays; a large array is better named by its cache's checksums than
+            hashed on every run.
+        retrain: remove the members trained from another set-up and train them again, instead of stopping.
         log: where progress lines go.
         member_arguments: passed to `train_member` (build_model, train_data, validation_data, ...).
 
     Returns:
         The manifest, with its `members` list.
+
+    Raises:
+        task.RunFolderError: members of another set-up, without `retrain`.
+        files.LockedError: another process uses the run folder.
     """
     run_dir = Path(run_dir)
-    manifest_path = run_dir / MANIFEST
-    previous = files.read_json(manifest_path) if manifest_path.is_file() else {}
-    trained = {member["seed"]: member for member in previous.get("members", []) if (run_dir / member["file"]).is_file()}
-    manifest = {**manifest, "members": [], "environment": environment()}
-    position = {seed: index for index, seed in enumerate(seeds, start=1)}
-    for seed in seeds:
-        if seed in trained:
-            log(f"member {position[seed]}/{len(seeds)} (seed {seed}): already trained, kept")
-    width = recipe["train"].get("fused", 1)
-    pending = [seed for seed in seeds if seed not in trained]
-    for group in (pending[start : start + width] for start in range(0, len(pending), width)):
-        which = ", ".join(f"{position[seed]}/{len(seeds)} (seed {seed})" for seed in group)
-        if len(group) == 1:
-            log(f"member {which}: training")
-            trained[group[0]] = train_member(recipe, group[0], run_dir=run_dir, **member_arguments)
-        else:
-            log(f"members {which}: training as one fused model")
-            entries = train_fused(recipe, group, run_dir=run_dir, **member_arguments)
-            trained.update(zip(group, entries, strict=True))
-        manifest["members"] = [trained[seed] for seed in seeds if seed in trained]
-        manifest["peak_memory_mb"] = peak_memory_mb()
+    with task.lock_run_dir(run_dir):
+        setup = training_setup(recipe, trained_from)
+        records = _read_records(run_dir)
+        stale = {
+            seed: changes
+            for seed, record in records.items()
+            if record is not None and (changes := setup_changes(record["trained_from"], setup))
+        }
+        if stale and not retrain:
+            raise task.RunFolderError(_refusal(run_dir, stale))
+        for seed, changes in stale.items():
+            log(f"seed {seed}: trained from another set-up ({', '.join(changes)}); removed (--retrain)")
+            _discard_member(run_dir, seed)
+            del records[seed]
+
+        manifest = {**manifest, "members": [], "environment": environment()}
+        manifest_path = run_dir / MANIFEST
+        position = {seed: index for index, seed in enumerate(seeds, start=1)}
+        trained = {}
+        for seed in seeds:
+            which = f"member {position[seed]}/{len(seeds)} (seed {seed})"
+            problem = _member_problem(run_dir, seed, records)
+            if problem is None:
+                trained[seed] = records[seed]["entry"]
+                log(f"{which}: already trained, kept")
+            elif problem:
+                log(f"{which}: {problem}: training again")
+                _discard_member(run_dir, seed)
+        width = recipe["train"].get("fused", 1)
+        pending = [seed for seed in seeds if seed not in trained]
+        for group in (pending[start : start + width] for start in range(0, len(pending), width)):
+            for seed in group:  # before any checkpoint: an interrupted member is known to be of this set-up
+                _write_record(run_dir, seed, {"state": "training", "trained_from": setup})
+            which = ", ".join(f"{position[seed]}/{len(seeds)} (seed {seed})" for seed in group)
+            if len(group) == 1:
+                log(f"member {which}: training")
+                entries = [train_member(recipe, group[0], run_dir=run_dir, **member_arguments)]
+            else:
+                log(f"members {which}: training as one fused model")
+                entries = train_fused(recipe, group, run_dir=run_dir, **member_arguments)
+            for seed, entry in zip(group, entries, strict=True):
+                _write_record(
+                    run_dir,
+                    seed,
+                    {
+                        "state": "trained",
+                        "trained_from": setup,
+                        "sha256": files.sha256(run_dir / entry["file"]),
+                        "entry": entry,
+                    },
+                )
+                trained[seed] = entry
+            manifest["members"] = [trained[seed] for seed in seeds if seed in trained]
+            manifest["peak_memory_mb"] = peak_memory_mb()
+            files.write_json(manifest_path, manifest)
+        manifest["members"] = [trained[seed] for seed in seeds]
         files.write_json(manifest_path, manifest)
-    manifest["members"] = [trained[seed] for seed in seeds]
-    files.write_json(manifest_path, manifest)
     return manifest
+
+
+def training_setup(recipe: Mapping[str, Any], trained_from: Mapping[str, Any]) -> dict:
+    """What a member is trained from, as its record keeps it: the recipe's values by dotted key (all but
+    `NOT_IN_SETUP`) and a content hash of each part of `trained_from` (see `train_ensemble`)."""
+    return {"recipe": _setup_values(recipe), "data": {name: _content_hash(part) for name, part in trained_from.items()}}
+
+
+def setup_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between two `training_setup`s, one line each: "train.epochs: 3 → 5", "other targets"."""
+    changes = []
+    for key in sorted(set(recorded["recipe"]) | set(current["recipe"])):
+        old, new = recorded["recipe"].get(key, _ABSENT), current["recipe"].get(key, _ABSENT)
+        if old != new:
+            changes.append(f"{key}: {_shown(old)} → {_shown(new)}")
+    for name in sorted(set(recorded["data"]) | set(current["data"])):
+        if recorded["data"].get(name) != current["data"].get(name):
+            changes.append(f"other {name}")
+    return changes
+
+
+_ABSENT = object()
+
+
+def _shown(value: Any, width: int = 40) -> str:
+    text = "(none)" if value is _ABSENT else json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _setup_values(recipe: Mapping[str, Any], prefix: str = "") -> dict:
+    values = {}
+    for key, value in recipe.items():
+        dotted = f"{prefix}{key}"
+        if dotted in NOT_IN_SETUP:
+            continue
+        if isinstance(value, Mapping):
+            values.update(_setup_values(value, f"{dotted}."))
+        else:
+            values[dotted] = value
+    if prefix:
+        return values
+    return json.loads(json.dumps(values, default=_plain))  # as it reads back from a record: tuples are lists
+
+
+def _plain(value: Any) -> Any:
+    """A JSON form of a recipe value that a task put in as an object (DCASE's learning-rate schedule)."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    if hasattr(value, "get_config"):
+        return keras.saving.serialize_keras_object(value)
+    raise TypeError(f"cannot record a {type(value).__name__} in a member's set-up")
+
+
+def _content_hash(value: Any) -> str:
+    """A SHA-256 of JSON-able data in which numpy arrays stand for their dtype, shape and bytes."""
+
+    def plain(item: Any) -> Any:
+        if isinstance(item, np.ndarray):
+            array = np.ascontiguousarray(item)
+            digest = hashlib.sha256(memoryview(array).cast("B")).hexdigest()
+            return {"dtype": array.dtype.str, "shape": list(array.shape), "sha256": digest}
+        return _plain(item)
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=plain).encode()).hexdigest()
+
+
+def _record_path(run_dir: Path, seed: int) -> Path:
+    return run_dir / "members" / f"{member_name(seed)}.json"
+
+
+def _write_record(run_dir: Path, seed: int, record: dict) -> None:
+    files.write_json(_record_path(run_dir, seed), {"seed": seed, **record})
+
+
+def _read_records(run_dir: Path) -> dict[int, dict | None]:
+    """Every member record in the run folder: seed → record, or None for a record that cannot be read."""
+    records = {}
+    for path in sorted((run_dir / "members").glob("seed-*.json")):
+        try:
+            seed = int(path.stem.removeprefix("seed-"))
+        except ValueError:  # not a record of ours
+            continue
+        try:
+            records[seed] = files.read_json(path)
+        except ValueError:
+            records[seed] = None
+    return records
+
+
+def _member_problem(run_dir: Path, seed: int, records: Mapping[int, dict | None]) -> str | None:
+    """None for a finished member to keep; "" for one to train (new, or interrupted: resumed); otherwise
+    why its files cannot be kept."""
+    name = member_name(seed)
+    if seed in records and records[seed] is None:
+        return f"members/{name}.json is damaged"
+    record = records.get(seed)
+    if record is None:  # a new member, unless an earlier version or a crash left files of it
+        leftovers = _member_paths(run_dir, seed)
+        if not leftovers:
+            return ""
+        model = run_dir / "members" / f"{name}.keras"
+        shown = model if model in leftovers else leftovers[0]
+        return f"{shown.relative_to(run_dir).as_posix()} has no record of its set-up"
+    if record["state"] != "trained":  # interrupted: resumed from its checkpoint, unless it was saved meanwhile
+        saved = (run_dir / "members" / f"{name}.keras").is_file()
+        return f"members/{name}.keras was saved but not recorded (the run was killed in between)" if saved else ""
+    return damaged_member(run_dir, record["entry"]["file"], record["sha256"])
+
+
+def damaged_member(run_dir: str | Path, file: str, sha256: str) -> str | None:
+    """What is wrong with a member's file (relative to `run_dir`) by the SHA-256 in its record; None if whole."""
+    path = Path(run_dir) / file
+    if not path.is_file():
+        return f"{file} is missing"
+    if files.sha256(path) != sha256:
+        record = Path(file).with_suffix(".json").as_posix()
+        return f"{file} is damaged (its SHA-256 differs from {record})"
+    return None
+
+
+def update_member(run_dir: str | Path, entry: dict) -> None:
+    """Record a finished member whose file a task rewrote after training (DCASE exports its members for
+    inference): its record takes the new manifest entry and the file's new SHA-256."""
+    run_dir = Path(run_dir)
+    path = _record_path(run_dir, entry["seed"])
+    files.write_json(path, {**files.read_json(path), "sha256": files.sha256(run_dir / entry["file"]), "entry": entry})
+
+
+def _member_paths(run_dir: Path, seed: int) -> list[Path]:
+    """Everything of a member in the run folder's subfolders (model, record, history, checkpoints, logs:
+    names `seed-XX` or `seed-XX.*`), and of any fused group it trained in (`fused-XX-YY...`)."""
+    name, number = member_name(seed), f"{seed:02d}"
+    found = []
+    for folder in sorted(path for path in run_dir.iterdir() if path.is_dir()) if run_dir.is_dir() else ():
+        for path in sorted(folder.iterdir()):
+            stem = path.name.split(".")[0]
+            if stem == name or (stem.startswith("fused-") and number in stem.split("-")[1:]):
+                found.append(path)
+    return found
+
+
+def _discard_member(run_dir: Path, seed: int) -> None:
+    for path in _member_paths(run_dir, seed):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _refusal(run_dir: Path, stale: Mapping[int, list[str]]) -> str:
+    seeds = sorted(stale)
+    changes = list(dict.fromkeys(change for seed in seeds for change in stale[seed]))
+    if len(seeds) == 1:
+        who, them = f"the member of seed {seeds[0]} was", "it"
+    else:
+        who, them = f"the members of seeds {task.listing(seeds)} were", "them"
+    return (
+        f"{run_dir}: {who} trained from another set-up ({task.listing(changes, limit=8)}); use another --run-dir, "
+        f"or --retrain to train {them} again"
+    )
 
 
 def peak_memory_mb() -> dict:

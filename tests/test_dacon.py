@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -231,7 +232,7 @@ def test_cli_rejects_a_bad_override_with_exit_code_2(dacon_data):
     assert "error: train.epochs = -1: must be > 0" in result.stderr
 
 
-def test_recipe_end_to_end_and_inference_in_a_fresh_process(dacon_data, tmp_path):
+def test_recipe_end_to_end_and_inference_in_a_fresh_process(dacon_data, tmp_path, capsys):
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [
@@ -304,6 +305,17 @@ def test_recipe_end_to_end_and_inference_in_a_fresh_process(dacon_data, tmp_path
     again = subprocess.run(result.args, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.count("already trained, kept") == 2
 
+    # Other clips under the same names: the members were trained from other features, and the command says so.
+    other = shutil.copytree(dacon_data, tmp_path / "other")
+    shutil.copy(other / "train" / "1.wav", other / "train" / "0.wav")
+    assert dacon.main([*result.args[3:4], str(other), *result.args[5:]]) == 2
+    assert re.fullmatch(
+        rf"error: {re.escape(str(run_dir))}: the members of seeds 0, 1 were trained from another set-up "
+        r"\(other features, .*\); use another --run-dir, or --retrain to train them again\n",
+        capsys.readouterr().err,
+    )
+    assert [m["seed"] for m in files.read_json(run_dir / "manifest.json")["members"]] == [0, 1]  # left as it was
+
 
 def test_default_run_folder_is_shared_by_seed_counts_only(tmp_path):
     three = dacon.load_recipe("quick", ["ensemble.seeds=3"])
@@ -313,3 +325,61 @@ def test_default_run_folder_is_shared_by_seed_counts_only(tmp_path):
     assert task.default_run_id(three, tmp_path) != task.default_run_id(longer, tmp_path)
     assert task.default_run_id(three, tmp_path) != task.default_run_id(three, tmp_path / "other")
     assert task.default_run_id(three, tmp_path).startswith("quick-")
+
+
+def _hold(lock_code: str) -> subprocess.Popen:
+    """A child process that runs `lock_code` (entering a lock) and then waits to be killed."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"import time\n{lock_code}\nprint('locked', flush=True)\ntime.sleep(600)\n"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+def test_a_run_folder_in_use_exits_2_naming_the_holder_and_a_killed_holder_blocks_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    holder = _hold(f"from replicate import task\nlock = task.lock_run_dir({str(run_dir)!r})\nlock.__enter__()")
+    # No data folder: the lock is taken before the data are read, and without it the run stops at once.
+    arguments = ["--data", str(tmp_path / "nowhere"), "--profile", "quick", "--run-dir", str(run_dir)]
+    try:
+        assert dacon.main(arguments) == 2
+        assert capsys.readouterr().err == (
+            f"error: run folder {run_dir} is in use by process {holder.pid}; wait for it to finish, or choose "
+            "another --run-dir\n"
+        )
+        with pytest.raises(files.LockedError, match=f"in use by process {holder.pid}"):  # the library call too
+            from replicate import train
+
+            train.train_ensemble({}, [0], run_dir=run_dir, manifest={}, trained_from={})
+    finally:
+        holder.kill()  # SIGKILL: the holder never releases its lock itself
+        holder.wait()
+    # The dead holder's lock file is still there, and blocks nothing: the run gets as far as the data.
+    assert (run_dir.parent / ".run.lock").read_text() == f"{holder.pid}\n"
+    assert dacon.main(arguments) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: data folder not found\n"
+
+
+def test_retrain_reaches_the_run_under_the_run_folders_lock(tmp_path):
+    calls = []
+
+    def run(recipe, data_root, run_dir, *, progress, retrain):
+        other = run_python(  # another process cannot take the run folder while the command runs
+            "from replicate import files, task\n"
+            "try:\n"
+            f"    task.lock_run_dir({str(run_dir)!r}).__enter__()\n"
+            "except files.LockedError as error:\n"
+            "    print(error)\n"
+        )
+        assert f"is in use by process {os.getpid()}" in other.stdout
+        calls.append((run_dir, progress, retrain))
+        return run_dir
+
+    common = dict(prog="p", description="d", data_help="h", load_recipe=dacon.load_recipe, run=run)
+    arguments = ["--data", str(tmp_path), "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert task.main([*arguments, "--retrain"], **common) == 0
+    assert task.main(arguments, **common) == 0
+    assert calls == [(tmp_path / "run", False, True), (tmp_path / "run", False, False)]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import subprocess
+import sys
+import time
 import warnings
 
 import librosa
@@ -11,8 +15,8 @@ import pytest
 import soundfile as sf
 from threadpoolctl import threadpool_limits
 
-from replicate import features
-from tests.conftest import write_tone
+from replicate import features, files
+from tests.conftest import ROOT, write_tone
 
 RESOLUTIONS = [features.MelResolution(n, w, 160, 64) for n, w in ((256, 200), (512, 400), (1024, 800), (2048, 1600))]
 AUDIO = features.AudioSpec(sample_rate=16000, num_samples=16000)
@@ -445,3 +449,95 @@ def test_mel_power_over_several_fft_blocks_keeps_the_clip_order(clips):
     batched = features.mel_power(many, 16000, RESOLUTIONS)
     np.testing.assert_array_equal(batched[17], _librosa_one_clip(many[17]))
     np.testing.assert_array_equal(batched[:5], features.mel_power(clips, 16000, RESOLUTIONS))
+
+
+def test_block_checksums_are_computed_in_threads_and_name_the_damaged_block(tmp_path):
+    path = tmp_path / "x.bin"
+    content = np.random.default_rng(1).bytes(2500)
+    path.write_bytes(content)
+    recorded = files.checksums(path, block_bytes=1000, workers=2)
+    blocks = [hashlib.sha256(content[start : start + 1000]).hexdigest() for start in (0, 1000, 2000)]
+    assert recorded == {"bytes": 2500, "block_bytes": 1000, "sha256": blocks}
+    assert files.checksum_mismatch(path, recorded, workers=2) is None
+    path.write_bytes(content[:1500] + bytes([content[1500] ^ 1]) + content[1501:])  # one bit
+    assert files.checksum_mismatch(path, recorded) == "bytes 1000..1999 of x.bin differ from their checksum"
+    path.write_bytes(bytes([content[0] ^ 1]) + content[1:1500] + bytes([content[1500] ^ 1]) + content[1501:])
+    assert files.checksum_mismatch(path, recorded, workers=2) == (
+        "bytes 0..999 of x.bin differ from their checksum (and 1 more block)"
+    )
+    path.write_bytes(content[:2400])
+    assert files.checksum_mismatch(path, recorded) == "x.bin has 2400 bytes, 2500 recorded"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "meta"])
+def test_a_damaged_cache_is_detected_and_computed_again(tmp_path, damage):
+    paths = _tones(tmp_path / "wav", 5)
+    counter = tmp_path / "calls"
+    arguments = dict(
+        audio=AUDIO, params={}, cache_dir=tmp_path / "cache", name="t", chunk_size=2, workers=1, progress=False
+    )
+    first, meta = features.cached_features(paths, extractor=CountingExtractor(counter), **arguments)
+    expected = np.array(first)
+    (cache,) = (tmp_path / "cache").glob("t-*")
+    array_file = cache / "features.npy"
+    size = array_file.stat().st_size
+    if damage == "garbage":  # 4 KiB of garbage in the middle of the rows: the size and the header stay right
+        with open(array_file, "r+b") as handle:
+            handle.seek(size // 2)
+            handle.write(np.random.default_rng(0).bytes(4096))
+        problem = f"bytes 0..{size - 1} of features.npy differ from their checksum"
+    elif damage == "truncated":
+        with open(array_file, "r+b") as handle:
+            handle.truncate(size - 100)
+        problem = f"features.npy has {size - 100} bytes, {size} recorded"
+    else:
+        (cache / "meta.json").write_text('{"name": "t", "co')
+        problem = "meta.json is not valid JSON"
+    logged = []
+    again, again_meta = features.cached_features(
+        paths, extractor=CountingExtractor(counter), log=logged.append, **arguments
+    )
+    assert logged == [f"features t: the cache {cache} is damaged ({problem}); computing it again"]
+    assert counter.read_text() == "6"  # every chunk computed again
+    np.testing.assert_array_equal(again, expected)
+    assert again_meta["checksums"] == meta["checksums"]
+    features.cached_features(paths, extractor=CountingExtractor(counter), log=logged.append, **arguments)
+    assert counter.read_text() == "6" and len(logged) == 1  # whole again: read from the cache, nothing said
+
+
+class WaitingExtractor:
+    """An extractor that never finishes: the process building the cache is killed meanwhile."""
+
+    def __call__(self, audio):
+        print("building", flush=True)
+        time.sleep(600)
+
+
+def test_a_cache_being_built_by_another_process_is_an_error_and_its_killed_builder_blocks_nothing(tmp_path):
+    paths = _tones(tmp_path / "wav", 3)
+    arguments = dict(audio=AUDIO, params={}, cache_dir=tmp_path / "cache", name="t", workers=1, progress=False)
+    builder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from replicate import features\n"
+            "from tests.test_features import AUDIO, WaitingExtractor\n"
+            f"features.cached_features({[str(p) for p in paths]!r}, audio=AUDIO, extractor=WaitingExtractor(), "
+            f"params={{}}, cache_dir={str(tmp_path / 'cache')!r}, name='t', workers=1, progress=False)\n",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert builder.stdout.readline().strip() == "building"
+        with pytest.raises(files.LockedError) as error:
+            features.cached_features(paths, extractor=CountingExtractor(tmp_path / "calls"), **arguments)
+        (partial,) = (tmp_path / "cache").glob(".t-*.partial")
+        cache = partial.parent / partial.name[1 : -len(".partial")]
+        assert str(error.value) == f"feature cache {cache} is in use by process {builder.pid}; wait for it to finish"
+    finally:
+        builder.kill()
+        builder.wait()
+    built, _ = features.cached_features(paths, extractor=CountingExtractor(tmp_path / "calls"), **arguments)
+    assert built.shape == (3, 64, 101, 1)

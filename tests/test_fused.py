@@ -116,6 +116,7 @@ def _ensemble(tmp_path, optimizer, width, epochs=2, seeds=(0, 1, 2), layout="aut
         list(seeds),
         run_dir=tmp_path,
         manifest={"task": "test", "class_names": [str(i) for i in range(30)]},
+        trained_from={"features": FEATURES, "targets": TARGETS},
         log=lambda _: None,
         build_model=BUILD_NARROW,
         train_data=lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed),
@@ -174,6 +175,7 @@ def test_an_interrupted_fused_group_resumes_and_leftover_seeds_train_alone(tmp_p
     arguments = dict(
         run_dir=tmp_path,
         manifest={"task": "test", "class_names": [str(i) for i in range(30)]},
+        trained_from={"features": FEATURES, "targets": TARGETS},
         log=lambda _: None,
         build_model=BUILD_NARROW,
         train_data=lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed),

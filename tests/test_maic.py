@@ -97,6 +97,36 @@ def test_the_token_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
         _store(maic.load_data(tmp_path).train, tmp_path)
 
 
+@pytest.mark.parametrize("damaged", ["frames.npy", "index.npz", "meta.json"])
+def test_a_damaged_token_cache_is_detected_and_parsed_again(tmp_path, damaged):
+    write_person(tmp_path / "train", "a")
+    persons = maic.load_data(tmp_path).train
+    first = _store(persons, tmp_path)
+    expected = np.array(first.frames)
+    (cache,) = (tmp_path / "cache").glob("t-*")
+    content = (cache / damaged).read_bytes()
+    middle = len(content) // 2
+    (cache / damaged).write_bytes(content[:middle] + bytes(16) + content[middle + 16 :])  # same size, other bytes
+    logged = []
+    again = maic.token_store(
+        persons,
+        mel_bins=128,
+        drop_skipped=True,
+        cache_dir=tmp_path / "cache",
+        name="t",
+        progress=False,
+        log=logged.append,
+    )
+    problem = (
+        "meta.json is not valid JSON"
+        if damaged == "meta.json"
+        else f"bytes 0..{len(content) - 1} of {damaged} differ from their checksum"
+    )
+    assert logged == [f"tokens t: the cache {cache} is damaged ({problem}); parsing the CSVs again"]
+    np.testing.assert_array_equal(np.asarray(again.frames), expected)
+    assert again.checksums == first.checksums and again.offsets.tolist() == first.offsets.tolist()
+
+
 @pytest.mark.parametrize(
     "breakage, message",
     [

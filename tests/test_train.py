@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 
 import keras
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from models.dacon import build_dacon_model
-from replicate import files, metrics, optimizers, pipeline, train
+from replicate import files, metrics, optimizers, pipeline, task, train
 from replicate.ensemble import Ensemble
 from tests.conftest import run_python
 
@@ -92,6 +93,7 @@ def test_killed_ensemble_resumes_keeping_finished_members(tmp_path):
             [0, 1],
             run_dir=tmp_path,
             manifest=manifest,
+            trained_from={},
             log=lambda _: None,
             callbacks=[KillSecondMember()],
             **_arguments(),
@@ -104,7 +106,7 @@ def test_killed_ensemble_resumes_keeping_finished_members(tmp_path):
 
     logged = []
     result = train.train_ensemble(
-        RECIPE, [0, 1], run_dir=tmp_path, manifest=manifest, log=logged.append, **_arguments()
+        RECIPE, [0, 1], run_dir=tmp_path, manifest=manifest, trained_from={}, log=logged.append, **_arguments()
     )
     assert logged[0] == "member 1/2 (seed 0): already trained, kept"
     assert (members / "seed-00.keras").stat().st_mtime_ns == finished_at
@@ -273,3 +275,174 @@ def test_mirrored_training_uses_every_device_and_saves_an_ordinary_member(tmp_pa
     )
     model = keras.models.load_model(tmp_path / "members" / "seed-00.keras")  # no strategy needed to load
     assert model.predict(FEATURES[:2], verbose=0).shape == (2, 30)
+
+
+# --- the run folder: what a member was trained from, damaged members, the manifest rebuilt ---------
+
+ONE_EPOCH = {"train": {**RECIPE["train"], "epochs": 1}}
+DATA = {"features": FEATURES, "targets": TARGETS}
+
+
+def _train_ensemble(run_dir, seeds, recipe=ONE_EPOCH, trained_from=DATA, **options):
+    return train.train_ensemble(
+        recipe,
+        seeds,
+        run_dir=run_dir,
+        manifest={"task": "test", "class_names": [str(i) for i in range(30)]},
+        trained_from=trained_from,
+        **{"log": lambda _: None, **_arguments(), **options},
+    )
+
+
+class CountTrainings(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def on_train_begin(self, logs=None):
+        self.count += 1
+
+
+def test_the_set_up_leaves_out_what_does_not_change_a_member():
+    recipe = {
+        "name": "x",
+        "train": {**RECIPE["train"], "fused": 1},
+        "features": {"n_mels": 64},
+        "ensemble": {"seeds": 3, "first_seed": 0},
+        "run": {"workers": 0, "cache_dir": "a", "runs_dir": "runs", "profile": "quick"},
+    }
+    setup = train.training_setup(recipe, DATA)
+    same = {
+        **recipe,
+        "name": "y",
+        "train": {**recipe["train"], "fused": 4, "fused_layout": "copies", "distribute": "mirrored"},
+        "ensemble": {"seeds": 15, "first_seed": 0},
+        "run": {"workers": 2, "cache_dir": "b", "runs_dir": "elsewhere", "profile": "full"},
+    }
+    assert train.setup_changes(setup, train.training_setup(same, {"targets": TARGETS, "features": FEATURES})) == []
+    other = {**recipe, "features": {"n_mels": 32}, "ensemble": {"seeds": 3, "first_seed": 1}}
+    assert train.setup_changes(setup, train.training_setup(other, {**DATA, "targets": TARGETS[::-1]})) == [
+        "ensemble.first_seed: 0 → 1",
+        "features.n_mels: 64 → 32",
+        "other targets",
+    ]
+    one_value = FEATURES.copy()
+    one_value[3, 2, 1, 0] += 1e-6  # the data are compared by content, to the last bit
+    assert train.setup_changes(setup, train.training_setup(recipe, {**DATA, "features": one_value})) == [
+        "other features"
+    ]
+
+
+def test_a_member_of_another_set_up_is_refused_until_retrain_and_added_seeds_keep_it(tmp_path):
+    _train_ensemble(tmp_path, [0])
+    member = tmp_path / "members" / "seed-00.keras"
+    trained_at = member.stat().st_mtime_ns
+    other_data = {**DATA, "targets": TARGETS[::-1]}
+    with pytest.raises(task.RunFolderError) as error:
+        _train_ensemble(tmp_path, [0, 1], trained_from=other_data)
+    assert str(error.value) == (
+        f"{tmp_path}: the member of seed 0 was trained from another set-up (other targets); use another "
+        "--run-dir, or --retrain to train it again"
+    )
+    longer = {"train": {**RECIPE["train"], "epochs": 2}}
+    with pytest.raises(task.RunFolderError, match=r"\(train\.epochs: 1 → 2\)"):
+        _train_ensemble(tmp_path, [0], longer)
+    assert member.stat().st_mtime_ns == trained_at and not (tmp_path / "members" / "seed-01.keras").exists()
+
+    logged = []
+    _train_ensemble(tmp_path, [0, 1], log=logged.append)  # seeds added to the same set-up: the member is kept
+    assert logged == ["member 1/2 (seed 0): already trained, kept", "member 2/2 (seed 1): training"]
+    assert member.stat().st_mtime_ns == trained_at
+
+    logged = []
+    counted = CountTrainings()
+    manifest = _train_ensemble(
+        tmp_path, [0], trained_from=other_data, retrain=True, log=logged.append, callbacks=[counted]
+    )
+    assert logged == [
+        "seed 0: trained from another set-up (other targets); removed (--retrain)",
+        "seed 1: trained from another set-up (other targets); removed (--retrain)",
+        "member 1/1 (seed 0): training",
+    ]
+    assert counted.count == 1 and member.stat().st_mtime_ns != trained_at
+    assert [m["seed"] for m in manifest["members"]] == [0] and not (tmp_path / "members" / "seed-01.json").exists()
+    assert len((tmp_path / "members" / "seed-00.history.csv").read_text().splitlines()) == 2  # header, one epoch
+    _train_ensemble(tmp_path, [0], trained_from=other_data, callbacks=[counted])  # the new set-up is kept
+    assert counted.count == 1
+
+
+def test_an_interrupted_member_of_another_set_up_starts_over_with_retrain(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _train_ensemble(tmp_path, [0, 1], RECIPE, callbacks=[KillSecondMember()])
+    assert (tmp_path / "checkpoints" / "seed-01").is_dir()
+    with pytest.raises(task.RunFolderError, match=r"the members of seeds 0, 1 were trained .* \(other features\)"):
+        _train_ensemble(tmp_path, [0, 1], RECIPE, trained_from={**DATA, "features": FEATURES[::-1]})
+    assert (tmp_path / "checkpoints" / "seed-01").is_dir()  # nothing removed without --retrain
+    manifest = _train_ensemble(
+        tmp_path, [0, 1], RECIPE, trained_from={**DATA, "features": FEATURES[::-1]}, retrain=True
+    )
+    assert [m["epochs_this_session"] for m in manifest["members"]] == [2, 2]  # from the start, not resumed
+
+
+def test_a_damaged_member_is_detected_and_trained_again(tmp_path):
+    _train_ensemble(tmp_path, [0])
+    member = tmp_path / "members" / "seed-00.keras"
+    for damage in ("truncated", "overwritten", "deleted"):
+        content = member.read_bytes()
+        if damage == "truncated":
+            member.write_bytes(content[: len(content) // 2])
+            problem = "is damaged (its SHA-256 differs from members/seed-00.json)"
+            with pytest.raises(task.RunFolderError, match=rf"{tmp_path}: members/seed-00.keras {re.escape(problem)}"):
+                Ensemble.load(tmp_path)  # loading it is refused too
+        elif damage == "overwritten":  # the same size, other bytes
+            member.write_bytes(content[:1000] + bytes(4096) + content[5096:])
+            problem = "is damaged (its SHA-256 differs from members/seed-00.json)"
+        else:
+            member.unlink()
+            problem = "is missing"
+        logged = []
+        _train_ensemble(tmp_path, [0], log=logged.append)
+        assert logged == [
+            f"member 1/1 (seed 0): members/seed-00.keras {problem}: training again",
+            "member 1/1 (seed 0): training",
+        ], damage
+        assert keras.models.load_model(member).predict(FEATURES[:2], verbose=0).shape == (2, 30)
+        assert len((tmp_path / "members" / "seed-00.history.csv").read_text().splitlines()) == 2  # not appended
+
+
+def test_a_member_without_a_finished_record_is_trained_again(tmp_path):
+    _train_ensemble(tmp_path, [0])
+    record_path = tmp_path / "members" / "seed-00.json"
+    record = files.read_json(record_path)
+    files.write_json(record_path, {"seed": 0, "state": "training", "trained_from": record["trained_from"]})
+    logged = []
+    _train_ensemble(tmp_path, [0], log=logged.append)  # killed between saving the member and recording it
+    assert logged == [
+        "member 1/1 (seed 0): members/seed-00.keras was saved but not recorded (the run was killed in between): "
+        "training again",
+        "member 1/1 (seed 0): training",
+    ]
+    record_path.unlink()  # e.g. a run folder of an earlier version
+    logged = []
+    _train_ensemble(tmp_path, [0], log=logged.append)
+    assert logged == [
+        "member 1/1 (seed 0): members/seed-00.keras has no record of its set-up: training again",
+        "member 1/1 (seed 0): training",
+    ]
+    assert len((tmp_path / "members" / "seed-00.history.csv").read_text().splitlines()) == 2  # header, one epoch
+
+
+def test_a_deleted_manifest_is_rebuilt_from_the_member_records_without_training(tmp_path):
+    first = _train_ensemble(tmp_path, [0, 1])
+    histories = [(tmp_path / "members" / f"seed-0{seed}.history.csv").read_text() for seed in (0, 1)]
+    (tmp_path / "manifest.json").unlink()
+    counted = CountTrainings()
+    logged = []
+    manifest = _train_ensemble(tmp_path, [0, 1], callbacks=[counted], log=logged.append)
+    assert counted.count == 0 and logged[1] == "member 2/2 (seed 1): already trained, kept"
+    assert manifest["members"] == first["members"]
+    assert files.read_json(tmp_path / "manifest.json")["members"] == first["members"]
+    assert [(tmp_path / "members" / f"seed-0{seed}.history.csv").read_text() for seed in (0, 1)] == histories
+    record = files.read_json(tmp_path / "members" / "seed-01.json")
+    assert record["entry"] == first["members"][1] and record["state"] == "trained"
+    assert Ensemble.load(tmp_path).seeds == [0, 1]
