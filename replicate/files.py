@@ -14,6 +14,9 @@ from typing import Any
 def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
 
+    An `OSError` that names no file (a full disk fails a write with ENOSPC and no name) is raised again
+    naming `path`, so that the one-line error of the command line says which file could not be written.
+
     Args:
         path: the final file.
         suffix: suffix of the temporary name (some writers, e.g. Keras, insist on ".keras").
@@ -25,9 +28,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     try:
         yield Path(temporary)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror or os.strerror(error.errno), str(path)) from error
         raise
 
 

@@ -9,6 +9,7 @@ def main(argv=None) -> int:
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,10 +87,12 @@ def main(
         run: (recipe, data folder, run folder or None, progress=bool) → the finished run folder.
 
     Returns:
-        0 on success, 2 for a bad recipe, data folder or audio file (the error is printed on stderr).
+        0 on success, 2 for a bad recipe, data folder or audio file, a training loss that became NaN or
+        infinite, or a full disk (the error is printed on stderr, one line).
     """
     from replicate.audio import AudioError
     from replicate.features import FeatureCacheError
+    from replicate.train import NonFiniteLossError
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--data", type=Path, required=True, help=f"data folder: {data_help}")
@@ -114,8 +117,18 @@ def main(
     try:
         recipe = load_recipe(arguments.profile, overrides, arguments.recipe)
         run_dir = Path(run(recipe, arguments.data, arguments.run_dir, progress=not arguments.no_progress))
-    except (recipe_lib.RecipeError, DataError, FeatureCacheError, AudioError) as error:
+    except (recipe_lib.RecipeError, DataError, FeatureCacheError, AudioError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(
+            f"error: no space left on the device{where}; free some space and run the same command again "
+            "(finished members and the last good checkpoint are kept)",
+            file=sys.stderr,
+        )
         return 2
     submission = run_dir / "submission.csv"
     print(f"done: report {run_dir / 'report.md'}" + (f", submission {submission}" if submission.is_file() else ""))

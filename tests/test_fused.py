@@ -118,7 +118,9 @@ def _ensemble(tmp_path, optimizer, width, epochs=2, seeds=(0, 1, 2), layout="aut
         manifest={"task": "test", "class_names": [str(i) for i in range(30)]},
         log=lambda _: None,
         build_model=BUILD_NARROW,
-        train_data=lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed),
+        train_data=lambda seed, epoch: pipeline.from_arrays(
+            FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed, epoch=epoch
+        ),
         verbose=0,
     )
 
@@ -175,7 +177,9 @@ def test_an_interrupted_fused_group_resumes_and_leftover_seeds_train_alone(tmp_p
         manifest={"task": "test", "class_names": [str(i) for i in range(30)]},
         log=lambda _: None,
         build_model=BUILD_NARROW,
-        train_data=lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed),
+        train_data=lambda seed, epoch: pipeline.from_arrays(
+            FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed, epoch=epoch
+        ),
         verbose=0,
     )
     recipe = {
@@ -207,7 +211,7 @@ def test_fused_training_refuses_per_member_callbacks(tmp_path):
             [0, 1],
             run_dir=tmp_path,
             build_model=BUILD_NARROW,
-            train_data=lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8),
+            train_data=lambda seed, epoch: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8),
             member_callbacks=lambda run_dir, name: [keras.callbacks.ReduceLROnPlateau()],
         )
 
