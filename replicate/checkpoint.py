@@ -133,40 +133,42 @@ class Checkpoint(keras.callbacks.Callback):
         return 0
 
     def _load(self, path: Path, model: keras.Model) -> int:
+        """Check the checkpoint whole, then put it into the model and this callback (nothing is changed
+        when it is damaged); returns its number of finished epochs."""
         try:
             description = json.loads(path.read_text(encoding="utf-8"))
-            finished = int(description["epochs_done"])
             if description["format"] != FORMAT:
                 raise DamagedCheckpoint(f"format {description['format']}, this version reads {FORMAT}")
+            finished, stopped = int(description["epochs_done"]), bool(description["stopped"])
+            history, callback_states = list(description["history"]), list(description["callbacks"])
+            classes = [state["class"] for state in callback_states]
             data = path.with_suffix(".npz").read_bytes()
         except DamagedCheckpoint:
             raise
         except FileNotFoundError as error:
             raise DamagedCheckpoint(f"{Path(error.filename).name} is missing") from error
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise DamagedCheckpoint(f"unreadable description: {error}") from error
+            raise DamagedCheckpoint(f"unreadable description: {error!r}") from error
         if hashlib.sha256(data).hexdigest() != description.get("sha256"):
             raise DamagedCheckpoint(f"{path.with_suffix('.npz').name} does not match its SHA-256 (truncated, altered)")
         if finished > self.epochs:
             raise DamagedCheckpoint(f"it is after epoch {finished}, beyond the {self.epochs} epochs of this run")
+        if classes != [type(callback).__name__ for callback in self.stateful]:
+            raise DamagedCheckpoint("its callbacks are not this run's")
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             arrays = dict(arrays)
-        groups = {"model": model.variables, "optimizer": model.optimizer.variables}
-        for group, variables in groups.items():
-            if description.get(group) != _shapes(variables):
+        assignments = []
+        for group, variables in (("model", model.variables), ("optimizer", model.optimizer.variables)):
+            values = [arrays.get(f"{group}/{index:05d}") for index in range(len(variables))]
+            if [None if value is None else list(value.shape) for value in values] != _shapes(variables):
                 raise DamagedCheckpoint(f"its {group} variables do not have this model's shapes")
-        callback_states = description.get("callbacks")
-        if [state.get("class") for state in callback_states or []] != [type(c).__name__ for c in self.stateful]:
-            raise DamagedCheckpoint("its callbacks are not this run's")
-        for group, variables in groups.items():
-            for index, variable in enumerate(variables):
-                variable.assign(arrays[f"{group}/{index:05d}"])
+            assignments += zip(variables, values, strict=True)
         for index, state in enumerate(callback_states):
             for name, count in state["arrays"].items():
                 state["values"][name] = [arrays[f"callback{index}/{name}/{k:05d}"] for k in range(count)]
-        self.history = description["history"]
-        self.stopped = bool(description["stopped"])
-        self._callback_states = callback_states
+        for variable, value in assignments:
+            variable.assign(value)
+        self.history, self.stopped, self._callback_states = history, stopped, callback_states
         return finished
 
     def on_train_begin(self, logs=None):
@@ -200,20 +202,17 @@ class Checkpoint(keras.callbacks.Callback):
             state = {"class": type(callback).__name__, "values": {}, "arrays": {}}
             for name in state_attributes(callback):
                 value = getattr(callback, name, None)
-                if isinstance(value, list) and all(isinstance(item, np.ndarray) for item in value) and value:
+                if value and isinstance(value, list) and all(isinstance(item, np.ndarray) for item in value):
                     state["arrays"][name] = len(value)
                     arrays.update({f"callback{index}/{name}/{k:05d}": item for k, item in enumerate(value)})
                 else:
                     state["values"][name] = _plain(value)
             description["callbacks"].append(state)
         description["history"] = self.history
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        data = buffer.getvalue()
-        description["sha256"] = hashlib.sha256(data).hexdigest()
         path = self.folder / f"epoch-{finished:04d}.json"
         with files.atomic_path(path.with_suffix(".npz"), suffix=".npz") as temporary:
-            temporary.write_bytes(data)
+            np.savez(temporary, **arrays)
+            description["sha256"] = _sha256(temporary)  # of what was written, read back in pieces
         files.write_json(path, description)
         for older in self._descriptions()[:-KEEP]:
             self._delete(older)
@@ -255,6 +254,14 @@ class Checkpoint(keras.callbacks.Callback):
         for path in (description.with_suffix(".npz"), description):  # the description last: see the module
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _shapes(variables) -> list[list[int]]:

@@ -382,10 +382,11 @@ class _StopOnNonFiniteLoss(keras.callbacks.Callback):
             bad = [s for k, s in enumerate(self.seeds) if not np.isfinite(logs.get(f"member_{k}_loss", np.nan))]
             bad = bad or self.seeds
             who = f"seed{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} (fused group of {self.seeds})"
+        members = "the member is" if len(self.seeds) == 1 else "the members are"
         raise NonFiniteLossError(
             f"{who}: the training loss became {float(loss)} at epoch {self.epoch + 1}, batch {batch + 1}; "
-            "training stopped and the member is not saved (lower train.learning_rate, or check the inputs "
-            "for non-finite values)"
+            f"training stopped and {members} not saved (lower train.learning_rate, or check the inputs for "
+            "non-finite values)"
         )
 
 

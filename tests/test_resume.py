@@ -13,7 +13,7 @@ import pytest
 from replicate import aicup, dacon, dcase, maic, train
 from tests.test_dcase import TINY_RUN as DCASE_TINY
 from tests.test_maic import TINY as MAIC_TINY
-from tests.test_train import assert_resume_equals_uninterrupted
+from tests.test_train import assert_resume_equals_uninterrupted, fill_the_disk_at_checkpoint
 
 
 class _Captured(Exception):
@@ -86,12 +86,32 @@ def test_a_dcase_member_resumes_as_if_never_killed(dcase_data, tmp_path, monkeyp
     assert_resume_equals_uninterrupted(recipe, seed, arguments, tmp_path, kill_after=1)
 
 
-def test_an_aicup_member_resumes_as_if_never_killed(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def aicup_data(tmp_path_factory):
     from replicate.synth import aicup as synth
 
-    synth.generate(tmp_path / "data", n_train=40, n_public=4, n_private=4, seed=7, progress=False)
-    overrides = [f"run.cache_dir='{tmp_path / 'cache'}'", "run.workers=1", "train.epochs=3", "train.batch_size=8"]
-    overrides += ["features.n_mfcc=[13]", "ensemble.compare_modalities=false"]
+    out = tmp_path_factory.mktemp("aicup-data")
+    synth.generate(out, n_train=40, n_public=4, n_private=4, seed=7, progress=False)
+    return out
+
+
+AICUP_TINY = ["run.workers=1", "train.epochs=3", "train.batch_size=8", "features.n_mfcc=[13]"]
+
+
+def test_an_aicup_member_resumes_as_if_never_killed(aicup_data, tmp_path, monkeypatch):
+    overrides = [*AICUP_TINY, f"run.cache_dir='{tmp_path / 'cache'}'", "ensemble.compare_modalities=false"]
     recipe = aicup.load_recipe("quick", overrides)
-    recipe, seed, arguments = _member_setup(monkeypatch, aicup.run, recipe, tmp_path / "data", tmp_path / "run")
+    recipe, seed, arguments = _member_setup(monkeypatch, aicup.run, recipe, aicup_data, tmp_path / "run")
     assert_resume_equals_uninterrupted(recipe, seed, arguments, tmp_path, kill_after=1)
+
+
+def test_a_full_disk_during_training_is_one_line_and_exit_2(aicup_data, tmp_path, monkeypatch, capsys):
+    fill_the_disk_at_checkpoint(monkeypatch, 1)
+    arguments = ["--data", str(aicup_data), "--profile", "quick", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    for setting in [*AICUP_TINY, f"run.cache_dir='{tmp_path / 'cache'}'"]:
+        arguments += ["--set", setting]
+    assert aicup.main(arguments) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    checkpoint = tmp_path / "run" / "multimodal" / "mfcc13" / "checkpoints" / "seed-00" / "epoch-0001.npz"
+    assert line.startswith(f"error: no space left on the device writing {checkpoint}; free some space")
+    assert list(checkpoint.parent.iterdir()) == []  # nothing half-written is left to be trusted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 
 import keras
 import numpy as np
@@ -357,22 +358,30 @@ def test_a_damaged_checkpoint_is_said_and_the_member_resumes_from_the_one_before
     assert_same_member(tmp_path / "whole", tmp_path / "killed", 0)
 
 
+def fill_the_disk_at_checkpoint(monkeypatch, number):
+    """From the `number`-th checkpoint on, its arrays reach the disk by half, then the write fails as on a
+    full disk (ENOSPC, an OSError without a file name)."""
+    savez = np.savez
+    written = []
+
+    def full_disk(file, **arrays):
+        written.append(file)
+        if len(written) < number:
+            return savez(file, **arrays)
+        buffer = io.BytesIO()
+        savez(buffer, **arrays)
+        with open(file, "wb") as handle:
+            handle.write(buffer.getvalue()[: buffer.tell() // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+
+
 def test_a_full_disk_while_checkpointing_is_an_error_naming_the_file_and_keeps_the_last_good_one(tmp_path, monkeypatch):
     train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "whole", **_arguments())
     folder = tmp_path / "killed" / "checkpoints" / "seed-00"
-    write_bytes = type(tmp_path).write_bytes
-    checkpoints_written = []
-
-    def fill_the_disk(path, data):  # the second checkpoint's arrays reach the disk by half, then ENOSPC
-        if path.parent == folder:
-            checkpoints_written.append(path)
-            if len(checkpoints_written) == 2:
-                write_bytes(path, data[: len(data) // 2])
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return write_bytes(path, data)
-
     with monkeypatch.context() as patch:
-        patch.setattr(type(tmp_path), "write_bytes", fill_the_disk)
+        fill_the_disk_at_checkpoint(patch, 2)
         with pytest.raises(OSError) as raised:
             train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "killed", **_arguments())
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(folder / "epoch-0002.npz")
