@@ -202,6 +202,14 @@ def test_an_interrupted_fused_group_resumes_and_leftover_seeds_train_alone(tmp_p
     assert not (tmp_path / "checkpoints" / "fused-00-01").exists()
 
 
+def _small_model_with_dropout():
+    inputs = keras.Input((32, 32, 4))
+    x = layers.Conv2D(4, 3, strides=4, activation="relu", name="conv")(inputs)
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.Dropout(0.3, name="dropout")(layers.GlobalAveragePooling2D(name="gap")(x))
+    return keras.Model(inputs, layers.Dense(30, activation="softmax", name="out")(x))
+
+
 def _train_group(run_dir, learning_rate=0.01, callbacks=()):
     """Seeds 0 and 1 as one fused group, 3 epochs, with dropout (its random state must resume too)."""
     recipe = {
@@ -212,7 +220,7 @@ def _train_group(run_dir, learning_rate=0.01, callbacks=()):
         recipe,
         [0, 1],
         run_dir=run_dir,
-        build_model=functools.partial(BUILD_NARROW, dropout=0.3),
+        build_model=_small_model_with_dropout,
         train_data=lambda seed, epoch: pipeline.from_arrays(
             FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed, epoch=epoch
         ),

@@ -8,8 +8,11 @@ takes what it hands the training engine: its dataset builder (shuffle, crops, mi
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
+from models.dacon import build_dacon_model
 from replicate import aicup, dacon, dcase, maic, train
 from tests.test_dcase import TINY_RUN as DCASE_TINY
 from tests.test_maic import TINY as MAIC_TINY
@@ -36,10 +39,19 @@ def _member_setup(monkeypatch, run, recipe, data, run_dir):
 
 
 def test_a_dacon_member_resumes_as_if_never_killed(dacon_data, tmp_path, monkeypatch):
-    recipe = dacon.load_recipe(
-        "quick", [f"run.cache_dir='{tmp_path / 'cache'}'", "run.workers=1", "ensemble.seeds=1", "model.dense_units=8"]
-    )
+    recipe = dacon.load_recipe("quick", [f"run.cache_dir='{tmp_path / 'cache'}'", "run.workers=1", "ensemble.seeds=1"])
     recipe, seed, arguments = _member_setup(monkeypatch, dacon.run, recipe, dacon_data, tmp_path / "run")
+    # The source's layer kinds (dropout 0.5 included), one block of each: building and tracing the full
+    # network three times would take most of the test's time.
+    features, targets = arguments["train_data"](seed, 0).element_spec
+    arguments["build_model"] = functools.partial(
+        build_dacon_model,
+        input_shape=tuple(features.shape[1:]),
+        num_classes=targets.shape[-1],
+        plain_filters=(4,),
+        bottleneck_filters=((4, 8),),
+        dense_units=8,
+    )
     assert_resume_equals_uninterrupted(recipe, seed, arguments, tmp_path, kill_after=1)
 
 
