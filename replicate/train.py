@@ -605,14 +605,16 @@ def git_commit() -> str:
 
 
 class _EpochTimer(keras.callbacks.Callback):
-    """Steps per second over the epochs after the first (which includes graph tracing)."""
+    """Steps per second over the epochs after the session's first (which includes graph tracing)."""
 
     def __init__(self):
         super().__init__()
         self.steps = 0
         self.seconds = 0.0
+        self.first_epoch = None
 
     def on_epoch_begin(self, epoch, logs=None):
+        self.first_epoch = epoch if self.first_epoch is None else self.first_epoch  # a resumed run starts later
         self.started = time.perf_counter()
         self.epoch_steps = 0
 
@@ -620,7 +622,7 @@ class _EpochTimer(keras.callbacks.Callback):
         self.epoch_steps += 1
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.params.get("initial_epoch", 0) and self.params.get("epochs", 1) > epoch + 1:
+        if epoch == self.first_epoch and self.params.get("epochs", 1) > epoch + 1:
             return
         self.seconds += time.perf_counter() - self.started
         self.steps += self.epoch_steps

@@ -424,3 +424,14 @@ def test_the_command_line_turns_a_full_disk_and_a_non_finite_loss_into_one_line_
     assert capsys.readouterr().err == "error: seed 3: the training loss became nan at epoch 2, batch 1\n"
     with pytest.raises(PermissionError):  # any other OSError is not a full disk: not hidden
         main_with(PermissionError(errno.EACCES, "Permission denied", "run"))
+
+
+def test_the_throughput_of_a_resumed_session_leaves_out_its_first_epoch():
+    timer = train._EpochTimer()  # a session resumed at epoch 1 of 3: epoch 1 traces the graph, epoch 2 counts
+    timer.set_params({"epochs": 3})
+    for epoch, steps in ((1, 4), (2, 5)):
+        timer.on_epoch_begin(epoch)
+        for batch in range(steps):
+            timer.on_train_batch_end(batch)
+        timer.on_epoch_end(epoch)
+    assert timer.steps == 5 and timer.seconds > 0
