@@ -251,7 +251,7 @@ class Checkpoint(keras.callbacks.Callback):
 
     @staticmethod
     def _delete(description: Path) -> None:
-        for path in (description.with_suffix(".npz"), description):  # the description last: see the module
+        for path in (description, description.with_suffix(".npz")):  # without its description, a leftover
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 

@@ -358,6 +358,28 @@ def test_a_damaged_checkpoint_is_said_and_the_member_resumes_from_the_one_before
     assert_same_member(tmp_path / "whole", tmp_path / "killed", 0)
 
 
+def test_what_a_kill_left_half_written_is_removed_without_a_word(tmp_path):
+    logged = []
+    arguments = {**_arguments(), "log": logged.append}
+    train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "whole", **arguments)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "killed", callbacks=[KillAfterEpoch(2)], **arguments)
+    folder = tmp_path / "killed" / "checkpoints" / "seed-00"
+    (folder / ".epoch-0003.npz.k2j4.npz").write_bytes(b"PK")  # killed while writing the arrays
+    (folder / "epoch-0003.npz").write_bytes(b"PK")  # killed before writing their description
+    with pytest.raises(KeyboardInterrupt):
+        train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "killed", callbacks=[KillAfterEpoch(3)], **arguments)
+    assert logged == [f"seed-00: resuming after epoch 2 ({folder}/epoch-0002)"]
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "epoch-0002.json",
+        "epoch-0002.npz",
+        "epoch-0003.json",
+        "epoch-0003.npz",
+    ]
+    train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "killed", **arguments)
+    assert_same_member(tmp_path / "whole", tmp_path / "killed", 0)
+
+
 def fill_the_disk_at_checkpoint(monkeypatch, number):
     """From the `number`-th checkpoint on, its arrays reach the disk by half, then the write fails as on a
     full disk (ENOSPC, an OSError without a file name)."""
