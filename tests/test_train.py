@@ -289,22 +289,32 @@ def test_a_killed_member_resumes_to_the_weights_and_history_of_an_uninterrupted_
     assert logged == [f"seed-00: resuming after epoch {kill_after} ({checkpoint})"]
 
 
-def test_a_member_killed_after_early_stopping_trains_no_further(tmp_path):
+@pytest.mark.parametrize("restore_best_weights", [False, True])
+def test_a_member_killed_after_early_stopping_trains_no_further(tmp_path, restore_best_weights):
     recipe = {"train": {**RECIPE["train"], "epochs": 4}}
 
-    def member_callbacks(run_dir, name):  # scores fall after epoch 1: early stopping ends epoch 2
+    def member_callbacks(run_dir, name):
+        # val_score falls after epoch 1, so early stopping ends epoch 2 (and, restoring its best weights, puts
+        # back epoch 1's); val_rising rises, so the best epoch is epoch 2.
+        scores = _ScriptedScores([0.5, 0.4, 0.3, 0.2])
         return [
-            train.BestEpoch(_ScriptedScores([0.5, 0.4, 0.3, 0.2]), monitor="val_score"),
-            keras.callbacks.EarlyStopping(monitor="val_score", mode="max", patience=1),
+            train.BestEpoch(
+                lambda model: {**scores(model), "val_rising": float(len(scores.weights))},
+                monitor="val_rising",
+                keys=("val_score", "val_rising"),
+            ),
+            keras.callbacks.EarlyStopping(
+                monitor="val_score", mode="max", patience=1, restore_best_weights=restore_best_weights
+            ),
         ]
 
     arguments = {**_arguments(), "member_callbacks": member_callbacks, "log": lambda _: None}
     whole = train.train_member(recipe, 0, run_dir=tmp_path / "whole", **arguments)
-    assert whole["epochs_this_session"] == 2 and whole["best_epoch"] == 1
+    assert whole["epochs_this_session"] == 2 and whole["best_epoch"] == 2
     with pytest.raises(KeyboardInterrupt):
         train.train_member(recipe, 0, run_dir=tmp_path / "killed", callbacks=[KillAfterEpoch(2)], **arguments)
     resumed = train.train_member(recipe, 0, run_dir=tmp_path / "killed", **arguments)
-    assert resumed["epochs_this_session"] == 0 and resumed["best_epoch"] == 1
+    assert resumed["epochs_this_session"] == 0 and resumed["best_epoch"] == 2
     assert_same_member(tmp_path / "whole", tmp_path / "killed", 0)
 
 
