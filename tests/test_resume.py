@@ -9,6 +9,7 @@ takes what it hands the training engine: its dataset builder (shuffle, crops, mi
 from __future__ import annotations
 
 import functools
+import inspect
 
 import pytest
 
@@ -28,8 +29,9 @@ class _Captured(Exception):
 def _member_setup(monkeypatch, run, recipe, data, run_dir):
     """The recipe and member arguments that `run` gives `train.train_ensemble` first (it then stops)."""
 
-    def capture(recipe, seeds, *, run_dir, manifest, log, **member_arguments):
-        raise _Captured(recipe, seeds, member_arguments)
+    def capture(recipe, seeds, **arguments):  # the member's own arguments, not the ensemble's (run_dir, log...)
+        member_parameters = set(inspect.signature(train.train_member).parameters) - {"run_dir", "log"}
+        raise _Captured(recipe, seeds, {k: v for k, v in arguments.items() if k in member_parameters})
 
     with monkeypatch.context() as patch:
         patch.setattr(train, "train_ensemble", capture)
