@@ -651,25 +651,36 @@ def make_dataset(
     weights: np.ndarray | None = None,
     shuffle: bool = False,
     seed: int | None = None,
+    epoch=0,
     drop_remainder: bool = False,
 ):
     """A tf.data pipeline of ({input: batch}, one-hot labels[, sample weights]) from in-memory arrays.
 
     The sample weights are the class weights of each row's label; with the loss's
     `reduction="mean_with_sample_weight"` the batch loss is Σ wᵢ·lossᵢ / Σ wᵢ, exactly PyTorch's weighted
-    `CrossEntropyLoss`. The source's training loader shuffled and dropped the last incomplete batch.
+    `CrossEntropyLoss`. The source's training loader shuffled and dropped the last incomplete batch; with
+    `shuffle` the rows come in epoch `epoch`'s order for `seed` (`pipeline.shuffled`).
     """
     import tensorflow as tf
+
+    from replicate import pipeline
 
     elements: tuple = ({key: np.asarray(value, dtype=np.float32) for key, value in inputs.items()},)
     if labels is not None:
         elements += (np.eye(len(CLASS_NAMES), dtype=np.float32)[np.asarray(labels) - 1],)
         if weights is not None:
             elements += (np.asarray(weights, dtype=np.float32)[np.asarray(labels) - 1],)
-    dataset = tf.data.Dataset.from_tensor_slices(elements if len(elements) > 1 else elements[0])
-    if shuffle:
-        dataset = dataset.shuffle(len(next(iter(inputs.values()))), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    if shuffle and seed is None:
+        raise ValueError("shuffle=True needs a seed: the order of every epoch is drawn from (seed, epoch)")
+    tensors = tf.nest.map_structure(tf.constant, elements if len(elements) > 1 else elements[0])
+    rows = tf.range(len(next(iter(inputs.values()))), dtype=tf.int64)
+    dataset = tf.data.Dataset.from_tensor_slices(pipeline.shuffled(rows, seed, epoch) if shuffle else rows)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    return dataset.map(
+        lambda batch_rows: tf.nest.map_structure(lambda tensor: tf.gather(tensor, batch_rows), tensors),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    ).prefetch(tf.data.AUTOTUNE)
 
 
 def uar_scorer(inputs: Mapping[str, np.ndarray], labels: np.ndarray) -> Callable:
@@ -765,18 +776,19 @@ def train_modality(
             retrain=retrain,
             log=log,
             build_model=functools.partial(build_model, recipe, n_mfcc, clinical),
-            train_data=lambda seed, inputs=train_inputs, rows=train_rows, weights=weights: make_dataset(
+            train_data=lambda seed, epoch, inputs=train_inputs, rows=train_rows, weights=weights: make_dataset(
                 inputs,
                 labels[rows],
                 weights=weights,
                 batch_size=recipe["train"]["batch_size"],
                 shuffle=True,
                 seed=seed,
+                epoch=epoch,
                 drop_remainder=recipe["train"]["drop_last_batch"],
             ),
             validation_data=make_dataset(validation_inputs, validation_labels, batch_size=256),
             member_callbacks=lambda member_dir, name, score=score: [
-                train.BestEpoch(score, monitor="val_uar", mode="max", path=member_dir / "checkpoints" / f"{name}.best")
+                train.BestEpoch(score, monitor="val_uar", mode="max")
             ],
             verbose="auto" if progress else 0,
         )

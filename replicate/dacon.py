@@ -333,7 +333,9 @@ def run(
         retrain=retrain,
         log=log,
         build_model=functools.partial(build_model, recipe, tuple(train_power.shape[1:]), len(data.class_names)),
-        train_data=lambda seed: make_dataset(batch_size=batch_size, indices=rows, shuffle=True, seed=seed),
+        train_data=lambda seed, epoch: make_dataset(
+            batch_size=batch_size, indices=rows, shuffle=True, seed=seed, epoch=epoch
+        ),
         validation_data=validation,
         verbose="auto" if progress else 0,
     )

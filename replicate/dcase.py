@@ -500,7 +500,7 @@ def evaluate_scores(clips: Sequence[Clip], labels: np.ndarray, scores: np.ndarra
     }
 
 
-def dev_score_callback(clips, labels, class_indices, power, normalizer, frames, max_fpr, every, path):
+def dev_score_callback(clips, labels, class_indices, power, normalizer, frames, max_fpr, every):
     """`BestEpoch` on the development test set: softmax scores, Σ over types of (AUC + pAUC) decides."""
 
     def score(model):
@@ -509,9 +509,7 @@ def dev_score_callback(clips, labels, class_indices, power, normalizer, frames, 
         total = sum(value["auc"] + value["pauc"] for value in result["types"].values())
         return {"dev_auc": result["mean_auc"], "dev_pauc": result["mean_pauc"], "dev_score": total}
 
-    return train.BestEpoch(
-        score, monitor="dev_score", every=every, path=path, keys=("dev_auc", "dev_pauc", "dev_score")
-    )
+    return train.BestEpoch(score, monitor="dev_score", every=every, keys=("dev_auc", "dev_pauc", "dev_score"))
 
 
 @dataclass
@@ -535,8 +533,10 @@ def training_dataset(
     mixup_alpha: float,
     margin: bool,
     seed: int,
+    epoch=0,
 ):
-    """Shuffled batches of (log-mel crop, one-hot ID) with mixup; ((x, y), y) for a margin model."""
+    """One epoch (`epoch`, int or scalar tensor) of shuffled batches of (log-mel crop, one-hot ID) with
+    mixup; ((x, y), y) for a margin model. The order, crops and mixing are drawn from (seed, epoch)."""
     from replicate import pipeline
 
     targets = np.zeros((len(arrays.train_power), num_classes), dtype=np.float32)  # indexed by row, like features
@@ -549,11 +549,12 @@ def training_dataset(
         transform=arrays.normalizer,
         shuffle=True,
         seed=seed,
+        epoch=epoch,
     )
     if arrays.frames != arrays.train_power.shape[2]:
-        dataset = pipeline.random_crop_or_pad(dataset, arrays.frames, axis=2, seed=seed + 1)
+        dataset = pipeline.random_crop_or_pad(dataset, arrays.frames, axis=2, seed=seed, epoch=epoch)
     if mixup_alpha > 0:
-        dataset = pipeline.mixup(dataset, mixup_alpha, seed=seed + 2)
+        dataset = pipeline.mixup(dataset, mixup_alpha, seed=seed, epoch=epoch)
     if margin:  # the margin layer needs the (mixed) labels as its second input
         dataset = dataset.map(lambda x, y: ((x, y), y), num_parallel_calls=pipeline.AUTOTUNE)
     return dataset
@@ -808,7 +809,7 @@ def _train_group(
         },
         "retrain": retrain,
         "log": log,
-        "train_data": lambda seed: training_dataset(
+        "train_data": lambda seed, epoch: training_dataset(
             arrays,
             rows,
             class_indices,
@@ -817,6 +818,7 @@ def _train_group(
             mixup_alpha=mixup_alpha,
             margin=margin,
             seed=seed,
+            epoch=epoch,
         ),
         "member_callbacks": lambda run_dir, name: [
             dev_score_callback(
@@ -828,7 +830,6 @@ def _train_group(
                 arrays.frames,
                 recipe["score"]["max_fpr"],
                 recipe["train"]["score_every"],
-                run_dir / "checkpoints" / f"{name}.best",
             )
         ],
         "verbose": "auto" if progress else 0,

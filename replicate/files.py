@@ -28,6 +28,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     The temporary file is created as `open()` creates files (mode 0666 less the umask, e.g. 0644), not with
     `tempfile.mkstemp`'s 0600, so what the package writes can be read like any other file of the user's.
 
+    An `OSError` that names no file (a full disk fails a write with ENOSPC and no name) is raised again
+    naming `path`, so that the one-line error of the command line says which file could not be written.
+
     Args:
         path: the final file.
         suffix: suffix of the temporary name (some writers, e.g. Keras, insist on ".keras").
@@ -38,9 +41,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     try:
         yield temporary
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror or os.strerror(error.errno), str(path)) from error
         raise
 
 

@@ -670,6 +670,7 @@ def token_dataset(
     labels: np.ndarray | None = None,
     shuffle: bool = False,
     seed: int = 0,
+    epoch=0,
     starts: np.ndarray | None = None,
 ):
     """Batches of ({"mel", "aux"}[, one-hot labels]) for the given token rows of a store.
@@ -681,26 +682,31 @@ def token_dataset(
         inputs: crop width and normalisation.
         batch_size: tokens per batch.
         labels: (tokens of the store, classes) one-hot targets, or None for prediction.
-        shuffle: reshuffle the order every epoch (seeded).
+        shuffle: put the rows in the epoch's order for `seed` (`pipeline.shuffled`).
         seed: seeds the shuffle and the random crops.
+        epoch: which epoch's order and crops (int or scalar tensor).
         starts: fixed start frames per store token (inference, `crop_offsets`); None: a random start in
-            [0, length − frames] for every token longer than `frames`, drawn again every epoch inside the
-            pipeline (stateless random ops keyed by `tf.data.Dataset.random(seed)`, so a seed reproduces
-            the sequence of crops).
+            [0, length − frames] for every token longer than `frames`, drawn inside the pipeline by
+            stateless random ops keyed by (seed, epoch, batch) (`pipeline.random_key`), so they change
+            every epoch and a seed reproduces them.
     """
     import tensorflow as tf
 
-    rows = np.asarray(rows, dtype=np.int64)
+    from replicate import pipeline
+
+    rows = tf.constant(np.asarray(rows, dtype=np.int64))
     lengths = tf.constant(store.lengths, dtype=tf.int64)
     mel_shape = (None, store.frames.shape[1], inputs.frames, 1)
 
     def gather(indices, first_frames):
         return gather_tokens(store, indices, first_frames, inputs)
 
-    def load(indices, random_seed):
+    def load(batch_index, indices):
         if starts is None:
             room = tf.maximum(tf.gather(lengths, indices) - inputs.frames, 0) + 1
-            uniform = tf.random.stateless_uniform(tf.shape(indices), seed=tf.cast(random_seed, tf.int32))
+            uniform = tf.random.stateless_uniform(
+                tf.shape(indices), seed=pipeline.random_key(seed, epoch, "crop", batch_index)
+            )
             first_frames = tf.minimum(tf.cast(uniform * tf.cast(room, tf.float32), tf.int64), room - 1)
         else:
             first_frames = tf.gather(tf.constant(starts, dtype=tf.int64), indices)
@@ -711,13 +717,9 @@ def token_dataset(
             return features
         return features, tf.gather(tf.constant(labels, dtype=tf.float32), indices)
 
-    dataset = tf.data.Dataset.from_tensor_slices(rows)
-    if shuffle:
-        dataset = dataset.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size)
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    dataset = tf.data.Dataset.zip((dataset, seeds)).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    dataset = tf.data.Dataset.from_tensor_slices(pipeline.shuffled(rows, seed, epoch) if shuffle else rows)
+    dataset = dataset.batch(batch_size).enumerate()
+    return dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -862,9 +864,7 @@ def run(
         if validation is None:
             return []
         callbacks = [
-            train.BestEpoch(
-                score, monitor=train_recipe["monitor"], path=member_run_dir / "checkpoints" / f"{name}.best"
-            ),
+            train.BestEpoch(score, monitor=train_recipe["monitor"]),
             keras.callbacks.ReduceLROnPlateau(
                 monitor=train_recipe["lr_monitor"],
                 mode="min" if train_recipe["lr_monitor"] == "val_loss" else "max",
@@ -897,8 +897,16 @@ def run(
         retrain=retrain,
         log=log,
         build_model=functools.partial(build_model, recipe, len(table.entries)),
-        train_data=lambda seed: token_dataset(
-            train_store, train_rows, train_aux, inputs, batch_size=batch_size, labels=labels, shuffle=True, seed=seed
+        train_data=lambda seed, epoch: token_dataset(
+            train_store,
+            train_rows,
+            train_aux,
+            inputs,
+            batch_size=batch_size,
+            labels=labels,
+            shuffle=True,
+            seed=seed,
+            epoch=epoch,
         ),
         validation_data=validation,
         member_callbacks=member_callbacks,

@@ -1,8 +1,11 @@
 """tf.data input pipelines over (memory-mapped) feature arrays.
 
 Rows are gathered per batch from the array (a memmap stays on disk), transformed by a numpy function
-(e.g. `features.Normalizer`), shuffled per epoch with a seed, and prefetched. Augmentations are
-dataset → dataset functions with their own seeds, so every member sees its own reproducible stream.
+(e.g. `features.Normalizer`), and prefetched. A training dataset is one epoch: every random draw in it
+(the row order, crops, mixup) comes from stateless random ops keyed by (seed, epoch, what is drawn, batch)
+(`random_key`), so epoch e's batches are the same whether a run started at epoch 0 or resumed at epoch e,
+and every member sees its own reproducible stream. `epoch` may be a Python int or a scalar tensor (the
+training engine builds each epoch's dataset inside `tf.data.Dataset.flat_map`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,28 @@ import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
 
+# One stream of random draws per purpose, so that no two draws of a member share a key.
+STREAMS = {"shuffle": 1, "crop": 2, "mixup": 3}
+
+
+def random_key(seed, epoch, stream: str, batch=None) -> tf.Tensor:
+    """The seed of a stateless random op (shape (2,)) for one member seed, epoch, stream and batch.
+
+    Args:
+        seed: the member's seed (int or scalar tensor).
+        epoch: the epoch (int or scalar tensor).
+        stream: what is drawn, one of `STREAMS`.
+        batch: the batch's index within the epoch, or None for a draw made once per epoch.
+    """
+    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    key = tf.random.experimental.stateless_fold_in(key, STREAMS[stream])
+    return key if batch is None else tf.random.experimental.stateless_fold_in(key, tf.cast(batch, tf.int64))
+
+
+def shuffled(rows, seed, epoch) -> tf.Tensor:
+    """`rows` in epoch `epoch`'s order for `seed`: a permutation that is a function of (seed, epoch) only."""
+    return tf.random.experimental.stateless_shuffle(rows, seed=random_key(seed, epoch, "shuffle"))
+
 
 def from_arrays(
     features: np.ndarray,
@@ -24,9 +49,10 @@ def from_arrays(
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
     shuffle: bool = False,
     seed: int | None = None,
+    epoch=0,
     drop_remainder: bool = False,
 ) -> tf.data.Dataset:
-    """Batches of (transformed features, targets) read from arrays by index.
+    """One epoch of batches of (transformed features, targets) read from arrays by index.
 
     Args:
         features: (rows, ...) array; may be a read-only memmap.
@@ -34,15 +60,18 @@ def from_arrays(
         batch_size: rows per batch.
         indices: the rows to use (e.g. a training split), default all.
         transform: numpy function applied to each batch of features (float32 in, float32 out).
-        shuffle: reshuffle the row order every epoch (seeded: the same seed gives the same orders).
-        seed: shuffle seed.
+        shuffle: put the rows in the epoch's order for `seed` (`shuffled`); otherwise in `indices` order.
+        seed: shuffle seed (required with `shuffle`).
+        epoch: which epoch's order (int or scalar tensor).
         drop_remainder: drop a last incomplete batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if targets is not None and len(targets) != len(features):
         raise ValueError(f"{len(features)} feature rows but {len(targets)} target rows")
-    rows = np.arange(len(features)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if shuffle and seed is None:
+        raise ValueError("shuffle=True needs a seed: the order of every epoch is drawn from (seed, epoch)")
+    rows = tf.constant(np.arange(len(features)) if indices is None else np.asarray(indices), dtype=tf.int64)
     feature_shape = tuple(features.shape[1:])
 
     def gather(indices: np.ndarray) -> np.ndarray:
@@ -52,9 +81,7 @@ def from_arrays(
         batch[order] = features[indices[order]]
         return transform(batch) if transform is not None else batch
 
-    dataset = tf.data.Dataset.from_tensor_slices(rows)
-    if shuffle:
-        dataset = dataset.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+    dataset = tf.data.Dataset.from_tensor_slices(shuffled(rows, seed, epoch) if shuffle else rows)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
 
     def load(indices):
@@ -68,18 +95,17 @@ def from_arrays(
     return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
 
-def random_crop_or_pad(dataset: tf.data.Dataset, frames: int, *, axis: int = 2, seed: int) -> tf.data.Dataset:
+def random_crop_or_pad(dataset: tf.data.Dataset, frames: int, *, axis: int = 2, seed: int, epoch=0) -> tf.data.Dataset:
     """Crop batches of (x, y) to `frames` along `axis` (batch axis 0 included) at a random offset per
-    example, drawn again every epoch; shorter inputs are zero-padded at the end.
+    example; shorter inputs are zero-padded at the end.
 
-    Offsets come from stateless random ops keyed by (seed, epoch-independent batch counter) through
-    `tf.data.Dataset.random`, so a given seed reproduces the same sequence of crops.
+    The offsets are keyed by (seed, epoch, batch) (`random_key`): they change every epoch and a seed
+    reproduces them.
     """
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
 
-    def crop(batch, stateless_seed):
+    def crop(batch_index, batch):
         x, y = batch
         length = tf.shape(x)[axis]
         pad_amount = tf.maximum(frames - length, 0)
@@ -87,7 +113,7 @@ def random_crop_or_pad(dataset: tf.data.Dataset, frames: int, *, axis: int = 2, 
         x = tf.pad(x, paddings)
         room = tf.shape(x)[axis] - frames + 1
         offsets = tf.random.stateless_uniform(
-            tf.shape(x)[:1], seed=tf.cast(stateless_seed, tf.int32), maxval=room, dtype=tf.int32
+            tf.shape(x)[:1], seed=random_key(seed, epoch, "crop", batch_index), maxval=room, dtype=tf.int32
         )
         x = tf.map_fn(
             lambda item: tf.gather(item[0], tf.range(item[1], item[1] + frames), axis=axis - 1),
@@ -96,31 +122,30 @@ def random_crop_or_pad(dataset: tf.data.Dataset, frames: int, *, axis: int = 2, 
         )
         return x, y
 
-    return tf.data.Dataset.zip((dataset, seeds)).map(crop, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return dataset.enumerate().map(crop, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
-def mixup(dataset: tf.data.Dataset, alpha: float, *, seed: int) -> tf.data.Dataset:
+def mixup(dataset: tf.data.Dataset, alpha: float, *, seed: int, epoch=0) -> tf.data.Dataset:
     """Mix each batch of (x, y) with a shuffled copy of itself, λ ~ Beta(alpha, alpha) per example.
 
-    Beta draws are made from two stateless Gamma draws (TensorFlow has no stateless Beta), keyed by
-    `tf.data.Dataset.random(seed)`, so the same seed gives the same mixing.
+    Beta draws are made from two stateless Gamma draws (TensorFlow has no stateless Beta), keyed like the
+    partners by (seed, epoch, batch) (`random_key`), so the same seed and epoch give the same mixing.
     """
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(6)
 
-    def mix(batch, stateless_seeds):
+    def mix(batch_index, batch):
         x, y = batch
         size = tf.shape(x)[0]
-        stateless_seeds = tf.reshape(tf.cast(stateless_seeds, tf.int32), (3, 2))
-        first = tf.random.stateless_gamma([size], stateless_seeds[0], alpha=alpha)
-        second = tf.random.stateless_gamma([size], stateless_seeds[1], alpha=alpha)
+        keys = tf.random.experimental.stateless_split(random_key(seed, epoch, "mixup", batch_index), 3)
+        first = tf.random.stateless_gamma([size], keys[0], alpha=alpha)
+        second = tf.random.stateless_gamma([size], keys[1], alpha=alpha)
         weight = first / (first + second)
-        partner = tf.argsort(tf.random.stateless_uniform([size], stateless_seeds[2]))
+        partner = tf.argsort(tf.random.stateless_uniform([size], keys[2]))
         x_weight = tf.reshape(tf.cast(weight, x.dtype), [-1] + [1] * (len(x.shape) - 1))
         y_weight = tf.reshape(tf.cast(weight, y.dtype), [-1] + [1] * (len(y.shape) - 1))
         mixed_x = x_weight * x + (1 - x_weight) * tf.gather(x, partner)
         mixed_y = y_weight * y + (1 - y_weight) * tf.gather(y, partner)
         return mixed_x, mixed_y
 
-    return tf.data.Dataset.zip((dataset, seeds)).map(mix, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return dataset.enumerate().map(mix, num_parallel_calls=AUTOTUNE, deterministic=True)

@@ -9,6 +9,7 @@ def main(argv=None) -> int:
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -103,8 +104,9 @@ def main(
 
     Returns:
         0 on success (the last line names the headline score, the report and the submission), 2 for bad input,
-        a run folder or cache in use by another process, or a run folder whose members were trained from
-        another set-up (the error is printed on stderr).
+        a run folder or cache in use by another process, a run folder whose members were trained from another
+        set-up, a training loss that became NaN or infinite, or a full disk (the error is printed on stderr,
+        one line).
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--data", type=Path, required=True, help=f"data folder: {data_help}")
@@ -143,6 +145,16 @@ def main(
         if isinstance(error, ValueError) and not is_package_error(error):
             raise
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(
+            f"error: no space left on the device{where}; free some space and run the same command again "
+            "(finished members and the last good checkpoint are kept)",
+            file=sys.stderr,
+        )
         return 2
     print(done_line(run_dir))
     return 0

@@ -6,14 +6,19 @@ Layout of a run folder (`runs/<recipe>/<run-id>/`):
     manifest.json               members, feature parameters, normalisation, class names, versions
     members/seed-XX.keras       one saved model per finished member
     members/seed-XX.json        its record: what it was trained from, the file's SHA-256, its manifest entry
-    members/seed-XX.history.csv its per-epoch history
-    checkpoints/seed-XX/        the unfinished member's last epoch (removed when it finishes)
+    members/seed-XX.history.csv its per-epoch history (exactly the finished epochs, once each)
+    checkpoints/seed-XX/        the unfinished member's last two epochs (`replicate.checkpoint`; removed when
+                                the member is saved)
     tensorboard/seed-XX/        TensorBoard logs
 
 Each member stands on its own record, written when it starts ("training") and when it is saved ("trained"):
 a rerun keeps a member whose record matches the run's set-up and whose file matches its checksum, resumes
 an interrupted one, trains a damaged one again, and refuses (or with `retrain`, removes) members trained
 from another set-up. The manifest is rebuilt from the records.
+
+A member resumed after a kill ends with exactly the weights and history of an uninterrupted run on the same
+machine: every epoch's data are a function of (seed, epoch) (`train_data(seed, epoch)`), and the checkpoint
+holds every other state that training carries from one epoch to the next.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from replicate import checkpoint as checkpoint_lib
 from replicate import files, losses, optimizers, report, task
 
 MANIFEST = "manifest.json"
@@ -60,6 +66,10 @@ NOT_IN_SETUP = (
 
 def member_name(seed: int) -> str:
     return f"seed-{seed:02d}"
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite; the message names the seed and the epoch."""
 
 
 def compile_model(model: keras.Model, train_recipe: dict, metrics: Sequence[Any] | None = None) -> keras.Model:
@@ -135,47 +145,66 @@ def train_member(
     *,
     run_dir: str | Path,
     build_model: Callable[[], keras.Model],
-    train_data: Callable[[int], Any],
+    train_data: Callable[[int, Any], Any],
     validation_data: Any = None,
     callbacks: Iterable[keras.callbacks.Callback] = (),
     member_callbacks: Callable[[Path, str], Iterable[keras.callbacks.Callback]] | None = None,
     metrics: Sequence[Any] | None = None,
     verbose: int | str = "auto",
+    log: Callable[[str], None] = print,
 ) -> dict:
     """Train one member and save it as `members/seed-XX.keras`; resume it if it was interrupted.
 
     Args:
         recipe: the resolved recipe; uses `train.epochs`, `train.optimizer`, `train.learning_rate`,
             `train.loss`.
-        seed: seeds weights, dropout (`keras.utils.set_random_seed`) and the data order.
+        seed: seeds the initial weights and dropout (`keras.utils.set_random_seed`) and the data.
         run_dir: the run folder.
         build_model: returns a new, uncompiled model.
-        train_data: seed → the training `tf.data.Dataset` of this member.
+        train_data: (seed, epoch) → that epoch's training `tf.data.Dataset` of the member, of known
+            length, whose order and augmentations are a function of (seed, epoch) (the builders of
+            `replicate.pipeline` take both). `epoch` is a scalar int64 tensor: the epochs are read through
+            `tf.data.Dataset.flat_map`.
         validation_data: passed to `fit` (None: no validation, as the DACON source trained).
-        callbacks: extra callbacks, run after the checkpointing ones.
+        callbacks: extra callbacks, run after the checkpointing ones (their state is not checkpointed).
         member_callbacks: (run_dir, member name) → callbacks made for this member only, which run before
-            the logging ones: stateful callbacks (`BestEpoch`, ReduceLROnPlateau, EarlyStopping) go here.
+            the logging ones: stateful callbacks (`BestEpoch`, ReduceLROnPlateau, EarlyStopping) go here,
+            and their state is checkpointed (`checkpoint.state_attributes`).
         metrics: compiled metrics, logged per epoch (validation ones too when there is validation data).
         verbose: Keras progress display.
+        log: where a resume or a damaged checkpoint is said.
 
     Returns:
         The member's manifest entry: seed, file, epochs, wall time, training throughput, final metrics.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite (nothing is saved for the member).
     """
     run_dir = Path(run_dir)
     name = member_name(seed)
     keras.utils.set_random_seed(seed)
     model = compile_model(build_model(), recipe["train"], metrics=metrics)
-    dataset = train_data(seed)
     own_callbacks = list(member_callbacks(run_dir, name)) if member_callbacks else []
-    history, seconds, timer = _fit(
-        model, dataset, recipe, run_dir, name, validation_data, own_callbacks, callbacks, verbose
+    history, seconds, timer, checkpoint = _fit(
+        model,
+        lambda epoch: train_data(seed, epoch),
+        recipe,
+        run_dir,
+        name,
+        validation_data,
+        own_callbacks,
+        callbacks,
+        verbose,
+        seeds=[seed],
+        log=log,
     )
     entry = _save_member(model, recipe, seed, run_dir, train_data)
+    checkpoint.remove()
     entry.update(
         epochs_this_session=len(history.epoch),
         train_seconds=round(seconds, 2),
         samples_per_second=round(timer.steps_per_second * recipe["train"]["batch_size"], 2),
-        final={key: float(values[-1]) for key, values in history.history.items() if values},
+        final=checkpoint.final_logs(),
     )
     for callback in own_callbacks:
         if isinstance(callback, BestEpoch) and callback.best_epoch:
@@ -190,21 +219,23 @@ def train_fused(
     *,
     run_dir: str | Path,
     build_model: Callable[[], keras.Model],
-    train_data: Callable[[int], Any],
+    train_data: Callable[[int, Any], Any],
     validation_data: Any = None,
     callbacks: Iterable[keras.callbacks.Callback] = (),
     member_callbacks: Callable[[Path, str], Iterable[keras.callbacks.Callback]] | None = None,
     metrics: Sequence[Any] | None = None,
     verbose: int | str = "auto",
+    log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Train one member per seed as one fused model (`replicate.fused`) and save each as `train_member` does.
 
     Each member starts from the weights `train_member` would give it (its seed, then the builder) and sees
     its own seeded batches, so the result equals training them one by one up to float rounding and dropout
-    masks. Interrupted, the group resumes from its last finished epoch (`checkpoints/fused-XX-YY/`).
+    masks. Interrupted, the group resumes from its last finished epoch (`checkpoints/fused-XX-YY/`) exactly
+    as an uninterrupted group would have gone on.
 
     Args:
-        recipe, run_dir, build_model, train_data, validation_data, callbacks, metrics, verbose: as for
+        recipe, run_dir, build_model, train_data, validation_data, callbacks, metrics, verbose, log: as for
             `train_member`; validation data are given to every member.
         seeds: the members trained together.
         member_callbacks: not supported: their state (best epoch, learning-rate plateaus, early stopping)
@@ -221,21 +252,30 @@ def train_fused(
             "ReduceLROnPlateau, early stopping); set train.fused = 1 for this recipe"
         )
     run_dir = Path(run_dir)
-    members, datasets = [], []
-    for seed in seeds:  # the same order of seeding, building and data as train_member's
+    members = []
+    for seed in seeds:  # the same seeding before building as train_member's
         keras.utils.set_random_seed(seed)
         members.append(build_model())
-        datasets.append(train_data(seed))
     layout = recipe["train"].get("fused_layout", "auto")
     model = compile_model(fused.fuse(members[0], len(seeds), layout), recipe["train"], metrics=metrics)
     fused.pack(model, members)
     if validation_data is not None:
         validation_data = fused.stack_datasets([validation_data] * len(seeds))
     name = "fused-" + "-".join(f"{seed:02d}" for seed in seeds)
-    history, seconds, timer = _fit(
-        model, fused.stack_datasets(datasets), recipe, run_dir, name, validation_data, [], callbacks, verbose
+    history, seconds, timer, checkpoint = _fit(
+        model,
+        lambda epoch: fused.stack_datasets([train_data(seed, epoch) for seed in seeds]),
+        recipe,
+        run_dir,
+        name,
+        validation_data,
+        [],
+        callbacks,
+        verbose,
+        seeds=list(seeds),
+        log=log,
     )
-    group_history = {key: values for key, values in history.history.items() if values}
+    group_logs = checkpoint.final_logs()
     entries = []
     for k, (seed, member) in enumerate(zip(seeds, fused.unpack(model, members), strict=True)):
         # The fused model's own optimizer state stays with the group; each member is saved compiled afresh.
@@ -248,10 +288,11 @@ def train_fused(
             epochs_this_session=len(history.epoch),
             train_seconds=round(seconds / len(seeds), 2),
             samples_per_second=round(timer.steps_per_second * recipe["train"]["batch_size"] * len(seeds), 2),
-            final=_member_logs(group_history, k),
+            final=_member_logs({key: [value] for key, value in group_logs.items()}, k),
             fused={"seeds": list(seeds), "train_seconds": round(seconds, 2)},
         )
         entries.append(entry)
+    checkpoint.remove()
     return entries
 
 
@@ -285,28 +326,100 @@ def _write_member_history(group_path: Path, k: int, path: Path) -> None:
             )
 
 
-def _fit(model, dataset, recipe, run_dir: Path, name: str, validation_data, first_callbacks, callbacks, verbose):
-    """`model.fit` for the recipe's epochs with the run folder's checkpoint, history and TensorBoard logs."""
+def _fit(
+    model,
+    epoch_data,
+    recipe,
+    run_dir: Path,
+    name: str,
+    validation_data,
+    first_callbacks,
+    callbacks,
+    verbose,
+    *,
+    seeds: Sequence[int],
+    log: Callable[[str], None],
+):
+    """`model.fit` for the recipe's epochs, from the last checkpoint if there is one, with the run folder's
+    checkpoints, history and TensorBoard logs.
+
+    Args:
+        epoch_data: epoch (scalar int64 tensor) → that epoch's dataset. The epochs still to train are read
+            as one stream, `Dataset.range(first, epochs).flat_map(epoch_data)`, `steps_per_epoch` batches
+            each, so an epoch's batches do not depend on where the run started.
+        seeds: the seeds being trained (one, or a fused group's), named by a non-finite loss.
+
+    Returns:
+        (Keras history of this session, seconds, the epoch timer, the `checkpoint.Checkpoint`).
+    """
+    import tensorflow as tf
+
+    epochs = recipe["train"]["epochs"]
     history_path = run_dir / "members" / f"{name}.history.csv"
     history_path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = checkpoint_lib.Checkpoint(
+        run_dir / "checkpoints" / name, history_path, first_callbacks, epochs=epochs, log=log
+    )
+    first_epoch = checkpoint.restore(model)
+    steps = int(epoch_data(tf.constant(0, tf.int64)).cardinality())
+    if steps <= 0:
+        raise ValueError(
+            f"{name}: an epoch of training data must have a known, non-zero number of batches, got {steps} "
+            "(-2: unknown, e.g. after `filter`; -1: infinite)"
+        )
+    # With every epoch done (or stopped early) no batch is read; the last epoch stands in for an empty stream,
+    # which a distribution strategy could not peek at to build the model.
+    dataset = tf.data.Dataset.range(min(first_epoch, epochs - 1), epochs).flat_map(epoch_data)
     timer = _EpochTimer()
     started = time.perf_counter()
     history = model.fit(
-        dataset,
-        epochs=recipe["train"]["epochs"],
+        dataset.prefetch(tf.data.AUTOTUNE),
+        epochs=epochs,
+        initial_epoch=first_epoch,
+        steps_per_epoch=steps,
         validation_data=validation_data,
-        shuffle=False,  # the dataset shuffles itself, seeded per member
+        shuffle=False,  # every epoch's order comes from the dataset, a function of (seed, epoch)
         verbose=verbose,
         callbacks=[
-            *first_callbacks,  # first: the scores they add to an epoch's logs reach the logger and the others
-            keras.callbacks.BackupAndRestore(str(run_dir / "checkpoints" / name), delete_checkpoint=True),
-            keras.callbacks.CSVLogger(str(history_path), append=True),
+            _StopOnNonFiniteLoss(seeds),
+            *first_callbacks,  # before the checkpoint: their scores reach the history, their state is saved
+            checkpoint,
             keras.callbacks.TensorBoard(str(run_dir / "tensorboard" / name)),
             timer,
             *callbacks,
         ],
     )
-    return history, time.perf_counter() - started, timer
+    return history, time.perf_counter() - started, timer, checkpoint
+
+
+class _StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stop at the first batch whose loss is NaN or infinite with an error naming the seed and the epoch
+    (`keras.callbacks.TerminateOnNaN` stops quietly, and the member would then be saved as finished)."""
+
+    def __init__(self, seeds: Sequence[int]):
+        super().__init__()
+        self.seeds = list(seeds)
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or np.isfinite(loss):
+            return
+        if len(self.seeds) == 1:
+            who = f"seed {self.seeds[0]}"
+        else:  # a fused group logs each member's loss as member_<k>_loss
+            bad = [s for k, s in enumerate(self.seeds) if not np.isfinite(logs.get(f"member_{k}_loss", np.nan))]
+            bad = bad or self.seeds
+            who = f"seed{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} (fused group of {self.seeds})"
+        members = "the member is" if len(self.seeds) == 1 else "the members are"
+        raise NonFiniteLossError(
+            f"{who}: the training loss became {float(loss)} at epoch {self.epoch + 1}, batch {batch + 1}; "
+            f"training stopped and {members} not saved (lower train.learning_rate, or check the inputs for "
+            "non-finite values)"
+        )
 
 
 def _save_member(model, recipe: dict, seed: int, run_dir: Path, train_data) -> dict:
@@ -314,7 +427,7 @@ def _save_member(model, recipe: dict, seed: int, run_dir: Path, train_data) -> d
     member_path = run_dir / "members" / f"{member_name(seed)}.keras"
     recalibrated = 0
     if recipe["train"].get("recalibrate_batchnorm", False):
-        recalibrated = recalibrate_batchnorm(model, train_data(seed))
+        recalibrated = recalibrate_batchnorm(model, train_data(seed, 0))
     with files.atomic_path(member_path, suffix=".keras") as temporary:
         loadable_anywhere(model).save(temporary)
     return {
@@ -349,17 +462,17 @@ class BestEpoch(keras.callbacks.Callback):
     metric (person-level macro F1, UAR, AUC/pAUC per machine ID), so the score is any function of the model.
     The values go into the epoch's logs, where the CSV history, ReduceLROnPlateau and EarlyStopping read them
     (`train_member` runs member callbacks first for that reason). At the end of training the best weights
-    are put back; with `path`, they and the best score are also kept on disk, so a member resumed after a
-    kill still ends with the best epoch of the whole run.
+    are put back. The best score, its epoch and its weights are the callback's state (`state_attributes`),
+    saved with every checkpoint, so a member resumed after a kill still ends with the best epoch of the
+    whole run.
 
     Args:
         score: model → {name: value}, e.g. `lambda model: {"val_uar": ...}`; must include `monitor`.
         monitor: the value that decides the best epoch.
         mode: "max" (higher is better) or "min".
         every: score every `every` epochs (and always after the last epoch). On the other epochs the values
-            named in `keys` are logged as NaN, so the CSV history (whose columns are fixed by the first
-            epoch's logs) has them; a callback that watches one of them counts those epochs as no progress.
-        path: a folder for the best weights and score (removed when training ends), or None (memory only).
+            named in `keys` are logged as NaN, so the CSV history has them; a callback that watches one of
+            them counts those epochs as no progress.
         keys: the names `score` returns (default: just `monitor`).
 
     Example:
@@ -368,7 +481,9 @@ class BestEpoch(keras.callbacks.Callback):
         >>> best.best_epoch, best.best                           # e.g. (87, 0.7305)
     """
 
-    def __init__(self, score, *, monitor: str, mode: str = "max", every: int = 1, path=None, keys=()):
+    state_attributes = ("best", "best_epoch", "best_weights")
+
+    def __init__(self, score, *, monitor: str, mode: str = "max", every: int = 1, keys=()):
         super().__init__()
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -378,22 +493,15 @@ class BestEpoch(keras.callbacks.Callback):
         self.monitor = monitor
         self.mode = mode
         self.every = every
-        self.path = Path(path) if path is not None else None
         self.keys = tuple(keys) or (monitor,)
         self.best: float | None = None
         self.best_epoch = 0  # 1-based; 0 until an epoch was scored
-        self._best_weights = None
+        self.best_weights: list | None = None
 
     def _better(self, value: float) -> bool:
         if self.best is None:
             return True
         return value > self.best if self.mode == "max" else value < self.best
-
-    def on_train_begin(self, logs=None):
-        state = self.path / "best.json" if self.path else None
-        if state is not None and state.is_file():  # a resumed member: its best so far is on disk
-            saved = files.read_json(state)
-            self.best, self.best_epoch = saved["best"], saved["best_epoch"]
 
     def on_epoch_end(self, epoch, logs=None):
         last = epoch + 1 == self.params.get("epochs")
@@ -406,23 +514,13 @@ class BestEpoch(keras.callbacks.Callback):
             raise ValueError(f"the score function returned {sorted(scores)}, without the monitored {self.monitor!r}")
         if logs is not None:
             logs.update(scores)
-        if not self._better(scores[self.monitor]):
-            return
-        self.best, self.best_epoch = scores[self.monitor], epoch + 1
-        if self.path is None:
-            self._best_weights = self.model.get_weights()
-            return
-        self.path.mkdir(parents=True, exist_ok=True)
-        with files.atomic_path(self.path / "best.weights.h5", suffix=".weights.h5") as temporary:
-            self.model.save_weights(temporary)
-        files.write_json(self.path / "best.json", {"best": self.best, "best_epoch": self.best_epoch})
+        if self._better(scores[self.monitor]):
+            self.best, self.best_epoch = scores[self.monitor], epoch + 1
+            self.best_weights = self.model.get_weights()
 
     def on_train_end(self, logs=None):
-        if self.path is not None and (self.path / "best.weights.h5").is_file():
-            self.model.load_weights(self.path / "best.weights.h5")
-            shutil.rmtree(self.path)
-        elif self._best_weights is not None:
-            self.model.set_weights(self._best_weights)
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
 
 
 def recalibrate_batchnorm(model: keras.Model, dataset, max_batches: int = 16) -> int:
@@ -765,14 +863,16 @@ def git_commit() -> str:
 
 
 class _EpochTimer(keras.callbacks.Callback):
-    """Steps per second over the epochs after the first (which includes graph tracing)."""
+    """Steps per second over the epochs after the session's first (which includes graph tracing)."""
 
     def __init__(self):
         super().__init__()
         self.steps = 0
         self.seconds = 0.0
+        self.first_epoch = None
 
     def on_epoch_begin(self, epoch, logs=None):
+        self.first_epoch = epoch if self.first_epoch is None else self.first_epoch  # a resumed run starts later
         self.started = time.perf_counter()
         self.epoch_steps = 0
 
@@ -780,7 +880,7 @@ class _EpochTimer(keras.callbacks.Callback):
         self.epoch_steps += 1
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.params.get("initial_epoch", 0) and self.params.get("epochs", 1) > epoch + 1:
+        if epoch == self.first_epoch and self.params.get("epochs", 1) > epoch + 1:
             return
         self.seconds += time.perf_counter() - self.started
         self.steps += self.epoch_steps

@@ -12,6 +12,7 @@ from keras import layers
 
 from models.dacon import build_dacon_model
 from replicate import files, fused, pipeline, train
+from tests.test_train import KillAfterEpoch, assert_same_member
 
 RNG = np.random.default_rng(3)
 FEATURES = RNG.normal(size=(24, 32, 32, 4)).astype(np.float32)
@@ -119,7 +120,9 @@ def _ensemble(tmp_path, optimizer, width, epochs=2, seeds=(0, 1, 2), layout="aut
         trained_from={"features": FEATURES, "targets": TARGETS},
         log=lambda _: None,
         build_model=BUILD_NARROW,
-        train_data=lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed),
+        train_data=lambda seed, epoch: pipeline.from_arrays(
+            FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed, epoch=epoch
+        ),
         verbose=0,
     )
 
@@ -178,7 +181,9 @@ def test_an_interrupted_fused_group_resumes_and_leftover_seeds_train_alone(tmp_p
         trained_from={"features": FEATURES, "targets": TARGETS},
         log=lambda _: None,
         build_model=BUILD_NARROW,
-        train_data=lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed),
+        train_data=lambda seed, epoch: pipeline.from_arrays(
+            FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed, epoch=epoch
+        ),
         verbose=0,
     )
     recipe = {
@@ -200,6 +205,53 @@ def test_an_interrupted_fused_group_resumes_and_leftover_seeds_train_alone(tmp_p
     assert not (tmp_path / "checkpoints" / "fused-00-01").exists()
 
 
+def _small_model_with_dropout():
+    inputs = keras.Input((32, 32, 4))
+    x = layers.Conv2D(4, 3, strides=4, activation="relu", name="conv")(inputs)
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.Dropout(0.3, name="dropout")(layers.GlobalAveragePooling2D(name="gap")(x))
+    return keras.Model(inputs, layers.Dense(30, activation="softmax", name="out")(x))
+
+
+def _train_group(run_dir, learning_rate=0.01, callbacks=()):
+    """Seeds 0 and 1 as one fused group, 3 epochs, with dropout (its random state must resume too)."""
+    recipe = {
+        "train": {"epochs": 3, "batch_size": 8, "optimizer": "Adam", "learning_rate": learning_rate}
+        | {"loss": "KLDivergence", "fused_layout": "copies"}
+    }
+    return train.train_fused(
+        recipe,
+        [0, 1],
+        run_dir=run_dir,
+        build_model=_small_model_with_dropout,
+        train_data=lambda seed, epoch: pipeline.from_arrays(
+            FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed, epoch=epoch
+        ),
+        callbacks=callbacks,
+        verbose=0,
+        log=lambda _: None,
+    )
+
+
+def test_a_killed_fused_group_resumes_to_the_files_of_an_uninterrupted_group(tmp_path):
+    _train_group(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        _train_group(tmp_path / "killed", callbacks=[KillAfterEpoch(1)])
+    entries = _train_group(tmp_path / "killed")
+    assert [entry["epochs_this_session"] for entry in entries] == [2, 2]
+    for seed in (0, 1):
+        assert_same_member(tmp_path / "whole", tmp_path / "killed", seed)
+    group_history = "members/fused-00-01.history.csv"
+    assert (tmp_path / "killed" / group_history).read_text() == (tmp_path / "whole" / group_history).read_text()
+    assert not (tmp_path / "killed" / "checkpoints" / "fused-00-01").exists()
+
+
+def test_a_non_finite_loss_in_a_fused_group_names_its_seeds_and_saves_nothing(tmp_path):
+    with pytest.raises(train.NonFiniteLossError, match=r"^seeds? [01].* \(fused group of \[0, 1\]\): .* at epoch 1"):
+        _train_group(tmp_path, learning_rate=1e30)
+    assert not list((tmp_path / "members").glob("*.keras"))
+
+
 def test_fused_training_refuses_per_member_callbacks(tmp_path):
     recipe = {
         "train": {"epochs": 1, "batch_size": 8, "optimizer": "SGD", "learning_rate": 0.01, "loss": "KLDivergence"}
@@ -210,7 +262,7 @@ def test_fused_training_refuses_per_member_callbacks(tmp_path):
             [0, 1],
             run_dir=tmp_path,
             build_model=BUILD_NARROW,
-            train_data=lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8),
+            train_data=lambda seed, epoch: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8),
             member_callbacks=lambda run_dir, name: [keras.callbacks.ReduceLROnPlateau()],
         )
 

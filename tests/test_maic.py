@@ -358,8 +358,8 @@ def long_tokens(tmp_path):
     return store, persons, inputs
 
 
-def _epochs(dataset, count):
-    return [np.concatenate([batch["mel"] for batch, _ in dataset]) for _ in range(count)]
+def _mel(dataset):
+    return np.concatenate([batch["mel"] for batch, _ in dataset])
 
 
 def test_training_crops_differ_across_epochs_and_repeat_for_the_seed(long_tokens):
@@ -368,15 +368,18 @@ def test_training_crops_differ_across_epochs_and_repeat_for_the_seed(long_tokens
     labels = np.eye(2, dtype=np.float32)[np.zeros(len(store), dtype=int)]
     rows = np.arange(len(store))
 
-    def dataset(seed):
-        return maic.token_dataset(store, rows, aux, inputs, batch_size=3, labels=labels, seed=seed)
+    def epochs(seed):
+        return [
+            _mel(maic.token_dataset(store, rows, aux, inputs, batch_size=3, labels=labels, seed=seed, epoch=epoch))
+            for epoch in (0, 1)
+        ]
 
-    first, second = _epochs(dataset(5), 2)
+    first, second = epochs(5)
     assert first.shape == (3, 128, 64, 1)
     assert not np.array_equal(first[0], second[0])  # the 300-frame token: a new crop each epoch
     np.testing.assert_array_equal(first[1, :, 30:], 0.0)  # the 30-frame token: zero-padded at the end
     np.testing.assert_array_equal(first[1, :, :30, 0], store.frames[store.offsets[1] : store.offsets[1] + 30].T)
-    again = _epochs(dataset(5), 2)
+    again = epochs(5)
     np.testing.assert_array_equal(again[0], first)
     np.testing.assert_array_equal(again[1], second)
     crop = first[0, :, :, 0]  # the crop is a contiguous 64-frame window of the token

@@ -12,17 +12,45 @@ FEATURES = np.arange(20 * 3 * 8, dtype=np.float32).reshape(20, 3, 8, 1)
 TARGETS = np.eye(20, dtype=np.float32)
 
 
-def _epochs(dataset, count=2):
-    return [np.concatenate([y.numpy().argmax(axis=1) for _, y in dataset]) for _ in range(count)]
+def _order(seed, epoch):
+    dataset = pipeline.from_arrays(FEATURES, TARGETS, batch_size=6, shuffle=True, seed=seed, epoch=epoch)
+    return np.concatenate([y.numpy().argmax(axis=1) for _, y in dataset])
 
 
-def test_shuffle_is_seeded_and_changes_every_epoch():
-    make = lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=6, shuffle=True, seed=seed)  # noqa: E731
-    first, second = _epochs(make(1))
+def test_shuffle_is_a_function_of_seed_and_epoch():
+    first, second = _order(1, 0), _order(1, 1)
     assert sorted(first) == list(range(20)) and sorted(second) == list(range(20))
     assert not np.array_equal(first, second)
-    np.testing.assert_array_equal(_epochs(make(1)), [first, second])
-    assert not np.array_equal(_epochs(make(2))[0], first)
+    np.testing.assert_array_equal(_order(1, 1), second)
+    assert not np.array_equal(_order(2, 0), first)
+    with pytest.raises(ValueError, match="needs a seed"):
+        pipeline.from_arrays(FEATURES, TARGETS, batch_size=6, shuffle=True)
+
+
+def _augmented_epoch(epoch):
+    """A DCASE-like epoch: shuffled rows, random crops and mixup, all drawn from (seed 7, epoch)."""
+    dataset = pipeline.from_arrays(FEATURES, TARGETS, batch_size=6, shuffle=True, seed=7, epoch=epoch)
+    dataset = pipeline.random_crop_or_pad(dataset, frames=5, axis=2, seed=7, epoch=epoch)
+    return pipeline.mixup(dataset, alpha=0.5, seed=7, epoch=epoch)
+
+
+def test_an_epochs_batches_do_not_depend_on_the_epoch_a_stream_starts_from():
+    """What a resumed run relies on: epochs 1 and 2 read from a stream that starts at epoch 1 (epoch a
+    tensor, as the training engine's flat_map gives it) are those of a stream that starts at epoch 0."""
+
+    def stream(first):
+        batches = tf.data.Dataset.range(first, 3).flat_map(_augmented_epoch)
+        return [tuple(tensor.numpy() for tensor in batch) for batch in batches]
+
+    whole, resumed = stream(0), stream(1)
+    assert len(whole) == 3 * 4 and len(resumed) == 2 * 4
+    for expected, actual in zip(whole[4:], resumed, strict=True):
+        np.testing.assert_array_equal(actual[0], expected[0])
+        np.testing.assert_array_equal(actual[1], expected[1])
+    one_epoch = [tuple(tensor.numpy() for tensor in batch) for batch in _augmented_epoch(2)]  # a Python int
+    for expected, actual in zip(whole[8:], one_epoch, strict=True):
+        np.testing.assert_array_equal(actual[0], expected[0])
+    assert not np.array_equal(whole[0][0], whole[4][0])  # every draw changes with the epoch
 
 
 def test_rows_features_and_transform_stay_aligned():
@@ -53,8 +81,10 @@ def test_mismatched_rows_and_bad_batch_size():
 def test_random_crop_differs_across_epochs_and_repeats_for_a_seed():
     def crops(seed):
         dataset = pipeline.from_arrays(FEATURES, TARGETS, batch_size=20)
-        dataset = pipeline.random_crop_or_pad(dataset, frames=4, axis=2, seed=seed)
-        return [next(iter(dataset))[0].numpy() for _ in range(2)]
+        return [
+            next(iter(pipeline.random_crop_or_pad(dataset, frames=4, axis=2, seed=seed, epoch=epoch)))[0].numpy()
+            for epoch in (0, 1)
+        ]
 
     first, second = crops(3)
     assert first.shape == (20, 3, 4, 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import re
 import zipfile
@@ -32,7 +34,9 @@ def _small_model():
 def _arguments(build_model=_small_model):
     return dict(
         build_model=build_model,
-        train_data=lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed),
+        train_data=lambda seed, epoch: pipeline.from_arrays(
+            FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed, epoch=epoch
+        ),
         verbose=0,
     )
 
@@ -41,8 +45,8 @@ def test_same_seed_gives_identical_weights_with_the_source_model(tmp_path):
     recipe = {"train": {**RECIPE["train"], "epochs": 1}}
     arguments = {
         **_arguments(build_dacon_model),
-        "train_data": lambda seed: pipeline.from_arrays(
-            FEATURES[:12], TARGETS[:12], batch_size=4, shuffle=True, seed=seed
+        "train_data": lambda seed, epoch: pipeline.from_arrays(
+            FEATURES[:12], TARGETS[:12], batch_size=4, shuffle=True, seed=seed, epoch=epoch
         ),
     }
     for run, seed in (("a", 0), ("b", 0), ("c", 1)):
@@ -175,14 +179,12 @@ class _ScriptedScores:
         return {"val_score": self.values[len(self.weights) - 1]}
 
 
-@pytest.mark.parametrize("persist", [False, True])
-def test_best_epoch_logs_its_score_and_restores_the_best_weights(tmp_path, persist):
+def test_best_epoch_logs_its_score_and_restores_the_best_weights(tmp_path):
     scores = _ScriptedScores([0.2, 0.7, 0.4, 0.5])
     recipe = {"train": {**RECIPE["train"], "epochs": 4}}
-    best_dir = tmp_path / "run" / "checkpoints" / "seed-00.best"
 
     def member_callbacks(run_dir, name):
-        return [train.BestEpoch(scores, monitor="val_score", path=best_dir if persist else None)]
+        return [train.BestEpoch(scores, monitor="val_score")]
 
     entry = train.train_member(recipe, 0, run_dir=tmp_path / "run", member_callbacks=member_callbacks, **_arguments())
     assert entry["best_epoch"] == 2 and entry["best"] == {"val_score": 0.7}
@@ -192,7 +194,7 @@ def test_best_epoch_logs_its_score_and_restores_the_best_weights(tmp_path, persi
     assert not np.array_equal(saved[0], scores.weights[3][0])  # the last epoch's weights were replaced
     history = np.genfromtxt(tmp_path / "run" / "members" / "seed-00.history.csv", delimiter=",", names=True)
     np.testing.assert_allclose(history["val_score"], [0.2, 0.7, 0.4, 0.5])
-    assert len(history) == 4 and not best_dir.exists()  # the on-disk copy is removed once the member is saved
+    assert len(history) == 4 and not (tmp_path / "run" / "checkpoints" / "seed-00").exists()  # member saved
 
 
 def test_best_epoch_scores_every_few_epochs_and_after_the_last(tmp_path):
@@ -205,23 +207,6 @@ def test_best_epoch_scores_every_few_epochs_and_after_the_last(tmp_path):
     assert best.best_epoch == 4 and best.best == 0.1
     history = np.genfromtxt(tmp_path / "history.csv", delimiter=",", names=True)
     np.testing.assert_array_equal(history["val_score"], [np.nan, 0.3, np.nan, 0.1, 0.2])  # NaN: not scored
-
-
-def test_best_epoch_resumes_with_the_best_score_kept_on_disk(tmp_path):
-    model = train.compile_model(_small_model(), RECIPE["train"])
-    data = pipeline.from_arrays(FEATURES, TARGETS, batch_size=8)
-    first = train.BestEpoch(_ScriptedScores([0.9]), monitor="val_score", path=tmp_path / "best")
-    first.set_model(model)
-    first.set_params({"epochs": 3})
-    first.on_train_begin()
-    first.on_epoch_end(0, {})  # the run is killed after this epoch: on_train_end never runs
-    best_weights = [w.copy() for w in model.get_weights()]
-    model.fit(data, epochs=1, verbose=0)  # the resumed run's weights move on
-    resumed = train.BestEpoch(_ScriptedScores([0.5, 0.6]), monitor="val_score", path=tmp_path / "best")
-    model.fit(data, initial_epoch=1, epochs=3, callbacks=[resumed], verbose=0)
-    assert resumed.best_epoch == 1 and resumed.best == 0.9
-    for restored, best in zip(model.get_weights(), best_weights, strict=True):
-        np.testing.assert_array_equal(restored, best)
 
 
 def test_best_epoch_refuses_a_score_without_the_monitored_value():
@@ -269,7 +254,8 @@ def test_mirrored_training_uses_every_device_and_saves_an_ordinary_member(tmp_pa
         "recipe = {'train': {**RECIPE['train'], 'epochs': 1, 'distribute': 'mirrored'}}\n"
         "with train.distribution_scope(recipe['train']):\n"
         "    assert tf.distribute.get_strategy().num_replicas_in_sync == 2\n"
-        "data = lambda seed: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed)\n"
+        "data = lambda seed, epoch: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed,"
+        " epoch=epoch)\n"
         f"train.train_member(recipe, 0, run_dir={str(tmp_path)!r}, build_model=_small_model, train_data=data,"
         " verbose=0)\n"
     )
@@ -446,3 +432,246 @@ def test_a_deleted_manifest_is_rebuilt_from_the_member_records_without_training(
     record = files.read_json(tmp_path / "members" / "seed-01.json")
     assert record["entry"] == first["members"][1] and record["state"] == "trained"
     assert Ensemble.load(tmp_path).seeds == [0, 1]
+
+
+# --- checkpoints, resume, history, non-finite losses ------------------------------------------------
+
+
+class KillAfterEpoch(keras.callbacks.Callback):
+    """Stops the run the hard way after epoch `epochs` (1-based), after its checkpoint was written."""
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epochs:
+            raise KeyboardInterrupt(f"killed after epoch {self.epochs}")
+
+
+def assert_same_member(first_run, second_run, seed):
+    """The two runs saved the same member: weights equal bit for bit, the same history file."""
+    name = train.member_name(seed)
+    first = keras.models.load_model(first_run / "members" / f"{name}.keras")
+    second = keras.models.load_model(second_run / "members" / f"{name}.keras")
+    assert len(first.weights) == len(second.weights)
+    for expected, actual in zip(first.weights, second.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(actual), np.asarray(expected), err_msg=expected.path)
+    history = (first_run / "members" / f"{name}.history.csv").read_text()
+    assert (second_run / "members" / f"{name}.history.csv").read_text() == history
+
+
+def assert_resume_equals_uninterrupted(recipe, seed, member_arguments, tmp_path, kill_after):
+    """Train the member without a break, and killed after `kill_after` epochs then resumed: the saved
+    weights must be equal bit for bit and the history files identical, each epoch once."""
+    train.train_member(recipe, seed, run_dir=tmp_path / "whole", **member_arguments)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_member(
+            recipe, seed, run_dir=tmp_path / "killed", callbacks=[KillAfterEpoch(kill_after)], **member_arguments
+        )
+    assert not (tmp_path / "killed" / "members" / f"{train.member_name(seed)}.keras").exists()
+    resumed = train.train_member(recipe, seed, run_dir=tmp_path / "killed", **member_arguments)
+    assert resumed["epochs_this_session"] == recipe["train"]["epochs"] - kill_after
+    assert_same_member(tmp_path / "whole", tmp_path / "killed", seed)
+    history = (tmp_path / "whole" / "members" / f"{train.member_name(seed)}.history.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in history[1:]] == [str(e) for e in range(recipe["train"]["epochs"])]
+
+
+THREE_EPOCHS = {"train": {**RECIPE["train"], "epochs": 3}}
+
+
+def test_a_member_that_starts_over_rewrites_its_history(tmp_path):
+    # As when the manifest was deleted and the command run again: the member trains again from scratch.
+    for _ in range(2):
+        train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path, **_arguments())
+    rows = (tmp_path / "members" / "seed-00.history.csv").read_text().splitlines()
+    assert rows[0] == "epoch,loss" and [row.split(",")[0] for row in rows[1:]] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("kill_after", [1, 3])
+def test_a_killed_member_resumes_to_the_weights_and_history_of_an_uninterrupted_run(tmp_path, kill_after):
+    logged = []
+    arguments = {**_arguments(), "log": logged.append}
+    assert_resume_equals_uninterrupted(THREE_EPOCHS, 0, arguments, tmp_path, kill_after)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "seed-00" / f"epoch-000{kill_after}"
+    assert logged == [f"seed-00: resuming after epoch {kill_after} ({checkpoint})"]
+
+
+@pytest.mark.parametrize("restore_best_weights", [False, True])
+def test_a_member_killed_after_early_stopping_trains_no_further(tmp_path, restore_best_weights):
+    recipe = {"train": {**RECIPE["train"], "epochs": 4}}
+
+    def member_callbacks(run_dir, name):
+        # val_score falls after epoch 1, so early stopping ends epoch 2 (and, restoring its best weights, puts
+        # back epoch 1's); val_rising rises, so the best epoch is epoch 2.
+        scores = _ScriptedScores([0.5, 0.4, 0.3, 0.2])
+        return [
+            train.BestEpoch(
+                lambda model: {**scores(model), "val_rising": float(len(scores.weights))},
+                monitor="val_rising",
+                keys=("val_score", "val_rising"),
+            ),
+            keras.callbacks.EarlyStopping(
+                monitor="val_score", mode="max", patience=1, restore_best_weights=restore_best_weights
+            ),
+        ]
+
+    arguments = {**_arguments(), "member_callbacks": member_callbacks, "log": lambda _: None}
+    whole = train.train_member(recipe, 0, run_dir=tmp_path / "whole", **arguments)
+    assert whole["epochs_this_session"] == 2 and whole["best_epoch"] == 2
+    with pytest.raises(KeyboardInterrupt):
+        train.train_member(recipe, 0, run_dir=tmp_path / "killed", callbacks=[KillAfterEpoch(2)], **arguments)
+    resumed = train.train_member(recipe, 0, run_dir=tmp_path / "killed", **arguments)
+    assert resumed["epochs_this_session"] == 0 and resumed["best_epoch"] == 2
+    assert_same_member(tmp_path / "whole", tmp_path / "killed", 0)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _alter(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated arrays": (lambda folder: _truncate(folder / "epoch-0002.npz"), "does not match its SHA-256"),
+    "altered arrays": (lambda folder: _alter(folder / "epoch-0002.npz"), "does not match its SHA-256"),
+    "missing arrays": (lambda folder: (folder / "epoch-0002.npz").unlink(), "epoch-0002.npz is missing"),
+    "garbage description": (lambda folder: (folder / "epoch-0002.json").write_text('{"form'), "unreadable"),
+}
+
+
+@pytest.mark.parametrize("damage", [*DAMAGE, "every checkpoint"])
+def test_a_damaged_checkpoint_is_said_and_the_member_resumes_from_the_one_before(tmp_path, damage):
+    logged = []
+    arguments = {**_arguments(), "log": logged.append}
+    train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "whole", **arguments)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "killed", callbacks=[KillAfterEpoch(2)], **arguments)
+    folder = tmp_path / "killed" / "checkpoints" / "seed-00"
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "epoch-0001.json",
+        "epoch-0001.npz",
+        "epoch-0002.json",
+        "epoch-0002.npz",
+    ]
+    if damage == "every checkpoint":
+        _truncate(folder / "epoch-0002.npz")
+        (folder / "epoch-0001.json").write_text("")
+    else:
+        DAMAGE[damage][0](folder)
+    resumed = train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "killed", **arguments)
+    assert logged[0].startswith(f"{folder}/epoch-0002: damaged checkpoint (")
+    if damage == "every checkpoint":
+        assert logged[1].startswith(f"{folder}/epoch-0001: damaged checkpoint (unreadable description")
+        assert logged[2] == "seed-00: no usable checkpoint left; training from the first epoch"
+        assert resumed["epochs_this_session"] == 3
+    else:
+        assert DAMAGE[damage][1] in logged[0] and logged[0].endswith("; removed")
+        assert logged[1] == f"seed-00: resuming after epoch 1 ({folder}/epoch-0001)"
+        assert resumed["epochs_this_session"] == 2
+    assert_same_member(tmp_path / "whole", tmp_path / "killed", 0)
+
+
+def test_what_a_kill_left_half_written_is_removed_without_a_word(tmp_path):
+    logged = []
+    arguments = {**_arguments(), "log": logged.append}
+    train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "whole", **arguments)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "killed", callbacks=[KillAfterEpoch(2)], **arguments)
+    folder = tmp_path / "killed" / "checkpoints" / "seed-00"
+    (folder / ".epoch-0003.npz.k2j4.npz").write_bytes(b"PK")  # killed while writing the arrays
+    (folder / "epoch-0003.npz").write_bytes(b"PK")  # killed before writing their description
+    with pytest.raises(KeyboardInterrupt):
+        train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "killed", callbacks=[KillAfterEpoch(3)], **arguments)
+    assert logged == [f"seed-00: resuming after epoch 2 ({folder}/epoch-0002)"]
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "epoch-0002.json",
+        "epoch-0002.npz",
+        "epoch-0003.json",
+        "epoch-0003.npz",
+    ]
+    train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "killed", **arguments)
+    assert_same_member(tmp_path / "whole", tmp_path / "killed", 0)
+
+
+def fill_the_disk_at_checkpoint(monkeypatch, number):
+    """From the `number`-th checkpoint on, its arrays reach the disk by half, then the write fails as on a
+    full disk (ENOSPC, an OSError without a file name)."""
+    savez = np.savez
+    written = []
+
+    def full_disk(file, **arrays):
+        written.append(file)
+        if len(written) < number:
+            return savez(file, **arrays)
+        buffer = io.BytesIO()
+        savez(buffer, **arrays)
+        with open(file, "wb") as handle:
+            handle.write(buffer.getvalue()[: buffer.tell() // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+
+
+def test_a_full_disk_while_checkpointing_is_an_error_naming_the_file_and_keeps_the_last_good_one(tmp_path, monkeypatch):
+    train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "whole", **_arguments())
+    folder = tmp_path / "killed" / "checkpoints" / "seed-00"
+    with monkeypatch.context() as patch:
+        fill_the_disk_at_checkpoint(patch, 2)
+        with pytest.raises(OSError) as raised:
+            train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "killed", **_arguments())
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(folder / "epoch-0002.npz")
+    assert sorted(path.name for path in folder.iterdir()) == ["epoch-0001.json", "epoch-0001.npz"]  # no half file
+    assert not (tmp_path / "killed" / "members" / "seed-00.keras").exists()
+    resumed = train.train_member(THREE_EPOCHS, 0, run_dir=tmp_path / "killed", **_arguments())
+    assert resumed["epochs_this_session"] == 2
+    assert_same_member(tmp_path / "whole", tmp_path / "killed", 0)
+
+
+def test_a_non_finite_loss_stops_training_naming_the_seed_and_epoch_and_saves_nothing(tmp_path):
+    recipe = {"train": {**THREE_EPOCHS["train"], "learning_rate": 1e30}}
+    with pytest.raises(train.NonFiniteLossError, match=r"^seed 0: the training loss became (nan|inf|-inf) at epoch 1"):
+        train.train_member(recipe, 0, run_dir=tmp_path, **_arguments())
+    assert not (tmp_path / "members" / "seed-00.keras").exists()
+
+
+def test_the_command_line_turns_a_full_disk_and_a_non_finite_loss_into_one_line_and_exit_2(capsys, tmp_path):
+    from replicate import task
+
+    def main_with(error):
+        def run(recipe, data_root, run_dir, progress, retrain):
+            raise error
+
+        return task.main(
+            ["--data", "data", "--run-dir", str(tmp_path / "run")],
+            prog="test",
+            description="test",
+            data_help="test",
+            load_recipe=lambda profile, overrides, path: {},
+            run=run,
+        )
+
+    assert main_with(OSError(errno.ENOSPC, "No space left on device", "run/members/seed-00.keras")) == 2
+    assert capsys.readouterr().err == (
+        "error: no space left on the device writing run/members/seed-00.keras; free some space and run the "
+        "same command again (finished members and the last good checkpoint are kept)\n"
+    )
+    assert main_with(train.NonFiniteLossError("seed 3: the training loss became nan at epoch 2, batch 1")) == 2
+    assert capsys.readouterr().err == "error: seed 3: the training loss became nan at epoch 2, batch 1\n"
+    with pytest.raises(PermissionError):  # any other OSError is not a full disk: not hidden
+        main_with(PermissionError(errno.EACCES, "Permission denied", "run"))
+
+
+def test_the_throughput_of_a_resumed_session_leaves_out_its_first_epoch():
+    timer = train._EpochTimer()  # a session resumed at epoch 1 of 3: epoch 1 traces the graph, epoch 2 counts
+    timer.set_params({"epochs": 3})
+    for epoch, steps in ((1, 4), (2, 5)):
+        timer.on_epoch_begin(epoch)
+        for batch in range(steps):
+            timer.on_train_batch_end(batch)
+        timer.on_epoch_end(epoch)
+    assert timer.steps == 5 and timer.seconds > 0
