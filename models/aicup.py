@@ -137,7 +137,11 @@ def build_aicup_model(
     x = _dense(x, head_units, name="head_dense")
     x = _batch_norm("head_bn")(x)
     outputs = layers.Dense(
-        num_classes, activation="softmax", dtype="float32", name="probabilities", **_torch_default(head_units)
+        num_classes,
+        activation="softmax",
+        dtype=keras.config.dtype_policy().variable_dtype,  # float32 under the mixed policies
+        name="probabilities",
+        **_torch_default(head_units),
     )(x)
     return keras.Model(inputs, outputs, name="aicup_mfcc_cnn" if clinical else "aicup_mfcc_cnn_audio_only")
 
