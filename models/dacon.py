@@ -95,6 +95,7 @@ def build_dacon_model(
     x = layers.Add(name="head_add")([x, residual])
     x = layers.Activation("mish", name="head_act1")(x)
     x = layers.Dropout(dropout, name="head_dropout1")(x)
-    # float32 output so the KL loss stays exact under mixed precision.
-    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    # The output in the variables' dtype (float32 under the mixed policies), so the KL loss stays exact.
+    output_dtype = keras.config.dtype_policy().variable_dtype
+    outputs = layers.Dense(num_classes, activation="softmax", dtype=output_dtype, name="probabilities")(x)
     return keras.Model(inputs, outputs, name="dacon_mish_resnet")

@@ -114,7 +114,7 @@ def _grouped(member: keras.Model, count: int, fused_inputs: list) -> list:
     width = member.outputs[0].shape[-1]
     per_member = layers.Reshape((count, width), name="members_split")(tensors[id(member.outputs[0])])
     return [
-        layers.Flatten(name=f"member_{k}", dtype="float32")(
+        layers.Flatten(name=f"member_{k}", dtype=member.outputs[0].dtype)(
             layers.Cropping1D((k, count - 1 - k), name=f"member_{k}_crop")(per_member)
         )
         for k in range(count)
@@ -138,7 +138,7 @@ def _copies(member: keras.Model, count: int, fused_inputs: list) -> list:
             outputs.append(copy(arguments if len(arguments) > 1 else arguments[0]))
         tensors[id(node.output_tensors[0])] = outputs
     return [
-        layers.Activation("linear", dtype="float32", name=f"member_{k}")(output)
+        layers.Activation("linear", dtype=member.outputs[0].dtype, name=f"member_{k}")(output)
         for k, output in enumerate(tensors[id(member.outputs[0])])
     ]
 
