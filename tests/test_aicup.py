@@ -174,7 +174,9 @@ def test_non_finite_predictions_write_no_submission(aicup_data, tmp_path):
     with pytest.raises(
         PredictionError, match=r"audio_only: the validation persons: the member\(s\) of seed\(s\) 1 \(n_mfcc 13\)"
     ):
-        aicup.evaluate_and_report(tmp_path, data, arrays, np.arange(5), ["audio_only"], "audio_only")
+        rows = np.arange(len(data.train.ids))
+        folds = {13: aicup.Fold(seed=0, train_rows=rows[5:], validation_rows=rows[:5])}
+        aicup.evaluate_and_report(tmp_path, data, arrays, folds, ["audio_only"], "audio_only")
     assert not (tmp_path / "submission.csv").exists() and not (tmp_path / "predictions.npz").exists()
 
 

@@ -202,7 +202,7 @@ def test_non_finite_predictions_write_no_submission(dacon_data, tmp_path):
     assert not (run_dir / "submission.csv").exists() and not (run_dir / "test_predictions.npz").exists()
 
 
-def test_the_command_line_turns_the_packages_own_errors_into_exit_2_and_keeps_other_tracebacks(capsys):
+def test_the_command_line_turns_the_packages_own_errors_into_exit_2_and_keeps_other_tracebacks(capsys, tmp_path):
     from replicate.features import FeatureCacheError
 
     def run_raising(error):
@@ -213,12 +213,12 @@ def test_the_command_line_turns_the_packages_own_errors_into_exit_2_and_keeps_ot
 
     arguments = {"prog": "p", "description": "d", "data_help": "h", "load_recipe": lambda *args: {}}
     damaged = FeatureCacheError("cache/maic-train-1234: frames.npy is truncated; delete the folder")
-    assert task.main(["--data", "x"], run=run_raising(damaged), **arguments) == 2
+    assert task.main(["--data", "x", "--run-dir", str(tmp_path)], run=run_raising(damaged), **arguments) == 2
     assert capsys.readouterr().err == "error: cache/maic-train-1234: frames.npy is truncated; delete the folder\n"
     with pytest.raises(ValueError, match="a bug"):
-        task.main(["--data", "x"], run=run_raising(ValueError("a bug")), **arguments)
+        task.main(["--data", "x", "--run-dir", str(tmp_path)], run=run_raising(ValueError("a bug")), **arguments)
     with pytest.raises(KeyError):
-        task.main(["--data", "x"], run=run_raising(KeyError("train")), **arguments)
+        task.main(["--data", "x", "--run-dir", str(tmp_path)], run=run_raising(KeyError("train")), **arguments)
 
 
 def test_cli_rejects_a_bad_override_with_exit_code_2(dacon_data):

@@ -133,9 +133,9 @@ def test_mixup_weights_follow_beta_one_one_and_label_smoothing_applies_to_mixed_
     size = 64
     targets = np.eye(size, dtype=np.float32)  # row i is class i, so its mixed row shows λ_i directly
     features = np.arange(size, dtype=np.float32)[:, None]
-    dataset = pipeline.mixup(pipeline.from_arrays(features, targets, batch_size=size), 1.0, seed=3)
     weights = []
-    for _ in range(20):  # a new draw each epoch
+    for epoch in range(20):  # a new draw each epoch
+        dataset = pipeline.mixup(pipeline.from_arrays(features, targets, batch_size=size), 1.0, seed=3, epoch=epoch)
         for _, mixed in dataset:
             mixed = mixed.numpy()
             np.testing.assert_allclose(mixed.sum(axis=1), 1.0, atol=1e-6)
