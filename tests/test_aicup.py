@@ -280,7 +280,7 @@ def test_the_recipes_loss_is_the_sources_and_the_plain_cross_entropy_an_option()
     # Sure, right answers: 0 for the plain cross-entropy; log(1 + 4/e) ≈ 0.905 through a second softmax.
     assert float(plain.loss(one_hot, one_hot, sample_weight=weights)) < 1e-6
     # float32: log-sum-exp of 5 terms, a subtraction, a weighted mean of 6: at most ~20 roundings of 2⁻²⁴.
-    rel = 32 * np.finfo(np.float32).eps / 2
+    rel = 32 * float(np.finfo(np.float32).eps) / 2
     assert float(source(one_hot, one_hot, sample_weight=weights)) == pytest.approx(np.log(1 + 4 / np.e), rel=rel)
 
 
