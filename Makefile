@@ -49,9 +49,11 @@ bench: install
 	$(BIN)/python -m benchmarks.run $(ARGS)
 
 # End-to-end wall time of every quick recipe from fresh synthetic data, and each recipe's README results block
-# regenerated from the run it timed (tens of minutes; not part of bench). RECIPES=dacon,maic,dcase,aicup
+# regenerated from the run it timed (tens of minutes; not part of bench). RECIPES=dacon,maic,dcase,aicup;
+# KEEP_RUNS=DIR keeps the run folders (DIR/<recipe>), e.g. to compare scores.json across versions.
 bench-recipes: install
-	$(BIN)/python -m benchmarks.run --skip-features --backends "" --recipes $(RECIPES) --recipe-results
+	$(BIN)/python -m benchmarks.run --skip-features --backends "" --recipes $(RECIPES) --recipe-results \
+		$(if $(KEEP_RUNS),--keep-runs $(KEEP_RUNS))
 
 $(SYNTH_DIR)/dacon/train_answer.csv: | install-runtime
 	$(BIN)/python -m replicate.synth dacon --out $(SYNTH_DIR)/dacon --n-train 800 --n-test 200 --seed 0 --max-words 2 --voices-per-word 1 --seen-test-voices

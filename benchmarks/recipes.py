@@ -34,10 +34,13 @@ def time_recipe(name: str, run_dir: Path) -> dict:
     return {"recipe": name, "command": f"make recipe-{name}", "wall_seconds": round(seconds, 1)}
 
 
-def time_recipes(names: list[str], readme: Path | None = None):
+def time_recipes(names: list[str], readme: Path | None = None, keep_runs: Path | None = None):
     """Yield `time_recipe` of each recipe; with `readme`, then write each recipe's results block there from its
-    run, after the last run (a README changed earlier would mark the later runs' commit "+dirty")."""
-    with tempfile.TemporaryDirectory() as runs:
+    run, after the last run (a README changed earlier would mark the later runs' commit "+dirty"). The run
+    folders are temporary unless `keep_runs` names a folder for them (`<keep_runs>/<name>`, e.g. to compare
+    two versions' scores.json)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        runs = Path(keep_runs) if keep_runs is not None else Path(scratch)
         for name in names:
             yield time_recipe(name, Path(runs) / name)
         for name in names if readme is not None else ():
@@ -49,8 +52,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.recipes", description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="+")
     parser.add_argument("--readme", type=Path, help="regenerate this README's results block of each recipe")
+    parser.add_argument("--keep-runs", type=Path, help="keep the run folders here (<folder>/<recipe>)")
     arguments = parser.parse_args(argv)
-    for result in time_recipes(arguments.recipes, arguments.readme):
+    for result in time_recipes(arguments.recipes, arguments.readme, arguments.keep_runs):
         print(json.dumps(result), flush=True)
 
 

@@ -234,6 +234,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--recipe-results", action="store_true", help="also regenerate each timed recipe's README results block"
     )
+    parser.add_argument("--keep-runs", type=Path, help="keep the timed recipes' run folders here (<folder>/<recipe>)")
     parser.add_argument("--label", help="results file name (default: cpu or gpu, from the device measured)")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the README from results/*.json")
     arguments = parser.parse_args(argv)
@@ -278,7 +279,9 @@ def main(argv=None) -> None:
         names = [name for name in arguments.recipes.split(",") if name]
         if names:
             print(f"recipes: make recipe-<name> for {', '.join(names)}, quick profiles, fresh data", flush=True)
-            for result in recipes_benchmark.time_recipes(names, README if arguments.recipe_results else None):
+            for result in recipes_benchmark.time_recipes(
+                names, README if arguments.recipe_results else None, arguments.keep_runs
+            ):
                 runs.append(result)
                 print(json.dumps(result), flush=True)
         if runs:
