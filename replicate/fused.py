@@ -297,6 +297,37 @@ def stack_datasets(datasets: Sequence):
     def stack(*batches):
         inputs = [batch[0] for batch in batches]
         targets = tuple(batch[1] for batch in batches)
-        return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=-1), *inputs), targets
+        return tf.nest.map_structure(lambda *parts: _concatenate_channels(parts), *inputs), targets
 
     return tf.data.Dataset.zip(tuple(datasets)).map(stack, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _concatenate_channels(parts):
+    """`tf.concat(parts, axis=-1)` of the members' batches, copied by numpy where it can.
+
+    Member k's channels go to block k of every position: a copy in pieces of one member's channels (16 bytes
+    for DACON's 4 float32 resolutions). TensorFlow's concatenation copies such pieces at about half the speed
+    of numpy copying them as single 16-byte items (9 ms against 4-5 ms for 15 DACON batches of 16 on one
+    core, most of what a fused batch costs the input pipeline). A copy either way: the same bits.
+    """
+    import tensorflow as tf
+
+    from replicate import pipeline
+
+    first = parts[0]
+    channels = {part.shape[-1] if part.shape.rank else None for part in parts}
+    if not first.dtype.is_numpy_compatible or len(channels) != 1 or None in channels:
+        return tf.concat(parts, axis=-1)
+
+    def concatenate(*arrays):
+        channels = arrays[0].shape[-1]
+        out = pipeline.aligned_empty((*arrays[0].shape[:-1], channels * len(arrays)), arrays[0].dtype)
+        piece = np.dtype((np.void, channels * arrays[0].dtype.itemsize))  # one member's channels at one position
+        blocks = out.view(piece)
+        for k, array in enumerate(arrays):
+            blocks[..., k] = np.ascontiguousarray(array).view(piece)[..., 0]
+        return out
+
+    stacked = tf.numpy_function(concatenate, list(parts), first.dtype, stateful=False)
+    stacked.set_shape([*first.shape[:-1], channels.pop() * len(parts)])
+    return stacked

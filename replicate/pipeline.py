@@ -75,10 +75,12 @@ def from_arrays(
     feature_shape = tuple(features.shape[1:])
 
     def gather(indices: np.ndarray) -> np.ndarray:
-        # Sorted reads are sequential on disk; the shuffle happened in the index order already.
-        order = np.argsort(indices)
-        batch = np.empty((len(indices), *feature_shape), dtype=np.float32)
-        batch[order] = features[indices[order]]
+        # One copy, row by row (each row is contiguous, one read), into memory TensorFlow takes as it is.
+        batch = aligned_empty((len(indices), *feature_shape), np.float32)
+        if features.dtype == np.float32:
+            np.take(features, indices, axis=0, out=batch)
+        else:
+            batch[...] = features[indices]
         return transform(batch) if transform is not None else batch
 
     dataset = tf.data.Dataset.from_tensor_slices(shuffled(rows, seed, epoch) if shuffle else rows)
@@ -93,6 +95,21 @@ def from_arrays(
         return batch, labels
 
     return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+
+
+# TensorFlow takes an array that a `numpy_function` returns as its tensor's memory when the array's data start
+# on a boundary of this many bytes (Eigen's alignment), and copies it otherwise.
+ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array whose data start on an `ALIGNMENT`-byte boundary: returned by a `numpy_function`,
+    it becomes a tensor without a copy (numpy's own large arrays start 16 bytes past a page)."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(size + ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + size].view(dtype).reshape(shape)
 
 
 def random_crop_or_pad(dataset: tf.data.Dataset, frames: int, *, axis: int = 2, seed: int, epoch=0) -> tf.data.Dataset:
