@@ -91,7 +91,17 @@ ENGINE_RULES: dict[str, Rule] = {
     "run.workers": non_negative,
     "run.cache_dir": non_empty_text,
     "run.runs_dir": non_empty_text,
+    "run.executor": one_of("local", "ray"),
+    "run.ray_address": non_empty_text,
+    "run.cpus_per_member": positive,
+    "run.gpus_per_member": non_negative,
+    "run.retries": non_negative,
+    "run.ray_features": one_of("files", "object_store"),
 }
+
+# Where and how the members are trained, not what: left out of the run folder's name (`task.default_run_id`), so
+# that the same command with another executor resumes the same run.
+EXECUTION_KEYS = ("executor", "ray_address", "cpus_per_member", "gpus_per_member", "retries", "ray_features")
 
 
 def load_recipe(

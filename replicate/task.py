@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,11 @@ class RunFolderError(ValueError):
     """A run folder holds members that cannot be kept (trained from another set-up, or damaged at load)."""
 
 
+class TrainingFailedError(RuntimeError):
+    """Members that could not be trained (on Ray: after every retry), the others kept; the message names the
+    seeds and their errors. Running the same command again resumes them."""
+
+
 def listing(values: Sequence, limit: int = 10) -> str:
     """ "a, b, c" or, past `limit` values, "a, b, ... (and 7 more)"."""
     values = list(values)
@@ -35,8 +41,13 @@ def listing(values: Sequence, limit: int = 10) -> str:
 
 def default_run_id(recipe: dict, data_root: Path) -> str:
     """Same recipe and data folder → same run folder, so running a command again resumes it. The number
-    of seeds is left out: `--seeds 5` after `--seeds 3` keeps the 3 members and trains 2 more."""
-    recipe = {**recipe, "ensemble": {k: v for k, v in recipe["ensemble"].items() if k != "seeds"}}
+    of seeds is left out: `--seeds 5` after `--seeds 3` keeps the 3 members and trains 2 more; so is how
+    the members are trained (`recipe.EXECUTION_KEYS`): a run started locally resumes on Ray."""
+    recipe = {
+        **recipe,
+        "ensemble": {k: v for k, v in recipe["ensemble"].items() if k != "seeds"},
+        "run": {k: v for k, v in recipe["run"].items() if k not in recipe_lib.EXECUTION_KEYS},
+    }
     return f"{recipe['run']['profile']}-{recipe_lib.fingerprint([recipe, str(Path(data_root).resolve())])}"
 
 
@@ -105,8 +116,9 @@ def main(
     Returns:
         0 on success (the last line names the headline score, the report and the submission), 2 for bad input,
         a run folder or cache in use by another process, a run folder whose members were trained from another
-        set-up, a training loss that became NaN or infinite, or a full disk (the error is printed on stderr,
-        one line).
+        set-up, a training loss that became NaN or infinite, or a full disk, 1 for members that failed on Ray
+        after every retry (naming their seeds; the others are kept), 130 when interrupted (Ctrl-C). The error is
+        printed on stderr.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--data", type=Path, required=True, help=f"data folder: {data_help}")
@@ -126,6 +138,17 @@ def main(
         help="train again the members of the run folder that were trained from another set-up (recipe values "
         "or data), instead of stopping",
     )
+    parser.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        help="train the members here one after another, or each as a Ray task (run.executor)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="with --executor ray: 'local' starts Ray on this machine (default), 'auto' joins the running cluster, "
+        "or host:port (run.ray_address)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     arguments = parser.parse_args(argv)
 
@@ -134,6 +157,10 @@ def main(
         overrides.append(f"ensemble.seeds={arguments.seeds}")
     if arguments.epochs is not None:
         overrides.append(f"train.epochs={arguments.epochs}")
+    if arguments.executor is not None:
+        overrides.append(f"run.executor={json.dumps(arguments.executor)}")
+    if arguments.ray_address is not None:
+        overrides.append(f"run.ray_address={json.dumps(arguments.ray_address)}")  # a TOML string
     try:
         recipe = load_recipe(arguments.profile, overrides, arguments.recipe)
         run_dir = run_dir_of(recipe, arguments.data, arguments.run_dir)
@@ -146,6 +173,16 @@ def main(
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingFailedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the finished members and the last finished epoch of the others are kept; run the same "
+            "command again to resume",
+            file=sys.stderr,
+        )
+        return 130
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise

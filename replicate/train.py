@@ -578,6 +578,11 @@ def train_ensemble(
     rebuilt from the records and rewritten (atomically) after each member, so a killed run loses at most
     the epoch in progress.
 
+    `run.executor` decides where the members train: "local" (the default) one group after another in this
+    process; "ray" each group as a task of a Ray cluster (`replicate.ray_executor`), side by side as its
+    resources allow. Either way this process alone writes the records and the manifest, and each member's
+    files are those `train_member` writes.
+
     Args:
         recipe: the resolved recipe.
         seeds: one member per seed.
@@ -596,6 +601,8 @@ def train_ensemble(
 
     Raises:
         task.RunFolderError: members of another set-up, without `retrain`.
+        task.TrainingFailedError: on Ray, members that failed every retry (after the others finished and were
+            recorded); the message names their seeds and errors.
         files.LockedError: another process uses the run folder.
     """
     run_dir = Path(run_dir)
@@ -629,16 +636,16 @@ def train_ensemble(
                 _discard_member(run_dir, seed)
         width = recipe["train"].get("fused", 1)
         pending = [seed for seed in seeds if seed not in trained]
-        for group in (pending[start : start + width] for start in range(0, len(pending), width)):
-            for seed in group:  # before any checkpoint: an interrupted member is known to be of this set-up
-                _write_record(run_dir, seed, {"state": "training", "trained_from": setup})
-            which = ", ".join(f"{position[seed]}/{len(seeds)} (seed {seed})" for seed in group)
-            if len(group) == 1:
-                log(f"member {which}: training")
-                entries = [train_member(recipe, group[0], run_dir=run_dir, **member_arguments)]
-            else:
-                log(f"members {which}: training as one fused model")
-                entries = train_fused(recipe, group, run_dir=run_dir, **member_arguments)
+        groups = [tuple(pending[start : start + width]) for start in range(0, len(pending), width)]
+        for seed in pending:  # before any checkpoint: an interrupted member is known to be of this set-up
+            _write_record(run_dir, seed, {"state": "training", "trained_from": setup})
+        names = {
+            group: ("member " if len(group) == 1 else "members ")
+            + ", ".join(f"{position[seed]}/{len(seeds)} (seed {seed})" for seed in group)
+            for group in groups
+        }
+
+        def finished(group: tuple[int, ...], entries: list[dict]) -> None:
             for seed, entry in zip(group, entries, strict=True):
                 _write_record(
                     run_dir,
@@ -654,9 +661,38 @@ def train_ensemble(
             manifest["members"] = [trained[seed] for seed in seeds if seed in trained]
             manifest["peak_memory_mb"] = peak_memory_mb()
             files.write_json(manifest_path, manifest)
+
+        executor = recipe.get("run", {}).get("executor", "local")
+        failed = {}
+        if executor == "ray":
+            from replicate import ray_executor
+
+            failed = ray_executor.train_groups(
+                recipe, groups, run_dir=run_dir, names=names, finished=finished, log=log, **member_arguments
+            )
+        elif executor == "local":
+            for group in groups:
+                log(f"{names[group]}: training" + (" as one fused model" if len(group) > 1 else ""))
+                finished(group, train_group(recipe, group, run_dir=run_dir, log=log, **member_arguments))
+        else:
+            raise ValueError(f"run.executor must be 'local' or 'ray', got {executor!r}")
+        if failed:
+            errors = "; ".join(f"{names[group]} failed: {error}" for group, error in failed.items())
+            raise task.TrainingFailedError(
+                f"{run_dir}: {errors}; the members trained so far are kept (running the same command again trains "
+                "the others)"
+            )
         manifest["members"] = [trained[seed] for seed in seeds]
         files.write_json(manifest_path, manifest)
     return manifest
+
+
+def train_group(recipe: dict, seeds: Sequence[int], *, run_dir: str | Path, **member_arguments: Any) -> list[dict]:
+    """Train one member (`train_member`) or a fused group of them (`train_fused`): one unit of work of an
+    executor. Returns their manifest entries."""
+    if len(seeds) == 1:
+        return [train_member(recipe, seeds[0], run_dir=run_dir, **member_arguments)]
+    return train_fused(recipe, seeds, run_dir=run_dir, **member_arguments)
 
 
 def training_setup(recipe: Mapping[str, Any], trained_from: Mapping[str, Any]) -> dict:
