@@ -72,29 +72,80 @@ def from_arrays(
     if shuffle and seed is None:
         raise ValueError("shuffle=True needs a seed: the order of every epoch is drawn from (seed, epoch)")
     rows = tf.constant(np.arange(len(features)) if indices is None else np.asarray(indices), dtype=tf.int64)
-    feature_shape = tuple(features.shape[1:])
-
-    def gather(indices: np.ndarray) -> np.ndarray:
-        # One copy, row by row (each row is contiguous, one read), into memory TensorFlow takes as it is.
-        batch = aligned_empty((len(indices), *feature_shape), np.float32)
-        if features.dtype == np.float32:
-            np.take(features, indices, axis=0, out=batch)
-        else:
-            batch[...] = features[indices]
-        return transform(batch) if transform is not None else batch
-
-    dataset = tf.data.Dataset.from_tensor_slices(shuffled(rows, seed, epoch) if shuffle else rows)
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    source = _Rows(features, targets, transform)
+    order = tf.data.Dataset.from_tensor_slices(shuffled(rows, seed, epoch) if shuffle else rows)
+    order = order.batch(batch_size, drop_remainder=drop_remainder)
 
     def load(indices):
-        batch = tf.numpy_function(gather, [indices], tf.float32, stateful=False)
-        batch.set_shape((None, *feature_shape))
-        if targets is None:
-            return batch
-        labels = tf.gather(tf.constant(targets, dtype=tf.float32), indices)
-        return batch, labels
+        batch = tf.numpy_function(source.read, [indices], tf.float32, stateful=False)
+        batch.set_shape((None, *source.feature_shape))
+        return batch if targets is None else (batch, source.targets_of(indices))
 
-    return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+    dataset = order.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+    dataset._replicate_rows = (source, order)  # what `stacked_from_arrays` reads, for fused batches
+    return dataset
+
+
+class _Rows:
+    """The arrays that a `from_arrays` dataset reads its batches from, and how a batch is read."""
+
+    def __init__(self, features: np.ndarray, targets: np.ndarray | None, transform: Callable | None):
+        self.features = features
+        self.targets = targets
+        self.transform = transform
+        self.feature_shape = tuple(features.shape[1:])
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """The transformed features of these rows, float32. One copy, row by row (each row is contiguous: one
+        read), into memory that TensorFlow takes as it is (`aligned_empty`)."""
+        batch = aligned_empty((len(indices), *self.feature_shape), np.float32)
+        if self.features.dtype == np.float32:
+            np.take(self.features, indices, axis=0, out=batch)
+        else:
+            batch[...] = self.features[indices]
+        return self.transform(batch) if self.transform is not None else batch
+
+    def targets_of(self, indices: tf.Tensor) -> tf.Tensor:
+        return tf.gather(tf.constant(self.targets, dtype=tf.float32), indices)
+
+
+def stacked_from_arrays(datasets) -> tf.data.Dataset | None:
+    """The fused batches of K `from_arrays` datasets with targets (as `fused.stack_datasets` stacks them: member
+    k's features in channel block k, the targets one per member), each made in one step; None for datasets
+    that `from_arrays` did not make as they are (a dataset mapped further, e.g. cropped, is not).
+
+    The generic stacking runs K pipelines and a concatenation for every fused batch: K calls into Python,
+    each batch copied into TensorFlow and then again into the fused batch. Here one call reads every
+    member's rows and writes each member's transformed batch into its block: the same bits, in a quarter
+    less processor time for 15 DACON members (the README's pipeline benchmark).
+    """
+    sources = [getattr(dataset, "_replicate_rows", None) for dataset in datasets]
+    if not sources or any(source is None or source[0].targets is None for source in sources):
+        return None
+    shapes = {source.feature_shape for source, _ in sources}
+    if len(shapes) != 1 or not next(iter(shapes)):
+        return None
+    shape = next(iter(shapes))
+    count = len(sources)
+    piece = np.dtype((np.void, shape[-1] * 4))  # one member's float32 channels at one position
+
+    def read(*indices: np.ndarray) -> np.ndarray:
+        stacked = aligned_empty((len(indices[0]), *shape[:-1], shape[-1] * count), np.float32)
+        blocks = stacked.view(piece)
+        for k, ((source, _), rows) in enumerate(zip(sources, indices, strict=True)):
+            batch = np.ascontiguousarray(source.read(rows))
+            if batch.dtype != np.float32:
+                raise ValueError(f"a from_arrays transform must return float32, it returned {batch.dtype}")
+            blocks[..., k] = batch.view(piece)[..., 0]
+        return stacked
+
+    def load(*indices):
+        stacked = tf.numpy_function(read, list(indices), tf.float32, stateful=False)
+        stacked.set_shape((None, *shape[:-1], shape[-1] * count))
+        return stacked, tuple(source.targets_of(rows) for (source, _), rows in zip(sources, indices, strict=True))
+
+    orders = tf.data.Dataset.zip(tuple(order for _, order in sources))
+    return orders.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
 # TensorFlow takes an array that a `numpy_function` returns as its tensor's memory when the array's data start

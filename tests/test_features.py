@@ -296,6 +296,33 @@ def test_per_clip_reference_option(clips):
             np.testing.assert_allclose(db[index, ..., channel], expected, atol=1e-3)
 
 
+def _broadcast_normalizer(normalizer, power):
+    """The normalisation written as plain broadcasting against the channel axis, in the same operations."""
+    power = np.asarray(power, dtype=np.float32)
+    ref = power.max(axis=(1, 2), keepdims=True) if normalizer.reference == "per_clip" else np.float32(normalizer.ref)
+    db = np.maximum(1e-10, power)
+    np.log10(db, out=db)
+    db *= 10.0
+    db -= 10.0 * np.log10(np.maximum(1e-10, ref))
+    np.maximum(db, -normalizer.top_db, out=db)
+    db -= np.float32(normalizer.mean)
+    db /= np.float32(normalizer.std)
+    return db
+
+
+@pytest.mark.parametrize("reference", ["global", "per_clip"])
+def test_the_normalisation_over_merged_axes_has_the_bits_of_plain_broadcasting(reference):
+    rng = np.random.default_rng(4)
+    power = rng.exponential(size=(5, 6, 7, 4)).astype(np.float32) ** 3
+    power[0, 0, 0] = 0.0  # the amin floor
+    power[1] *= 1e-9  # the top_db floor
+    normalizer = features.Normalizer.fit([power], reference)
+    for batch in (power, power[2:3], power[:, :, ::2], power[..., :4][:, 1:]):  # contiguous or not
+        np.testing.assert_array_equal(normalizer(batch), _broadcast_normalizer(normalizer, batch))
+    whole = features.power_to_db(power, 3.0)  # a scalar reference, and a 2-D array
+    np.testing.assert_array_equal(features.power_to_db(power[0, :, :, 1], 3.0), whole[0, ..., 1])
+
+
 def test_normalizer_round_trips_through_its_config(clips):
     power = features.mel_power(clips, 16000, RESOLUTIONS)
     normalizer = features.Normalizer.fit([power], "global")

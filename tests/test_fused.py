@@ -125,6 +125,46 @@ def test_unpack_gives_back_the_packed_weights(layout):
             np.testing.assert_array_equal(original, unpacked)
 
 
+def test_stacked_batches_are_those_of_tf_concat_bit_for_bit():
+    import tensorflow as tf
+
+    def member(seed, dtype):  # two inputs (4 and 2 channels) and targets, as MAIC's members have
+        rng = np.random.default_rng(seed)
+        inputs = {"mel": rng.normal(size=(10, 3, 5, 4)), "aux": rng.normal(size=(10, 2))}
+        inputs = {key: value.astype(dtype) for key, value in inputs.items()}
+        return tf.data.Dataset.from_tensor_slices((inputs, rng.dirichlet(np.ones(3), 10))).batch(4)
+
+    for dtype in (np.float32, np.float64):
+        members = [member(seed, dtype) for seed in range(3)]
+        batches = list(fused.stack_datasets(members))
+        assert len(batches) == 3 and batches[0][0]["mel"].shape == (4, 3, 5, 12)
+        for (inputs, targets), *parts in zip(batches, *members, strict=True):
+            for key in ("mel", "aux"):
+                expected = tf.concat([part[0][key] for part in parts], axis=-1)
+                assert inputs[key].dtype == expected.dtype
+                np.testing.assert_array_equal(inputs[key].numpy(), expected.numpy())
+            for target, part in zip(targets, parts, strict=True):
+                np.testing.assert_array_equal(target.numpy(), part[1].numpy())
+
+
+def test_stacked_from_arrays_streams_are_read_in_one_step_to_the_same_batches():
+    def member(seed):
+        return pipeline.from_arrays(
+            FEATURES, TARGETS, batch_size=5, transform=lambda x: x * 2 + 1, shuffle=True, seed=seed, epoch=1
+        )
+
+    members = [member(seed) for seed in range(3)]
+    assert pipeline.stacked_from_arrays(members) is not None
+    assert pipeline.stacked_from_arrays([*members, member(3).map(lambda x, y: (x, y))]) is None  # mapped further
+    one_step = list(fused.stack_datasets(members))
+    generic = list(fused.stack_datasets([dataset.map(lambda x, y: (x, y)) for dataset in members]))
+    assert len(one_step) == len(generic) == 5 and one_step[-1][0].shape == (4, 32, 32, 12)
+    for (x, targets), (expected_x, expected_targets) in zip(one_step, generic, strict=True):
+        np.testing.assert_array_equal(x.numpy(), expected_x.numpy())
+        for target, expected in zip(targets, expected_targets, strict=True):
+            np.testing.assert_array_equal(target.numpy(), expected.numpy())
+
+
 def test_a_layer_without_a_packed_form_is_named():
     inputs = keras.Input((10, 3))
     model = keras.Model(inputs, layers.Dense(2)(layers.Conv1D(4, 3, name="temporal")(inputs)))
@@ -237,8 +277,10 @@ def test_an_interrupted_fused_group_resumes_and_leftover_seeds_train_alone(tmp_p
     assert (tmp_path / "checkpoints" / "fused-00-01").is_dir()
     logged = []
     manifest = train.train_ensemble(recipe, [0, 1, 2], **{**arguments, "log": logged.append})
+    checkpoint = tmp_path / "checkpoints" / "fused-00-01" / "epoch-0001"
     assert logged == [
         "members 1/3 (seed 0), 2/3 (seed 1): training as one fused model",
+        f"fused-00-01: resuming after epoch 1 ({checkpoint})",  # the members' own lines go to the same log
         "member 3/3 (seed 2): training",
     ]
     assert [m["epochs_this_session"] for m in manifest["members"]] == [1, 1, 2]

@@ -71,6 +71,16 @@ def test_memmap_input(tmp_path):
     np.testing.assert_array_equal(x, FEATURES)
 
 
+def test_batches_are_gathered_into_aligned_memory_as_float32():
+    for shape in ((3, 5), (16, 64, 101, 4)):
+        array = pipeline.aligned_empty(shape, np.float32)
+        assert array.shape == shape and array.dtype == np.float32 and array.ctypes.data % pipeline.ALIGNMENT == 0
+    as_float64 = FEATURES.astype(np.float64)
+    x = np.concatenate([b.numpy() for b, _ in pipeline.from_arrays(as_float64, TARGETS, batch_size=6)])
+    assert x.dtype == np.float32
+    np.testing.assert_array_equal(x, FEATURES)
+
+
 def test_mismatched_rows_and_bad_batch_size():
     with pytest.raises(ValueError, match="20 feature rows but 3 target rows"):
         pipeline.from_arrays(FEATURES, TARGETS[:3], batch_size=2)
