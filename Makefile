@@ -44,7 +44,8 @@ lint: install
 	$(BIN)/ruff check replicate models tests benchmarks
 	$(BIN)/ruff format --check replicate models tests benchmarks
 
-# Features, training throughput per backend and fused ensembles; writes benchmarks/results/ and the README table.
+# Features, the input pipeline, 2 members on Ray against one after another, training throughput per backend and
+# fused ensembles; writes benchmarks/results/ and the README tables.
 bench: install
 	$(BIN)/python -m benchmarks.run $(ARGS)
 
@@ -52,8 +53,8 @@ bench: install
 # regenerated from the run it timed (tens of minutes; not part of bench). RECIPES=dacon,maic,dcase,aicup;
 # KEEP_RUNS=DIR keeps the run folders (DIR/<recipe>), e.g. to compare scores.json across versions.
 bench-recipes: install
-	$(BIN)/python -m benchmarks.run --skip-features --backends "" --recipes $(RECIPES) --recipe-results \
-		$(if $(KEEP_RUNS),--keep-runs $(KEEP_RUNS))
+	$(BIN)/python -m benchmarks.run --skip-features --skip-pipeline --skip-ray --backends "" --recipes $(RECIPES) \
+		--recipe-results $(if $(KEEP_RUNS),--keep-runs $(KEEP_RUNS))
 
 $(SYNTH_DIR)/dacon/train_answer.csv: | install-runtime
 	$(BIN)/python -m replicate.synth dacon --out $(SYNTH_DIR)/dacon --n-train 800 --n-test 200 --seed 0 --max-words 2 --voices-per-word 1 --seen-test-voices

@@ -25,7 +25,7 @@ if ! KERAS_BACKEND="${backends%%,*}" python3 -c "import keras" 2>/tmp/keras-impo
     exit 1
 fi
 status=0
-timeout "${LIMIT:-540}" python3 -m benchmarks.run --skip-features --backends "$backends" \
+timeout "${LIMIT:-540}" python3 -m benchmarks.run --skip-features --skip-pipeline --skip-ray --backends "$backends" \
     --precisions float32,mixed_bfloat16 --layouts "${LAYOUTS:-grouped}" --fused "${FUSED:-8}" --steps "${STEPS:-30}" \
     --label gpu "$@" || status=$?
 if [ -n "${OUT:-}" ]; then  # first: what was measured comes back whatever happens next

@@ -5,18 +5,20 @@ A feature cache of `clips` rows of (64 mels, 101 frames, 4 resolutions) float32 
 targets; the page cache is warmed by reading the file once before timing. Each measurement builds the
 stream the training engine reads (`train._fit`): every epoch's dataset (`from_arrays` with the recipe's
 transform, the `features.Normalizer`, shuffled by (seed, epoch)) read one after another through
-`Dataset.range(epochs).flat_map`, and for K members the K members' streams stacked into fused batches
-(`fused.stack_datasets`). The stream is consumed inside TensorFlow (`Dataset.reduce`), so what is timed is
-the pipeline, not Python's loop over it; whole epochs are read until at least `min_seconds` have been timed,
-after one untimed epoch.
+`Dataset.range(epochs).flat_map`, and for K members the K members' streams stacked into fused batches by
+`fused.stack_datasets`: in one numpy step per fused batch, as training reads them, and for comparison the
+generic way (K pipelines and a concatenation) that streams mapped after `from_arrays` get. The stream is
+consumed inside TensorFlow (`Dataset.reduce`), so what is timed is the pipeline, not Python's loop over it;
+whole epochs are read until at least `min_seconds` have been timed, after one untimed epoch.
 
-    python -m benchmarks.pipeline --clips 6000 --members 1,15      # prints one JSON object
+    python -m benchmarks.pipeline --clips 6000 --members 1,15      # one JSON line per measurement, then all
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -60,10 +62,17 @@ def measure(
     transform,
     *,
     members: int,
+    stacking: str = "one_step",
     batch_size: int = BATCH_SIZE,
     min_seconds: float = MIN_SECONDS,
 ) -> dict:
-    """Samples per second (every member's) that the training stream of `members` members delivers."""
+    """Samples per second (every member's) that the training stream of `members` members delivers.
+
+    Args:
+        stacking: for several members, "one_step" (`fused.stack_datasets` of the members' `from_arrays`
+            streams, as `train.train_fused` reads them: one numpy step per fused batch) or "generic" (the
+            same streams mapped once more, as a crop or mixup would: K pipelines and a concatenation).
+    """
     import tensorflow as tf
 
     from replicate import fused, pipeline
@@ -83,7 +92,10 @@ def measure(
     def epoch_data(epoch):
         if members == 1:
             return member_epoch(0, epoch)
-        return fused.stack_datasets([member_epoch(seed, epoch) for seed in range(members)])
+        streams = [member_epoch(seed, epoch) for seed in range(members)]
+        if stacking == "generic":
+            streams = [stream.map(lambda x, y: (x, y)) for stream in streams]
+        return fused.stack_datasets(streams)
 
     def stream(first, epochs):
         dataset = tf.data.Dataset.range(first, first + epochs).flat_map(epoch_data).prefetch(tf.data.AUTOTUNE)
@@ -104,6 +116,7 @@ def measure(
     samples = rows * members  # a fused batch stacks the members' rows along the channels
     return {
         "members": members,
+        "stacking": stacking if members > 1 else "",
         "batch_size": batch_size,
         "epochs": epochs,
         "samples": samples,
@@ -115,16 +128,28 @@ def measure(
 
 
 def run(clips: int = 6000, members: tuple[int, ...] = (1, 15), min_seconds: float = MIN_SECONDS) -> dict:
-    """Every measurement on one cache of `clips` rows."""
+    """Every measurement on one cache of `clips` rows (several members: both stackings)."""
     from benchmarks.training import peak_rss_mb
 
     with tempfile.TemporaryDirectory() as folder:
         features, targets = write_cache(Path(folder), clips)
+        load = os.getloadavg()[0]
         transform = normalizer_of(features)
-        measurements = [
-            measure(features, targets, transform, members=count, min_seconds=min_seconds) for count in members
-        ]
-    return {"clips": clips, "shape": list(SHAPE), "measurements": measurements, "peak_memory_mb": peak_rss_mb()}
+        measurements = []
+        for count in members:
+            for stacking in ("one_step", "generic") if count > 1 else ("",):
+                measured = measure(
+                    features, targets, transform, members=count, stacking=stacking, min_seconds=min_seconds
+                )
+                print(json.dumps(measured), flush=True)
+                measurements.append(measured)
+    return {
+        "clips": clips,
+        "shape": list(SHAPE),
+        "measurements": measurements,
+        "load_average_before": round(load, 2),
+        "peak_memory_mb": peak_rss_mb(),
+    }
 
 
 def main(argv=None) -> None:

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from benchmarks import features as features_benchmark
+from benchmarks import pipeline as pipeline_benchmark
+from benchmarks import ray_members as ray_benchmark
 from benchmarks import recipes as recipes_benchmark
 from benchmarks.training import MODELS, skip_reason
 from replicate import files, report
@@ -148,6 +150,69 @@ def _section_line(section: dict) -> str:
     return f"{section['machine']}, {section['date']}; `{section['command']}`"
 
 
+STACKINGS = {
+    "": "one member",
+    "one_step": "{members} members fused, one step per fused batch (as `train.fused` reads `from_arrays` streams)",
+    "generic": "{members} members fused, {members} pipelines and a concatenation (streams mapped after `from_arrays`)",
+}
+
+
+def pipeline_section(pipeline: dict) -> list[str]:
+    rows = [
+        (
+            STACKINGS[m["stacking"]].format(members=m["members"]),
+            m["batch_size"],
+            f"{m['samples_per_second']:,}",
+            f"{m['cpu_seconds_per_1000_samples']:.3f}",
+        )
+        for m in pipeline["measurements"]
+    ]
+    headers = ("input pipeline alone (DACON)", "batch per member", "samples/s", "CPU s per 1,000 samples")
+    return [
+        f"Input pipeline — {_section_line(pipeline)}:",
+        "",
+        report.markdown_table(headers, rows),
+        "",
+        f"`pipeline.from_arrays` with the recipe's normalisation, shuffled, from a memory-mapped cache of "
+        f"{pipeline['clips']:,} clips of {' × '.join(map(str, pipeline['shape']))} float32 in a warm page cache; "
+        f"no model. Load average {pipeline['load_average_before']} before (other work on the machine takes "
+        "its share of the cores: samples/s is what was left to us; CPU s per 1,000 samples is the pipeline's "
+        "own cost).",
+        "",
+    ]
+
+
+def ray_section(ray: dict) -> list[str]:
+    epochs = f"{ray['epochs']} epoch{'s' * (ray['epochs'] != 1)}"
+    rows = [
+        (
+            "local executor: one after another, TensorFlow on every core",
+            f"{ray['local_seconds']:.0f} s",
+            " + ".join(f"{s:.0f}" for s in ray["local_member_train_seconds"]) + " s",
+        ),
+        (
+            f"Ray: a local instance of {ray['ray_cpus']} CPUs, 1 CPU (1 thread) per member, side by side",
+            f"{ray['ray_seconds']:.0f} s ({ray['speedup']:.2f}×)",
+            " + ".join(f"{s:.0f}" for s in ray["ray_member_train_seconds"]) + " s",
+        ),
+    ]
+    headers = (
+        f"{ray['members']} DACON quick members, {epochs} each, {ray['train_clips']} clips",
+        "wall time of the command",
+        "members' training",
+    )
+    return [
+        f"Ray — {_section_line(ray)}:",
+        "",
+        report.markdown_table(headers, rows),
+        "",
+        "Each command in a fresh process, features read from the same cache; the Ray command's time includes "
+        "starting Ray and a fresh worker process per member (TensorFlow's import). Load average "
+        f"{ray['load_average_before']} before.",
+        "",
+    ]
+
+
 def readme_block(results: dict[str, dict]) -> str:
     """Every results file's sections (each with its machine, date and command), then the extrapolation."""
     parts = []
@@ -182,6 +247,10 @@ def readme_block(results: dict[str, dict]) -> str:
                 "bits: tests/test_benchmarks.py).",
                 "",
             ]
+        if result.get("pipeline"):
+            parts += pipeline_section(result["pipeline"])
+        if result.get("ray"):
+            parts += ray_section(result["ray"])
         if result.get("training"):
             training = result["training"]
             parts += [f"Training — {_section_line(training)}:", "", training_table(training["measurements"]), ""]
@@ -227,6 +296,10 @@ def main(argv=None) -> None:
     parser.add_argument("--layouts", default="auto", help="comma-separated fused layouts (auto, grouped, copies)")
     parser.add_argument("--clips", type=int, default=3000, help="clips in the features benchmark")
     parser.add_argument("--skip-features", action="store_true", help="no features benchmark (e.g. on a GPU box)")
+    parser.add_argument("--pipeline-clips", type=int, default=6000, help="clips in the input-pipeline benchmark")
+    parser.add_argument("--skip-pipeline", action="store_true", help="no input-pipeline benchmark")
+    parser.add_argument("--ray-epochs", type=int, default=1, help="epochs per member in the Ray benchmark")
+    parser.add_argument("--skip-ray", action="store_true", help="no Ray benchmark")
     parser.add_argument(
         "--no-cpu-limits", action="store_true", help="heavy models too get every step, member and backend on a CPU"
     )
@@ -250,6 +323,14 @@ def main(argv=None) -> None:
             print(f"features: {arguments.clips} clips, the source's way and ours", flush=True)
             measured["features"] = {**features_benchmark.run(arguments.clips), **stamp}
             print(json.dumps(measured["features"]), flush=True)
+        if not arguments.skip_pipeline:
+            print(f"input pipeline: {arguments.pipeline_clips} clips, 1 and 15 members", flush=True)
+            measured["pipeline"] = {**pipeline_benchmark.run(arguments.pipeline_clips), **stamp}
+            print(json.dumps(measured["pipeline"]), flush=True)
+        if not arguments.skip_ray:
+            print(f"ray: 2 DACON quick members of {arguments.ray_epochs} epoch(s), local and on Ray", flush=True)
+            measured["ray"] = {**ray_benchmark.run(arguments.ray_epochs), **stamp}
+            print(json.dumps(measured["ray"]), flush=True)
         measurements, skipped = [], []
         for backend in filter(None, arguments.backends.split(",")):
             for model in arguments.models.split(","):

@@ -129,3 +129,55 @@ def test_heavy_models_are_limited_on_a_cpu_only_and_dcase_is_never_fused():
     assert "one member at a time" in training.skip_reason("maic", "torch", 4, on_cpu=True)
     assert training.skip_reason("maic", "torch", 8, on_cpu=False) == ""
     assert training.skip_reason("dacon", "torch", 4, on_cpu=True) == ""
+
+
+def test_the_pipeline_benchmark_counts_every_members_samples(tmp_path):
+    from benchmarks import pipeline
+
+    features, targets = pipeline.write_cache(tmp_path, 40)
+    assert isinstance(features, np.memmap) and features.shape == (40, 64, 101, 4) and targets.shape == (40, 30)
+    transform = pipeline.normalizer_of(features)
+    one = pipeline.measure(features, targets, transform, members=1, batch_size=8, min_seconds=0)
+    fused = pipeline.measure(features, targets, transform, members=3, stacking="generic", batch_size=8, min_seconds=0)
+    assert (one["samples"], one["epochs"], one["stacking"]) == (40, 1, "")
+    assert (fused["samples"], fused["stacking"]) == (3 * 40, "generic")  # rows × members
+    assert one["samples_per_second"] > 0 and fused["cpu_seconds_per_1000_samples"] > 0
+
+
+def test_the_readme_block_has_the_pipeline_table_and_the_ray_row():
+    stamp = {"date": "2026-12-02", "machine": "x86_64 Linux, 2 CPU cores", "command": "python -m benchmarks.run"}
+    one = {
+        "members": 1,
+        "stacking": "",
+        "batch_size": 16,
+        "samples_per_second": 21000,
+        "cpu_seconds_per_1000_samples": 0.07,
+    }
+    fused = {**one, "members": 15, "stacking": "one_step", "samples_per_second": 20500}
+    pipeline = {**stamp, "clips": 6000, "shape": [64, 101, 4], "measurements": [one, fused], "load_average_before": 1.5}
+    ray = {
+        **stamp,
+        "members": 2,
+        "epochs": 1,
+        "train_clips": 800,
+        "ray_cpus": 2,
+        "local_seconds": 100.0,
+        "ray_seconds": 80.0,
+        "speedup": 1.25,
+        "local_member_train_seconds": [30.0, 31.0],
+        "ray_member_train_seconds": [50.0, 52.0],
+        "load_average_before": 1.0,
+    }
+    block = run.readme_block({"cpu": {"pipeline": pipeline, "ray": ray}})
+    assert "| one member | 16 | 21,000 | 0.070 |" in block
+    assert (
+        "| 15 members fused, one step per fused batch (as `train.fused` reads `from_arrays` streams) | 16 | 20,500 |"
+        in block
+    )
+    assert "memory-mapped cache of 6,000 clips of 64 × 101 × 4 float32" in block
+    assert "| local executor: one after another, TensorFlow on every core | 100 s | 30 + 31 s |" in block
+    assert (
+        "| Ray: a local instance of 2 CPUs, 1 CPU (1 thread) per member, side by side | 80 s (1.25×) | 50 + 52 s |"
+        in block
+    )
+    assert "| 2 DACON quick members, 1 epoch each, 800 clips |" in block
