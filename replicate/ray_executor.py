@@ -48,11 +48,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 
 from replicate import recipe as recipe_lib
-from replicate import train
+
+# Nothing of Keras or TensorFlow at import: the progress actor (`_Events`) is a process of this module's
+# classes, and would otherwise hold TensorFlow's 700 MB for nothing.
 
 POLL_SECONDS = 0.5  # how often progress is read while the members train
 
@@ -182,6 +183,8 @@ def train_groups(
                     progress.say(f"{names[group]}: failed on {where}: {result['error']}")
                     if result.get("traceback"):
                         progress.say(result["traceback"].rstrip())
+        for event in ray.get(events.drain.remote()):  # what the last workers said before they returned
+            show(event)
     except BaseException:  # Ctrl-C, or an error here: this run's work on the cluster stops too
         for reference in pending:
             ray.cancel(reference, force=True)
@@ -189,8 +192,6 @@ def train_groups(
             progress.say(f"stopped: cancelled the {len(pending)} unfinished task(s) of this run on the cluster")
         raise
     finally:
-        for event in ray.get(events.drain.remote()):
-            show(event)
         progress.close()
         ray.kill(events)
     return failed
@@ -217,7 +218,7 @@ class _Progress:
         self.epochs = epochs
         self.groups = groups
         self.done: dict[tuple[int, ...], int] = {}
-        self.members_done = 0
+        self.finished: set[tuple[int, ...]] = set()
         self.bar = None
         if show_bar:
             from tqdm.auto import tqdm
@@ -232,18 +233,19 @@ class _Progress:
             self.bar.refresh()
 
     def epochs_done(self, group: tuple[int, ...], epochs: int) -> None:
-        self.done[group] = epochs
-        self._update()
+        if group not in self.finished:  # an event may come after the group's result
+            self.done[group] = epochs
+            self._update()
 
     def member_done(self, group: tuple[int, ...]) -> None:
         self.done[group] = self.epochs  # early stopping ends a member before its last epoch
-        self.members_done += 1
+        self.finished.add(group)
         self._update()
 
     def _update(self) -> None:
         if self.bar is not None:
             self.bar.n = sum(self.done.values())
-            self.bar.set_description(f"{self.members_done}/{self.groups} done", refresh=True)
+            self.bar.set_description(f"{len(self.finished)}/{self.groups} done", refresh=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -265,16 +267,15 @@ class _Events:
         return events
 
 
-class _ReportEpochs(keras.callbacks.Callback):
-    """Reports each finished epoch (after its checkpoint: it runs after the engine's callbacks)."""
+def _epoch_reporter(events, group: tuple[int, ...]):
+    """A callback that reports each finished epoch (after its checkpoint: it runs after the engine's callbacks)."""
+    import keras
 
-    def __init__(self, events, group: tuple[int, ...]):
-        super().__init__()
-        self.events = events
-        self.group = group
+    class ReportEpochs(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            events.report.remote({"kind": "epoch", "group": group, "epochs": epoch + 1})
 
-    def on_epoch_end(self, epoch, logs=None):
-        self.events.report.remote({"kind": "epoch", "group": self.group, "epochs": epoch + 1})
+    return ReportEpochs()
 
 
 def _train_on_worker(
@@ -296,6 +297,8 @@ def _train_on_worker(
     """
     import ray
 
+    from replicate import train
+
     started = time.perf_counter()
     host = socket.gethostname()
     gpus = ray.get_gpu_ids()
@@ -306,7 +309,7 @@ def _train_on_worker(
             os.chdir(origin["cwd"])
         _limit_threads(origin["threads"])
         member_arguments = unpack_arguments(ray.get(payload[0]))
-        member_arguments["callbacks"] = [*member_arguments.get("callbacks", ()), _ReportEpochs(events, group)]
+        member_arguments["callbacks"] = [*member_arguments.get("callbacks", ()), _epoch_reporter(events, group)]
         member_arguments["verbose"] = 0
         entries = train.train_group(
             recipe,
@@ -326,7 +329,7 @@ def check_shared(run_dir: str, group: Sequence[int], files: Mapping[str, int], *
     The run folder is checked through the records the driver wrote for the group before submitting it.
     """
     for seed in group:
-        record = Path(run_dir) / "members" / f"{train.member_name(seed)}.json"
+        record = Path(run_dir) / "members" / f"seed-{seed:02d}.json"  # train.member_name's
         if not record.is_file():
             raise ClusterError(
                 f"{host}: the run folder {run_dir} of the driver on {origin} is not here ({record} is missing): "

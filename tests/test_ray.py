@@ -306,6 +306,19 @@ def test_arguments_travel_with_memory_maps_by_file_or_by_content_and_datasets_by
         ray_executor.pack_arguments({"validation_data": tf.data.Dataset.range(3).repeat()}, share_files=True)
 
 
+def test_the_progress_bar_counts_every_members_finished_epochs():
+    lines = []
+    progress = ray_executor._Progress(3, 4, lines.append, show_bar=True)
+    progress.epochs_done((0,), 2)
+    progress.epochs_done((1, 2), 1)  # a fused group
+    progress.member_done((3,))  # a member that stopped early counts its every epoch
+    progress.epochs_done((3,), 2)  # an event that comes after its member's result changes nothing
+    progress.say("a line")
+    assert (progress.bar.n, progress.bar.total, progress.bar.desc) == (7, 12, "1/3 done: ")  # tqdm adds ": "
+    assert lines == ["a line"]
+    progress.close()
+
+
 def test_a_worker_checks_the_run_folder_and_the_files_it_maps(tmp_path):
     (tmp_path / "members").mkdir()
     files.write_json(tmp_path / "members" / "seed-00.json", {"seed": 0, "state": "training"})
