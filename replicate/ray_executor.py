@@ -125,6 +125,7 @@ def train_groups(
     connect(run.get("ray_address", "local"))
     cpus = float(run.get("cpus_per_member", 1.0))
     gpus = float(run.get("gpus_per_member", 0.0))
+    check_resources(cpus, gpus)
     show_bar = member_arguments.get("verbose", "auto") != 0
     payload, files = pack_arguments(member_arguments, share_files=run.get("ray_features", "files") == "files")
     payload_ref = ray.put(payload)
@@ -195,6 +196,22 @@ def train_groups(
         progress.close()
         ray.kill(events)
     return failed
+
+
+def check_resources(cpus: float, gpus: float) -> None:
+    """Raise `ClusterError` unless a node of the cluster has the resources of one member: Ray would otherwise
+    keep the tasks waiting for a node that never comes."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes):
+        return
+    largest = max(nodes, key=lambda node: (node.get("GPU", 0), node.get("CPU", 0)), default={})
+    raise ClusterError(
+        f"a member asks for {cpus:g} CPUs and {gpus:g} GPUs (run.cpus_per_member, run.gpus_per_member), which no "
+        f"node of the Ray cluster has: the largest has {largest.get('CPU', 0):g} CPUs and {largest.get('GPU', 0):g} "
+        "GPUs"
+    )
 
 
 def _result(reference) -> dict:

@@ -7,6 +7,7 @@ tiny and few."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -266,6 +267,24 @@ def test_a_worker_that_cannot_read_the_drivers_feature_cache_says_so(ray_instanc
     assert "cache at the same path (put run.cache_dir on a shared file system), or set run.ray_features = " in message
 
 
+def test_a_member_asking_for_more_than_any_node_has_is_refused_before_anything_runs(ray_instance, tmp_path):
+    message = "a member asks for 4 CPUs and 1 GPUs (run.cpus_per_member, run.gpus_per_member), which no node of the"
+    for cpus, gpus in ((4.0, 0.0), (1.0, 1.0)):
+        with pytest.raises(ray_executor.ClusterError, match="which no node of the Ray cluster has: the largest has 2"):
+            train.train_ensemble(
+                _on_ray(cpus_per_member=cpus, gpus_per_member=gpus),
+                [0],
+                run_dir=tmp_path,
+                manifest=MANIFEST,
+                trained_from={},
+                log=lambda line: None,
+                **member_arguments(FEATURES),
+            )
+    with pytest.raises(ray_executor.ClusterError, match=re.escape(message)):
+        ray_executor.check_resources(4.0, 1.0)
+    assert not (tmp_path / "members" / "seed-00.keras").exists()
+
+
 # --- without Ray: what travels to the workers, the recipe keys, the command line ----------------------------
 
 
@@ -346,7 +365,7 @@ def test_the_executor_keys_are_checked_and_left_out_of_the_run_folder_and_the_se
         ("run.gpus_per_member=-1", "run.gpus_per_member = -1.0: must be >= 0"),
         ("run.ray_features='nfs'", "run.ray_features = 'nfs': must be one of 'files', 'object_store'"),
     ):
-        with pytest.raises(recipe_lib.RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(recipe_lib.RecipeError, match=re.escape(message)):
             dacon.load_recipe("quick", [override])
 
 
