@@ -635,10 +635,10 @@ def train_ensemble(
             which = ", ".join(f"{position[seed]}/{len(seeds)} (seed {seed})" for seed in group)
             if len(group) == 1:
                 log(f"member {which}: training")
-                entries = [train_member(recipe, group[0], run_dir=run_dir, **member_arguments)]
+                entries = [train_member(recipe, group[0], run_dir=run_dir, log=log, **member_arguments)]
             else:
                 log(f"members {which}: training as one fused model")
-                entries = train_fused(recipe, group, run_dir=run_dir, **member_arguments)
+                entries = train_fused(recipe, group, run_dir=run_dir, log=log, **member_arguments)
             for seed, entry in zip(group, entries, strict=True):
                 _write_record(
                     run_dir,
