@@ -239,6 +239,7 @@ def test_an_interrupted_fused_group_resumes_and_leftover_seeds_train_alone(tmp_p
     manifest = train.train_ensemble(recipe, [0, 1, 2], **{**arguments, "log": logged.append})
     assert logged == [
         "members 1/3 (seed 0), 2/3 (seed 1): training as one fused model",
+        f"fused-00-01: resuming after epoch 1 ({tmp_path / 'checkpoints' / 'fused-00-01' / 'epoch-0001'})",
         "member 3/3 (seed 2): training",
     ]
     assert [m["epochs_this_session"] for m in manifest["members"]] == [1, 1, 2]
