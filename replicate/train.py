@@ -42,9 +42,10 @@ import keras
 import numpy as np
 
 from replicate import checkpoint as checkpoint_lib
-from replicate import files, losses, optimizers, report, task
+from replicate import files, losses, optimizers, report, runner, task
+from replicate import recipe as recipe_lib
 
-MANIFEST = "manifest.json"
+MANIFEST = runner.MANIFEST
 
 # Recipe values that do not change what a member learns, left out of its set-up (`training_setup`): the
 # recipe's name and the source's reported numbers; where and how the run works (run.*: folders, threads,
@@ -144,7 +145,7 @@ def train_member(
     seed: int,
     *,
     run_dir: str | Path,
-    build_model: Callable[[], keras.Model],
+    build_model: Callable[[int], keras.Model],
     train_data: Callable[[int, Any], Any],
     validation_data: Any = None,
     callbacks: Iterable[keras.callbacks.Callback] = (),
@@ -160,7 +161,8 @@ def train_member(
             `train.loss`.
         seed: seeds the initial weights and dropout (`keras.utils.set_random_seed`) and the data.
         run_dir: the run folder.
-        build_model: returns a new, uncompiled model.
+        build_model: seed → a new, uncompiled model (called after the seeding; the seed lets a member start
+            from its own seed's member of an earlier ensemble, as DCASE's fine-tuning does).
         train_data: (seed, epoch) → that epoch's training `tf.data.Dataset` of the member, of known
             length, whose order and augmentations are a function of (seed, epoch) (the builders of
             `replicate.pipeline` take both). `epoch` is a scalar int64 tensor: the epochs are read through
@@ -183,7 +185,7 @@ def train_member(
     run_dir = Path(run_dir)
     name = member_name(seed)
     keras.utils.set_random_seed(seed)
-    model = compile_model(build_model(), recipe["train"], metrics=metrics)
+    model = compile_model(build_model(seed), recipe["train"], metrics=metrics)
     own_callbacks = list(member_callbacks(run_dir, name)) if member_callbacks else []
     history, seconds, timer, checkpoint = _fit(
         model,
@@ -218,7 +220,7 @@ def train_fused(
     seeds: Sequence[int],
     *,
     run_dir: str | Path,
-    build_model: Callable[[], keras.Model],
+    build_model: Callable[[int], keras.Model],
     train_data: Callable[[int, Any], Any],
     validation_data: Any = None,
     callbacks: Iterable[keras.callbacks.Callback] = (),
@@ -255,7 +257,7 @@ def train_fused(
     members = []
     for seed in seeds:  # the same seeding before building as train_member's
         keras.utils.set_random_seed(seed)
-        members.append(build_model())
+        members.append(build_model(seed))
     layout = recipe["train"].get("fused_layout", "auto")
     model = compile_model(fused.fuse(members[0], len(seeds), layout), recipe["train"], metrics=metrics)
     fused.pack(model, members)
@@ -569,11 +571,11 @@ def train_ensemble(
     """Train every seed's member in turn (or `train.fused` of them at a time), keeping members that an
     earlier run finished from the same set-up.
 
-    The run folder is locked (`task.lock_run_dir`) meanwhile. Each member's record (`members/seed-XX.json`)
+    The run folder is locked (`runner.lock_run_dir`) meanwhile. Each member's record (`members/seed-XX.json`)
     says what it was trained from: the recipe's values (all but `NOT_IN_SETUP`) and `trained_from`. A
     member whose record matches and whose file matches the record's SHA-256 is kept; an interrupted one
     continues from its last checkpoint; a damaged, missing or unrecorded one is trained again from the
-    start, said on `log`. Members trained from another set-up stop the run with `task.RunFolderError`
+    start, said on `log`. Members trained from another set-up stop the run with `runner.RunFolderError`
     naming what changed, unless `retrain`: then they are removed and trained again. The manifest is
     rebuilt from the records and rewritten (atomically) after each member, so a killed run loses at most
     the epoch in progress.
@@ -595,11 +597,11 @@ def train_ensemble(
         The manifest, with its `members` list.
 
     Raises:
-        task.RunFolderError: members of another set-up, without `retrain`.
+        runner.RunFolderError: members of another set-up, without `retrain`.
         files.LockedError: another process uses the run folder.
     """
     run_dir = Path(run_dir)
-    with task.lock_run_dir(run_dir):
+    with runner.lock_run_dir(run_dir):
         setup = training_setup(recipe, trained_from)
         records = _read_records(run_dir)
         stale = {
@@ -608,7 +610,7 @@ def train_ensemble(
             if record is not None and (changes := setup_changes(record["trained_from"], setup))
         }
         if stale and not retrain:
-            raise task.RunFolderError(_refusal(run_dir, stale))
+            raise runner.RunFolderError(_refusal(run_dir, stale))
         for seed, changes in stale.items():
             log(f"seed {seed}: trained from another set-up ({', '.join(changes)}); removed (--retrain)")
             _discard_member(run_dir, seed)
@@ -666,10 +668,19 @@ def training_setup(recipe: Mapping[str, Any], trained_from: Mapping[str, Any]) -
 
 
 def setup_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """What differs between two `training_setup`s, one line each: "train.epochs: 3 → 5", "other targets"."""
+    """What differs between two `training_setup`s, one line each: "train.epochs: 3 → 5", "other targets".
+
+    An engine option a record lacks (written before the recipe had it) counts as its default
+    (`recipe.ENGINE_DEFAULTS`), so members trained before the engine declared it are kept."""
+    defaults = {
+        f"{section}.{key}": value
+        for section, table in recipe_lib.ENGINE_DEFAULTS.items()
+        for key, value in table.items()
+    }
     changes = []
     for key in sorted(set(recorded["recipe"]) | set(current["recipe"])):
-        old, new = recorded["recipe"].get(key, _ABSENT), current["recipe"].get(key, _ABSENT)
+        old = recorded["recipe"].get(key, defaults.get(key, _ABSENT))
+        new = current["recipe"].get(key, defaults.get(key, _ABSENT))
         if old != new:
             changes.append(f"{key}: {_shown(old)} → {_shown(new)}")
     for name in sorted(set(recorded["data"]) | set(current["data"])):

@@ -497,7 +497,7 @@ def test_a_damaged_cache_is_detected_and_computed_again(tmp_path, damage):
     again, again_meta = features.cached_features(
         paths, extractor=CountingExtractor(counter), log=logged.append, **arguments
     )
-    assert logged == [f"features t: the cache {cache} is damaged ({problem}); computing it again"]
+    assert logged == [f"feature cache {cache} is damaged ({problem}); computing it again"]
     assert counter.read_text() == "6"  # every chunk computed again
     np.testing.assert_array_equal(again, expected)
     assert again_meta["checksums"] == meta["checksums"]

@@ -144,8 +144,8 @@ def test_the_task_value_must_be_the_commands_task(tmp_path):
 
 
 def test_a_resolved_recipe_reads_back_as_a_recipe_of_its_task(tmp_path):
-    from replicate import task
+    from replicate import runner
 
     recipe = dacon.load_recipe("quick", ["train.epochs=2"])
-    written = task.write_recipe(tmp_path, recipe)
+    written = runner.write_recipe(tmp_path, recipe)
     assert dacon.load_recipe(path=str(written)) == recipe
