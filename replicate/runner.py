@@ -296,6 +296,9 @@ def train_groups(run: Run, prepared: Prepared, groups: Sequence[Group], base: di
         raise ValueError(
             f"{run.task.name}: groups need distinct names, and a name each when there are several: {names}"
         )
+    for group in groups:  # before anything trains
+        if (group.recipe or run.recipe)["train"].get("fused", 1) > 1 and group.member_callbacks is not None:
+            raise recipe_lib.RecipeError(train.fused_refusal(group.recipe or run.recipe))
     trained = []
     for group in groups:
         folder = run.run_dir / group.name

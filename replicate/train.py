@@ -241,7 +241,7 @@ def train_fused(
             `train_member`; validation data are given to every member.
         seeds: the members trained together.
         member_callbacks: not supported: their state (best epoch, learning-rate plateaus, early stopping)
-            is per member, and the fused members share one optimizer step.
+            is per member, and the fused members share one optimizer step (`recipe.RecipeError`).
 
     Returns:
         The members' manifest entries, each with `fused` (the group's seeds and wall time).
@@ -249,10 +249,7 @@ def train_fused(
     from replicate import fused
 
     if member_callbacks is not None:
-        raise ValueError(
-            "train.fused trains members in one model, which cannot run per-member callbacks (best epoch, "
-            "ReduceLROnPlateau, early stopping); set train.fused = 1 for this recipe"
-        )
+        raise recipe_lib.RecipeError(fused_refusal(recipe))
     run_dir = Path(run_dir)
     members = []
     for seed in seeds:  # the same seeding before building as train_member's
@@ -296,6 +293,15 @@ def train_fused(
         entries.append(entry)
     checkpoint.remove()
     return entries
+
+
+def fused_refusal(recipe: dict) -> str:
+    """Why a recipe whose members have their own callbacks cannot train them fused."""
+    return (
+        f"train.fused = {recipe['train'].get('fused')}: this recipe keeps per-member callbacks (best epoch, "
+        "ReduceLROnPlateau, early stopping), which members trained as one fused model cannot run; set "
+        "train.fused = 1"
+    )
 
 
 def _member_logs(logs: dict, k: int) -> dict:

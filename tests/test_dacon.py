@@ -195,6 +195,7 @@ def test_non_finite_predictions_write_no_submission(dacon_data, tmp_path):
 
     data = dacon.load_data(dacon_data)
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
     members = []
     for seed, poisoned in ((3, False), (4, True)):
         inputs = keras.Input((2, 3, 1))
