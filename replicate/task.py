@@ -39,14 +39,17 @@ How the four sources map onto the hooks:
   "finetune/<type>" whose `build_model(recipe, seed)` loads that seed's integrated member (which is why
   builders take the seed); each group's `recipe` carries the warm-restart schedule, its
   `member_callbacks` the dev AUC + pAUC BestEpoch, its `after_training` the export to built-in layers;
-  `evaluate` scores clips by every method, writes the official CSVs; `predict`: wav files → anomaly score
-  per clip with the run's `score.method` (the members' outputs are dicts: `Ensemble.predict_members(...,
-  output="embedding")`).
+  `evaluate` loads each group (`Ensemble.load(run.run_dir, groups=[name])`), scores clips by every
+  method (the members' outputs are dicts: `Ensemble.predict_members(..., output="embedding")`), writes the
+  official CSVs, and saves what its score method needs of the training clips (e.g. each ID's centroid) so
+  that `predict`: wav files → anomaly score per clip with the run's `score.method`, needs no training data.
 - AI CUP: `prepare` caches MFCCs per n_mfcc (`features.MfccSpec`), fits the clinical encoder, draws the
   folds; one group per (modality, n_mfcc variant), "<modality>/mfcc<k>", each with its own `recipe`,
   `trained_from` and validation data, sample weights from `pipeline.from_columns(..., weights=...)`;
   `ensemble` = the submission modality; members take different named inputs, which `Ensemble` gives each
-  by name; `evaluate` votes (sum, argmax), writes submission.csv; `predict`: wav files + a clinical CSV.
+  by name; `evaluate` loads each modality's variant groups (`Ensemble.load(run.run_dir, groups=[...])`),
+  votes (sum, argmax), writes submission.csv; `predict`: wav files + a clinical CSV (audio-only runs: wav
+  files alone).
 
 A new source: a package with `data.py` (the layout), `task.py` (a `Task` subclass and `TASK = ...`),
 `report.py` (its `results` rows and report parts), `__init__.py`, `__main__.py` (`runner.main(TASK)`),
@@ -123,7 +126,12 @@ class Run:
         """The features of `spec` (a `features.FeatureSpec`) for `paths`, from the recipe's cache folder."""
         run = self.recipe["run"]
         return spec.cached(
-            paths, cache_dir=run["cache_dir"], name=name, workers=run["workers"] or None, progress=self.progress
+            paths,
+            cache_dir=run["cache_dir"],
+            name=name,
+            workers=run["workers"] or None,
+            progress=self.progress,
+            log=self.log,
         )
 
 

@@ -20,6 +20,10 @@ from replicate import aicup, dacon, dcase, files, maic, runner
 from replicate.task import BenchmarkMember, Run, Task
 
 
+class UnportedError(ValueError):
+    """What a task not yet ported to the protocol cannot do; the message names the task."""
+
+
 class Unported(Task):
     """A source not yet ported to the protocol: its module keeps its own command line and run; the engine
     uses its `results_table(run_dir)`, its `inference_features(paths, manifest)` and `benchmark`.
@@ -42,7 +46,7 @@ class Unported(Task):
         return self.module.inference_features(paths, manifest)
 
     def predict(self, ensemble, inputs: Sequence[str]):
-        raise runner.RunFolderError(
+        raise UnportedError(
             f"{ensemble.run_dir}: predicting from a {self.name} run is not available until the {self.name} task "
             "is ported to the task protocol (replicate.task)"
         )

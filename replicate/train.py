@@ -609,38 +609,14 @@ def train_ensemble(
     run_dir = Path(run_dir)
     with runner.lock_run_dir(run_dir):
         setup = training_setup(recipe, trained_from)
-        records = _read_records(run_dir)
-        stale = {
-            seed: changes
-            for seed, record in records.items()
-            if record is not None and (changes := setup_changes(record["trained_from"], setup))
-        }
-        if stale and not retrain:
-            raise runner.RunFolderError(_refusal(run_dir, stale))
-        for seed, changes in stale.items():
-            log(f"seed {seed}: trained from another set-up ({', '.join(changes)}); removed (--retrain)")
-            _discard_member(run_dir, seed)
-            del records[seed]
-
+        trained = _kept_members(run_dir, seeds, setup, retrain, log)
         manifest = {**manifest, "members": [], "environment": environment()}
-        manifest_path = run_dir / MANIFEST
-        position = {seed: index for index, seed in enumerate(seeds, start=1)}
-        trained = {}
-        for seed in seeds:
-            which = f"member {position[seed]}/{len(seeds)} (seed {seed})"
-            problem = _member_problem(run_dir, seed, records)
-            if problem is None:
-                trained[seed] = records[seed]["entry"]
-                log(f"{which}: already trained, kept")
-            elif problem:
-                log(f"{which}: {problem}: training again")
-                _discard_member(run_dir, seed)
         width = recipe["train"].get("fused", 1)
         pending = [seed for seed in seeds if seed not in trained]
         for group in (pending[start : start + width] for start in range(0, len(pending), width)):
             for seed in group:  # before any checkpoint: an interrupted member is known to be of this set-up
                 _write_record(run_dir, seed, {"state": "training", "trained_from": setup})
-            which = ", ".join(f"{position[seed]}/{len(seeds)} (seed {seed})" for seed in group)
+            which = ", ".join(f"{seeds.index(seed) + 1}/{len(seeds)} (seed {seed})" for seed in group)
             if len(group) == 1:
                 log(f"member {which}: training")
                 entries = [train_member(recipe, group[0], run_dir=run_dir, **member_arguments)]
@@ -648,23 +624,45 @@ def train_ensemble(
                 log(f"members {which}: training as one fused model")
                 entries = train_fused(recipe, group, run_dir=run_dir, **member_arguments)
             for seed, entry in zip(group, entries, strict=True):
-                _write_record(
-                    run_dir,
-                    seed,
-                    {
-                        "state": "trained",
-                        "trained_from": setup,
-                        "sha256": files.sha256(run_dir / entry["file"]),
-                        "entry": entry,
-                    },
-                )
+                record = {"state": "trained", "trained_from": setup, "sha256": files.sha256(run_dir / entry["file"])}
+                _write_record(run_dir, seed, {**record, "entry": entry})
                 trained[seed] = entry
             manifest["members"] = [trained[seed] for seed in seeds if seed in trained]
             manifest["peak_memory_mb"] = peak_memory_mb()
-            files.write_json(manifest_path, manifest)
+            files.write_json(run_dir / MANIFEST, manifest)
         manifest["members"] = [trained[seed] for seed in seeds]
-        files.write_json(manifest_path, manifest)
+        files.write_json(run_dir / MANIFEST, manifest)
     return manifest
+
+
+def _kept_members(
+    run_dir: Path, seeds: Sequence[int], setup: dict, retrain: bool, log: Callable[[str], None]
+) -> dict[int, dict]:
+    """The finished members of this set-up to keep (seed → manifest entry). Members of another set-up stop
+    the run (`runner.RunFolderError`) or, with `retrain`, are removed; damaged ones are removed (said)."""
+    records = _read_records(run_dir)
+    stale = {
+        seed: changes
+        for seed, record in records.items()
+        if record is not None and (changes := setup_changes(record["trained_from"], setup))
+    }
+    if stale and not retrain:
+        raise runner.RunFolderError(_refusal(run_dir, stale))
+    for seed, changes in stale.items():
+        log(f"seed {seed}: trained from another set-up ({', '.join(changes)}); removed (--retrain)")
+        _discard_member(run_dir, seed)
+        del records[seed]
+    kept = {}
+    for position, seed in enumerate(seeds, start=1):
+        which = f"member {position}/{len(seeds)} (seed {seed})"
+        problem = _member_problem(run_dir, seed, records)
+        if problem is None:
+            kept[seed] = records[seed]["entry"]
+            log(f"{which}: already trained, kept")
+        elif problem:
+            log(f"{which}: {problem}: training again")
+            _discard_member(run_dir, seed)
+    return kept
 
 
 def training_setup(recipe: Mapping[str, Any], trained_from: Mapping[str, Any]) -> dict:

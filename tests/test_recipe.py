@@ -166,7 +166,11 @@ def test_the_engine_options_are_every_recipes(name):
     assert defaults["run"]["workers"] == 0 and defaults["run"]["cache_dir"] == ".cache/features"
     options = ["train.precision=mixed_bfloat16", "train.fused=2", "train.distribute=mirrored", "run.workers=1"]
     recipe = task.load_recipe(overrides=options)
-    assert (recipe["train"]["precision"], recipe["train"]["fused"], recipe["run"]["workers"]) == ("mixed_bfloat16", 2, 1)
+    assert (recipe["train"]["precision"], recipe["train"]["fused"], recipe["run"]["workers"]) == (
+        "mixed_bfloat16",
+        2,
+        1,
+    )
     with pytest.raises(RecipeError, match=r"train.precision = 'float8': must be one of 'float32'"):
         task.load_recipe(overrides=["train.precision=float8"])
 
@@ -177,6 +181,6 @@ def test_a_recipe_file_of_ones_own_may_leave_the_engine_options_out(tmp_path):
 
     parsed = tomllib.loads(package)  # the engine's options are declared once, in recipe.ENGINE_DEFAULTS
     assert "run" not in parsed and "precision" not in parsed["train"]
-    path = _write_recipe(tmp_path / "mine.toml", package + '\n[run]\nworkers = 3\n')
+    path = _write_recipe(tmp_path / "mine.toml", package + "\n[run]\nworkers = 3\n")
     recipe = dacon.load_recipe(path=path)
     assert recipe["run"]["workers"] == 3 and recipe["train"]["precision"] == "float32"

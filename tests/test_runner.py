@@ -35,7 +35,13 @@ class TinyTask(Task):
             "name": "tiny",
             "task": "tiny",
             "source": {"accuracy": 0.9},
-            "train": {"epochs": 1, "batch_size": 4, "optimizer": "Adam", "learning_rate": 0.01, "loss": "CategoricalCrossentropy"},
+            "train": {
+                "epochs": 1,
+                "batch_size": 4,
+                "optimizer": "Adam",
+                "learning_rate": 0.01,
+                "loss": "CategoricalCrossentropy",
+            },
             "ensemble": {"seeds": 2, "first_seed": 0},
             "run": {"profile": profile or "full", "runs_dir": "runs", "cache_dir": "cache", "workers": 1},
         }
@@ -73,7 +79,10 @@ class TinyTask(Task):
         x, y = prepared.state
         probabilities = Ensemble.load(run.run_dir).predict(x)
         accuracy = float(np.mean(probabilities.argmax(axis=1) == y.argmax(axis=1)))
-        return {"accuracy": accuracy, "headline": f"accuracy {accuracy:.2f} (source {run.recipe['source']['accuracy']})"}
+        return {
+            "accuracy": accuracy,
+            "headline": f"accuracy {accuracy:.2f} (source {run.recipe['source']['accuracy']})",
+        }
 
     def results(self, run):
         return ResultsTable(
@@ -162,7 +171,9 @@ def test_a_task_runs_through_the_command_line_and_the_one_sequence(data_root, tm
         "- Environment: Python ",
     ):
         assert part in text, part
-    assert text.index("## Results") < text.index("ensemble size") < text.index("## A section") < text.index("## Members")
+    assert (
+        text.index("## Results") < text.index("ensemble size") < text.index("## A section") < text.index("## Members")
+    )
     assert (run_dir / "ensemble_size_train.png").is_file() and (run_dir / "training_curves.png").is_file()
 
 
@@ -194,7 +205,10 @@ def test_groups_train_in_their_folders_and_the_ensemble_is_the_groups_that_say_s
     assert first["group"] == "first" and [m["file"] for m in first["members"]][0] == "members/seed-00.keras"
     assert Ensemble.load(tmp_path / "run").seeds == [0, 1]
     other = Ensemble.load(tmp_path / "run", groups=["first"])
-    assert [m["file"] for m in other.manifest["members"]] == ["first/members/seed-00.keras", "first/members/seed-01.keras"]
+    assert [m["file"] for m in other.manifest["members"]] == [
+        "first/members/seed-00.keras",
+        "first/members/seed-01.keras",
+    ]
     assert "| seed | epochs |" in (tmp_path / "run" / "report.md").read_text()  # one group in the ensemble
 
 
