@@ -169,7 +169,10 @@ def _read_manifest(run_dir: Path) -> dict:
 def _group_members(run_dir: Path, name: str) -> list[dict]:
     """A group's members from its own manifest, their files relative to the run folder."""
     manifest = _read_manifest(run_dir / name)
-    return [{**entry, "group": name, "file": f"{name}/{entry['file']}"} for entry in manifest["members"]]
+    return [
+        {**entry, "group": name, "file": f"{name}/{entry['file']}" if name else entry["file"]}
+        for entry in manifest["members"]
+    ]
 
 
 def _inputs_of(member: keras.Model, inputs):

@@ -291,14 +291,7 @@ def train_groups(run: Run, prepared: Prepared, groups: Sequence[Group], base: di
     """
     from replicate import train
 
-    names = [group.name for group in groups]
-    if not groups or len(set(names)) < len(names) or (len(groups) > 1 and "" in names):
-        raise ValueError(
-            f"{run.task.name}: groups need distinct names, and a name each when there are several: {names}"
-        )
-    for group in groups:  # before anything trains
-        if (group.recipe or run.recipe)["train"].get("fused", 1) > 1 and group.member_callbacks is not None:
-            raise recipe_lib.RecipeError(train.fused_refusal(group.recipe or run.recipe))
+    check_groups(run, groups)
     trained = []
     for group in groups:
         folder = run.run_dir / group.name
@@ -327,11 +320,27 @@ def train_groups(run: Run, prepared: Prepared, groups: Sequence[Group], base: di
     return manifest
 
 
+def check_groups(run: Run, groups: Sequence[Group]) -> None:
+    """Before anything trains: distinct group names (a name each when there are several), at least one group
+    in the ensemble, and no fused training of members that have their own callbacks (`recipe.RecipeError`)."""
+    from replicate import train
+
+    names = [group.name for group in groups]
+    if not groups or len(set(names)) < len(names) or (len(groups) > 1 and "" in names):
+        raise ValueError(
+            f"{run.task.name}: groups need distinct names, and a name each when there are several: {names}"
+        )
+    if not any(group.ensemble for group in groups):
+        raise ValueError(f"{run.task.name}: no group is in the ensemble (Group.ensemble): nothing to predict with")
+    for group in groups:
+        recipe = group.recipe or run.recipe
+        if recipe["train"].get("fused", 1) > 1 and group.member_callbacks is not None:
+            raise recipe_lib.RecipeError(train.fused_refusal(recipe))
+
+
 def ensemble_manifest(base: dict, groups: Sequence[tuple[Group, dict]]) -> dict:
     """The run's manifest: the base keys, the ensemble groups' own entries, and their members with their
     group and their file relative to the run folder."""
-    if not groups:
-        raise ValueError("no group is in the ensemble (Group.ensemble): the run would have nothing to predict with")
     members = [
         {**entry, "group": group.name, "file": f"{group.name}/{entry['file']}" if group.name else entry["file"]}
         for group, manifest in groups

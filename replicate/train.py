@@ -11,6 +11,10 @@ Layout of a run folder (`runs/<recipe>/<run-id>/`):
                                 the member is saved)
     tensorboard/seed-XX/        TensorBoard logs
 
+A task that trains several seed ensembles (`replicate.task.Group`) has one such folder per group under the
+run folder, e.g. `per_machine/fan/`, and the run's own manifest lists the members of its ensemble
+(`replicate.runner`: the manifest's schema).
+
 Each member stands on its own record, written when it starts ("training") and when it is saved ("trained"):
 a rerun keeps a member whose record matches the run's set-up and whose file matches its checksum, resumes
 an interrupted one, trains a damaged one again, and refuses (or with `retrain`, removes) members trained

@@ -156,6 +156,10 @@ def test_a_task_runs_through_the_command_line_and_the_one_sequence(data_root, tm
         (1, "", "members/seed-01.keras"),
     ]
     assert set(manifest["prepare"]) == {"seconds", "peak_memory_mb"}
+    assert [m["file"] for m in Ensemble.load(run_dir, groups=[""]).manifest["members"]] == [
+        "members/seed-00.keras",
+        "members/seed-01.keras",
+    ]
 
     text = (run_dir / "report.md").read_text()
     assert text.startswith(f"# A tiny task — run `run`\n\nRecipe `tiny`, profile `full`; data `{data_root.resolve()}`.")
@@ -232,10 +236,18 @@ def test_the_members_table_names_the_group_of_each_member_and_the_best_epoch_whe
 
 @pytest.mark.parametrize(
     "names, message",
-    [(["a", "a"], "distinct names"), (["", "b"], "a name each"), ([], "distinct names")],
+    [
+        (["a", "a"], "distinct names"),
+        (["", "b"], "a name each"),
+        ([], "distinct names"),
+        (["outside"], "no group is in the ensemble"),
+    ],
 )
-def test_group_names_are_checked_before_anything_trains(data_root, tmp_path, names, message):
-    task = TinyTask(lambda x, y: [Group(lambda seed: _model(), _data(x, y), name=name) for name in names])
+def test_groups_are_checked_before_anything_trains(data_root, tmp_path, names, message):
+    def groups(x, y):
+        return [Group(lambda seed: _model(), _data(x, y), name=name, ensemble=name != "outside") for name in names]
+
+    task = TinyTask(groups)
     with pytest.raises(ValueError, match=message):
         runner.run(task, task.load_recipe(), data_root, tmp_path / "run", progress=False, log=lambda _: None)
     assert not (tmp_path / "run" / "members").exists()

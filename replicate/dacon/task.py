@@ -21,6 +21,7 @@ from replicate.task import BenchmarkMember, DataError, Group, Prepared, Run, Tas
 
 INPUT = "log_mel"  # the model's input (models.dacon)
 EVALUATION_BATCH = 256  # rows per prediction batch
+WORDS = 30  # the competition's vocabulary: the model's output is a 30-value distribution
 
 
 def feature_spec(recipe: dict) -> feature_lib.MelPowerSpec:
@@ -208,9 +209,6 @@ class DaconTask(Task):
         frames = 1 + data["clip_samples"] // features["hop_length"]  # librosa's centred frames
         shape = (features["n_mels"], frames, len(features["n_fft"]))
         return BenchmarkMember(lambda: build_model(recipe, shape, WORDS), recipe["train"])
-
-
-WORDS = 30  # the competition's vocabulary: the model's output is a 30-value distribution
 
 
 def split_rows(count: int, recipe: dict) -> tuple[np.ndarray, np.ndarray]:
