@@ -1,6 +1,6 @@
 """Features benchmark: DACON wav files → features, the source's way against ours, on the same files.
 
-The source's way (its blog post, ../shared/seeds/dacon_overlap_3rd_place.md, "Preprocessing"): load every
+The source's way (its blog post's "Preprocessing" section; docs/dacon.md): load every
 file with librosa, then for each of the 4 resolutions compute one clip's mel spectrogram at a time in one
 process, stack, and convert the whole array to dB with `ref=np.max`. Ours: `features.cached_features`
 (`features.melspectrogram` on chunks of clips in worker threads, written to the on-disk cache), then the
@@ -77,25 +77,10 @@ def source_way(paths: list[Path]) -> np.ndarray:
 def our_way(paths: list[Path], cache_dir: Path, workers: int) -> np.ndarray:
     """Ours: cached batched mel power, then the global-reference dB of the Normalizer (before z-scoring)."""
     from replicate import features
-    from replicate.dacon import resolutions
 
-    recipe_features = {
-        "n_fft": [r[0] for r in RESOLUTIONS],
-        "win_length": [r[1] for r in RESOLUTIONS],
-        "hop_length": 160,
-        "n_mels": 64,
-        "pad_mode": PAD_MODE,
-    }
-    power, _ = features.cached_features(
-        paths,
-        audio=features.AudioSpec(SAMPLE_RATE, SAMPLE_RATE),
-        extractor=features.mel_power_extractor(SAMPLE_RATE, resolutions(recipe_features)),
-        params={"benchmark": "dacon"},
-        cache_dir=cache_dir,
-        name="bench",
-        workers=workers,
-        progress=False,
-    )
+    resolutions = tuple(features.MelResolution(n_fft, win, 160, 64, PAD_MODE) for n_fft, win in RESOLUTIONS)
+    spec = features.MelPowerSpec(features.AudioSpec(SAMPLE_RATE, SAMPLE_RATE), resolutions)
+    power, _ = spec.cached(paths, cache_dir=cache_dir, name="bench", workers=workers, progress=False)
     reference = features.channel_max([power])
     decibels = np.empty(power.shape, dtype=np.float32)
     for start in range(0, len(power), DB_CHUNK):

@@ -33,8 +33,9 @@ CACHE_COMMAND = (
     "import sys\n"
     "from replicate import dacon\n"
     "recipe, data = dacon.load_recipe('quick', [sys.argv[2]]), dacon.load_data(sys.argv[1])\n"
-    "dacon.mel_power_cached(data.train_paths, recipe, 'dacon-train', progress=False)\n"
-    "dacon.mel_power_cached(data.test_paths, recipe, 'dacon-test', progress=False)\n"
+    "spec, run = dacon.feature_spec(recipe), recipe['run']\n"
+    "for paths, name in ((data.train_paths, 'dacon-train'), (data.test_paths, 'dacon-test')):\n"
+    "    spec.cached(paths, cache_dir=run['cache_dir'], name=name, workers=run['workers'] or None, progress=False)\n"
 )
 RAY_COMMAND = (
     "import sys, ray\n"

@@ -2,7 +2,8 @@
 
 Each run gets its own synthetic-data, cache and run folders, so nothing is reused from earlier runs; the
 virtual environment is taken as installed (`make install` is not timed). With `--readme`, each recipe's
-results block in the README is then made from the run just timed (`python -m replicate.report`, not timed).
+results block (in the README, or in the page of docs/ that holds it) is then made from the run just timed
+(`python -m replicate.report`, not timed).
 
     python -m benchmarks.recipes dacon maic      # prints one JSON object per recipe
 """
@@ -51,7 +52,9 @@ def time_recipes(names: list[str], readme: Path | None = None, keep_runs: Path |
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.recipes", description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="+")
-    parser.add_argument("--readme", type=Path, help="regenerate this README's results block of each recipe")
+    parser.add_argument(
+        "--readme", type=Path, help="regenerate each recipe's results block (this README's, or its page's under docs/)"
+    )
     parser.add_argument("--keep-runs", type=Path, help="keep the run folders here (<folder>/<recipe>)")
     arguments = parser.parse_args(argv)
     for result in time_recipes(arguments.recipes, arguments.readme, arguments.keep_runs):

@@ -9,41 +9,30 @@ are numpy arrays, so the same measurement runs on a machine that has only JAX or
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
 import json
 import math
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from replicate import report
+from replicate.task import BenchmarkMember
 
 MIN_SECONDS = 5.0  # timed at least this long: ten fast steps (half a second) measured noise on a shared CPU
 
 
 @dataclass(frozen=True)
-class Setup:
-    """One recipe's training, as its task module builds and compiles it (full profile)."""
-
-    build: Callable  # () → a new, uncompiled member
-    train: dict  # the recipe's train section as `replicate.train.compile_model` takes it (optimizer, loss, ...)
-    label_input: str = ""  # an input that is fed the targets (DCASE's margin layer takes the labels)
-
-
-@dataclass(frozen=True)
 class ModelBenchmark:
-    """What to train: a function of (profile, overrides) returning the recipe's `Setup`, called in the measuring
-    process only (the full profile, unless a test asks for a small one), and the limits of a CPU run.
+    """The limits of a CPU run of one task's member (`Task.benchmark_member`, built in the measuring process
+    only, from the full profile unless a test asks for a small one).
 
     A heavy model's step takes seconds on a CPU, so there it is timed over fewer steps, fewer fused members
     and fewer backends (each measurement records what it ran); on a GPU every limit is lifted.
     """
 
-    setup: str  # "module:function"
     fuse: bool = True  # False: measured one member at a time only (`benchmarks.run` skips the fused runs)
     note: str = ""  # why not, for the README
     cpu_steps: int | None = None  # timed steps per pass at most on a CPU (passes repeat to MIN_SECONDS)
@@ -51,61 +40,13 @@ class ModelBenchmark:
     cpu_backends: tuple[str, ...] = ()  # the backends measured on a CPU (empty: every one)
 
 
-def _frames(clip_samples: int, hop_length: int) -> int:
-    """Frames of a clip in librosa's centred STFT (what the recipes' features have)."""
-    return 1 + clip_samples // hop_length
-
-
-def dacon_setup(profile: str | None = None, overrides: Sequence[str] = ()) -> Setup:
-    from replicate import dacon
-
-    recipe = dacon.load_recipe(profile, overrides)
-    data, features = recipe["data"], recipe["features"]
-    shape = (features["n_mels"], _frames(data["clip_samples"], features["hop_length"]), len(features["n_fft"]))
-    # spec/dacon.md, "The task": a 30-word vocabulary (the model's output is a 30-value distribution)
-    return Setup(functools.partial(dacon.build_model, recipe, shape, 30), recipe["train"])
-
-
-def aicup_setup(profile: str | None = None, overrides: Sequence[str] = ()) -> Setup:
-    """The n_mfcc = 13 variant (the first of the five), multimodal as the recipe's default."""
-    from replicate import aicup
-
-    recipe = aicup.load_recipe(profile, overrides)
-    n_mfcc = recipe["features"]["n_mfcc"][0]
-    return Setup(functools.partial(aicup.build_model, recipe, n_mfcc, recipe["model"]["clinical"]), recipe["train"])
-
-
-def maic_setup(profile: str | None = None, overrides: Sequence[str] = ()) -> Setup:
-    from replicate import maic
-
-    recipe = maic.load_recipe(profile, overrides)
-    # spec/maic.md, "Method" 2: 21 sub-classes occur in the data (the recipe derives them from the data)
-    return Setup(functools.partial(maic.build_model, recipe, 21), recipe["train"])
-
-
-def dcase_setup(profile: str | None = None, overrides: Sequence[str] = ()) -> Setup:
-    """The integrated ArcFace model (41 IDs) on whole 10-s clips, its warm-restart schedule and logits loss."""
-    from replicate import dcase
-
-    recipe = dcase.load_recipe(profile, overrides)
-    data, features = recipe["data"], recipe["features"]
-    frames = features["input_frames"] or _frames(data["clip_samples"], features["hop_length"])
-    margin = recipe["model"]["head"] != "softmax"
-    # spec/dcase.md, "The task": 41 machine IDs in all (the integrated model classifies them all)
-    build = functools.partial(dcase.build_model, recipe, (features["n_mels"], frames, 1), 41)
-    # steps per epoch only set the schedule's period; any count gives the same step time
-    train = dcase.train_recipe_for(recipe, 100, finetune=False, margin=margin)["train"]
-    return Setup(build, train, label_input="labels" if margin else "")
-
-
 MODELS: dict[str, ModelBenchmark] = {
-    "dacon": ModelBenchmark("benchmarks.training:dacon_setup"),
-    "aicup": ModelBenchmark("benchmarks.training:aicup_setup"),
+    "dacon": ModelBenchmark(),
+    "aicup": ModelBenchmark(),
     # 2-4 s per step of 32 on 2 CPU cores, where 2 members fused ran at 0.8-1.1× one member's samples/s
-    "maic": ModelBenchmark("benchmarks.training:maic_setup", cpu_steps=1, cpu_fused=1),
+    "maic": ModelBenchmark(cpu_steps=1, cpu_fused=1),
     # 10-20 s and ~6 GB per step of 64 on 2 CPU cores
     "dcase": ModelBenchmark(
-        "benchmarks.training:dcase_setup",
         fuse=False,
         note="its recipe trains one member at a time, each keeping its best epoch by the development AUC + pAUC "
         "(a per-member callback), and its ArcFace layer has no grouped form",
@@ -115,9 +56,12 @@ MODELS: dict[str, ModelBenchmark] = {
 }
 
 
-def setup_of(name: str, profile: str | None = None, overrides: Sequence[str] = ()) -> Setup:
-    module, function = MODELS[name].setup.split(":")
-    return getattr(importlib.import_module(module), function)(profile, overrides)
+def setup_of(name: str, profile: str | None = None, overrides: Sequence[str] = ()) -> BenchmarkMember:
+    """The task's member as its recipe (with a profile and overrides) trains it (`Task.benchmark_member`)."""
+    from replicate import tasks
+
+    task = tasks.get(name)
+    return task.benchmark_member(task.load_recipe(profile, overrides))
 
 
 def skip_reason(name: str, backend: str, fused: int, *, on_cpu: bool) -> str:

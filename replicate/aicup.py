@@ -37,7 +37,8 @@ import pandas as pd
 from replicate import features as feature_lib
 from replicate import files, metrics, report
 from replicate import recipe as recipe_lib
-from replicate.task import DataError, listing, short_commit
+from replicate.runner import short_commit
+from replicate.task import DataError, listing
 
 CLASS_NAMES = ("Phonotrauma", "Incomplete glottic closure", "Vocal palsy", "Neoplasm", "Normal")  # labels 1-5
 LABEL_COLUMN = "Disease category"
@@ -726,7 +727,7 @@ def train_modality(
     import keras
 
     from models.aicup import mfcc_input_name
-    from replicate import task, train
+    from replicate import train
 
     modality = MODALITIES[clinical]
     modality_dir = run_dir / modality
@@ -759,7 +760,7 @@ def train_modality(
         }
         variant_manifest = train.train_ensemble(
             variant_recipe,
-            task.seeds_of(recipe),
+            recipe_lib.seeds_of(recipe),
             run_dir=variant_dir,
             manifest={
                 **base_manifest,
@@ -775,7 +776,7 @@ def train_modality(
             },
             retrain=retrain,
             log=log,
-            build_model=functools.partial(build_model, recipe, n_mfcc, clinical),
+            build_model=lambda seed, n_mfcc=n_mfcc: build_model(recipe, n_mfcc, clinical),
             train_data=lambda seed, epoch, inputs=train_inputs, rows=train_rows, weights=weights: make_dataset(
                 inputs,
                 labels[rows],
@@ -842,7 +843,7 @@ def run(
 ) -> Path:
     """Run the whole recipe on a data folder; returns the run folder (report.md, submission.csv).
     `retrain`: train again the members trained from another set-up (`train.train_ensemble`)."""
-    from replicate import task, train
+    from replicate import runner, train
 
     data_root = Path(data_root)
     data = load_data(data_root)
@@ -850,7 +851,7 @@ def run(
         data.train.labels, recipe["data"]["folds"], recipe["data"]["validation_fold"], recipe["data"]["split_seed"]
     )
     check_training_classes(data.train, train_rows, recipe["data"])
-    run_dir = task.open_run_dir(recipe, data_root, run_dir)
+    run_dir = runner.open_run_dir(recipe, data_root, run_dir)
     log(f"run folder: {run_dir}")
     log(
         f"data: {len(data.train.ids)} training persons"
@@ -1292,9 +1293,9 @@ def _counts_line(counts: Mapping[str, int]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from replicate import task
+    from replicate import runner
 
-    return task.main(
+    return runner.command_line(
         argv,
         prog="python -m replicate.aicup",
         description="AI CUP 2023 pathological voice, 6th private: MFCC CNN + clinical MLP, five-variant ensemble.",

@@ -14,7 +14,6 @@ normalisation statistics → the set-up's seed ensembles (resumable; best epoch 
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from replicate import features as feature_lib
-from replicate import files, metrics, report, task, train
+from replicate import files, metrics, report, runner, task, train
 from replicate import recipe as recipe_lib
 from replicate.task import DataError
 
@@ -628,7 +627,7 @@ def run(
     data_root = Path(data_root)
     data = load_data(data_root)
     ground_truth = read_ground_truth(data_root, data.eval_test)
-    run_dir = task.open_run_dir(recipe, data_root, run_dir)
+    run_dir = runner.open_run_dir(recipe, data_root, run_dir)
     log(f"run folder: {run_dir}")
     log(
         f"data: {len(data.machine_types)} machine types, {len(data.class_names)} IDs, {len(data.train)} training, "
@@ -680,7 +679,7 @@ def run(
         "feature_seconds": round(feature_seconds, 2),
         "feature_peak_memory_mb": train.peak_memory_mb(),
     }
-    seeds = task.seeds_of(recipe)
+    seeds = recipe_lib.seeds_of(recipe)
     setup = recipe["train"]["setup"]
     members = {
         "trained_from": {
@@ -834,13 +833,8 @@ def _train_group(
         ],
         "verbose": "auto" if progress else 0,
     }
-    if finetune:
-        # build_model takes no seed, and a fine-tuned member starts from its own seed's integrated model:
-        # grow the ensemble one seed at a time (the members already trained are kept).
-        for count, seed in enumerate(seeds, start=1):
-            train.train_ensemble(member_recipe, seeds[:count], build_model=functools.partial(build, seed), **arguments)
-    else:
-        train.train_ensemble(member_recipe, seeds, build_model=functools.partial(build, seeds[0]), **arguments)
+    # A fine-tuned member starts from its own seed's integrated model: the builder takes the seed.
+    train.train_ensemble(member_recipe, seeds, build_model=build, **arguments)
     export_members(group_dir, log)
 
 
@@ -1136,7 +1130,7 @@ def results_table(run_dir: str | os.PathLike) -> str:
         f"seeds × {recipe['train']['epochs']} epochs, {len(manifest['class_names'])} IDs, "
         f"{manifest['data']['train_clips']} training clips of {seconds:g} s; "
         f"{manifest['environment']['machine']}, {manifest['environment']['date'][:10]}, "
-        f"commit {task.short_commit(manifest['environment']['git'])}."
+        f"commit {runner.short_commit(manifest['environment']['git'])}."
     )
     return report.markdown_table(("model", "data", "AUC", "pAUC"), rows) + "\n\n" + caption + "\n"
 
@@ -1313,7 +1307,7 @@ def write_report(run_dir: Path, recipe: dict, data: DcaseData, arrays: Arrays, g
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return task.main(
+    return runner.command_line(
         argv,
         prog="python -m replicate.dcase",
         description="DCASE 2020 Task 2 machine-ID classifier (ResNet-50 + ArcFace): scores, official CSVs, report.",

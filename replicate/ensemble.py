@@ -2,21 +2,26 @@
 
 >>> from replicate.ensemble import Ensemble
 >>> ensemble = Ensemble.load("runs/dacon/quick-1a2b3c4d5e6f")
->>> probabilities = ensemble.predict_files(["clip.wav"])   # (1, 30), rows sum to 1
+>>> probabilities = ensemble.predict_files(["clip.wav"])     # (1, 30), rows sum to 1
+>>> table = ensemble.predict_table(["clip.wav", "test/"])    # the task's own predictions, one row per item
+
+Members may take several named inputs (each is given the inputs it names) and return a dict of outputs
+(one is chosen by name). From raw input (audio files, a folder of persons, ...) the task's inference hook
+(`Task.predict`, found through the registry `replicate.tasks`) computes the inputs exactly as in training
+and combines the members as the source did.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from replicate import files, task, train
-from replicate.train import MANIFEST
+from replicate import files, train
+from replicate.runner import MANIFEST, RunFolderError
 
 
 class PredictionError(ValueError):
@@ -53,7 +58,7 @@ class Ensemble:
 
     Attributes:
         run_dir: the run folder.
-        manifest: the run's manifest (task, features, normalisation, class names, members).
+        manifest: the run's manifest (task, features, preprocessing, class names, members).
         members: the loaded `keras.Model`s, in manifest order.
     """
 
@@ -65,31 +70,36 @@ class Ensemble:
         self.members = list(members)
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike, size: int | None = None) -> Ensemble:
+    def load(cls, run_dir: str | os.PathLike, size: int | None = None, *, groups: Sequence[str] | None = None):
         """Load the manifest and the first `size` members (all by default), in safe mode, each checked
         against the SHA-256 in its record (`members/seed-XX.json` beside it) where it has one.
 
+        Args:
+            run_dir: a finished run folder.
+            size: load the first `size` members only.
+            groups: load these groups' members (each group folder's own manifest) instead of the run's
+                ensemble, e.g. AI CUP's other modality; their files are taken relative to the run folder.
+
         Raises:
-            task.RunFolderError: a member's file differs from its record.
+            RunFolderError: no manifest, a member's file missing, or differing from its record.
         """
         run_dir = Path(run_dir)
-        manifest_path = run_dir / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path}: no manifest; is {run_dir} a finished run folder?")
-        manifest = files.read_json(manifest_path)
+        manifest = _read_manifest(run_dir)
+        if groups is not None:
+            manifest = {**manifest, "members": [entry for name in groups for entry in _group_members(run_dir, name)]}
         entries = manifest["members"][:size]
         missing = [entry["file"] for entry in entries if not (run_dir / entry["file"]).is_file()]
         if missing:
-            raise FileNotFoundError(f"{run_dir}: member files listed in the manifest are missing: {missing}")
+            raise RunFolderError(f"{run_dir}: member files listed in the manifest are missing: {missing}")
         for entry in entries:
             record_path = (run_dir / entry["file"]).with_suffix(".json")
             recorded = files.read_json(record_path).get("sha256") if record_path.is_file() else None
             if recorded is not None:
                 problem = train.damaged_member(run_dir, entry["file"], recorded)
                 if problem:
-                    raise task.RunFolderError(f"{run_dir}: {problem}; run the recipe again to train it again")
+                    raise RunFolderError(f"{run_dir}: {problem}; run the recipe again to train it again")
         members = [keras.models.load_model(run_dir / entry["file"], safe_mode=True) for entry in entries]
-        return cls(run_dir, manifest, members)
+        return cls(run_dir, {**manifest, "members": entries}, members)
 
     @property
     def class_names(self) -> list[str]:
@@ -97,34 +107,96 @@ class Ensemble:
 
     @property
     def seeds(self) -> list[int]:
-        return [entry["seed"] for entry in self.manifest["members"][: len(self.members)]]
+        return [entry["seed"] for entry in self.manifest["members"]]
 
-    def predict_members(self, inputs, batch_size: int = 256) -> np.ndarray:
-        """Each member's probabilities: (members, rows, classes).
+    @property
+    def task(self):
+        """The run's task (`replicate.task.Task`), from the registry."""
+        from replicate import tasks
+
+        return tasks.get(self.manifest["task"])
+
+    def predict_members(self, inputs, batch_size: int = 256, *, output: str | None = None) -> np.ndarray:
+        """Each member's predictions: (members, rows, ...).
+
+        Args:
+            inputs: an array, a `tf.data.Dataset`, or {input name: array}, of which each member gets the
+                inputs it names (members of one ensemble may take different inputs).
+            batch_size: rows per predict step.
+            output: which output of members that return a dict of outputs (e.g. "embedding").
 
         Raises:
             PredictionError: a member predicts a NaN or infinite value (its seed is named).
         """
-        outputs = np.stack([member.predict(inputs, batch_size=batch_size, verbose=0) for member in self.members])
+        outputs = np.stack(
+            [
+                _chosen_output(member.predict(_inputs_of(member, inputs), batch_size=batch_size, verbose=0), output)
+                for member in self.members
+            ]
+        )
         check_finite(outputs, self.seeds, str(self.run_dir))
         return outputs
 
-    def predict(self, inputs, batch_size: int = 256) -> np.ndarray:
-        """The ensemble's probabilities: the plain mean of the members' (as every source averaged)."""
-        return self.predict_members(inputs, batch_size).mean(axis=0)
+    def predict(self, inputs, batch_size: int = 256, *, output: str | None = None) -> np.ndarray:
+        """The ensemble's predictions: the plain mean of the members' (as every source averaged)."""
+        return self.predict_members(inputs, batch_size, output=output).mean(axis=0)
 
-    def features(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
-        """Model inputs for audio files, computed exactly as in training (the task module's rule)."""
-        task = importlib.import_module(f"replicate.{self.manifest['task']}")
-        return task.inference_features(paths, self.manifest)
+    def features(self, paths: Sequence[str | os.PathLike]):
+        """Model inputs for audio files, computed exactly as in training (`Task.inference_inputs`)."""
+        return self.task.inference_inputs(self.manifest, paths)
 
     def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 256) -> np.ndarray:
         """The ensemble's probabilities for audio files: (files, classes)."""
         return self.predict(self.features(paths), batch_size)
 
+    def predict_table(self, inputs: Sequence[str | os.PathLike]):
+        """The task's predictions from its natural raw input (`Task.predict`): a `pandas.DataFrame` with one
+        row per item (a clip, a person), e.g. DACON's word shares of each wav file."""
+        return self.task.predict(self, [os.fspath(path) for path in inputs])
+
     def evaluate(self, inputs, targets: np.ndarray, metric: Callable, batch_size: int = 256) -> dict:
         """Score every member and the ensembles of the first k members with `metric(targets, predictions)`."""
         return score_members(self.predict_members(inputs, batch_size), targets, metric)
+
+
+def _read_manifest(run_dir: Path) -> dict:
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        raise RunFolderError(f"{path}: no manifest; is {run_dir} a finished run folder?")
+    return files.read_json(path)
+
+
+def _group_members(run_dir: Path, name: str) -> list[dict]:
+    """A group's members from its own manifest, their files relative to the run folder."""
+    manifest = _read_manifest(run_dir / name)
+    return [
+        {**entry, "group": name, "file": f"{name}/{entry['file']}" if name else entry["file"]}
+        for entry in manifest["members"]
+    ]
+
+
+def _inputs_of(member: keras.Model, inputs):
+    """What `member` takes of `inputs`: the arrays its inputs name when `inputs` is a dict, else `inputs`."""
+    if not isinstance(inputs, Mapping):
+        return inputs
+    names = [tensor.name for tensor in member.inputs]
+    missing = [name for name in names if name not in inputs]
+    if missing:
+        raise ValueError(f"the member {member.name!r} takes inputs {names}; not given: {missing}")
+    return inputs[names[0]] if len(names) == 1 else {name: inputs[name] for name in names}
+
+
+def _chosen_output(prediction, output: str | None) -> np.ndarray:
+    """A member's prediction, or the named one of its dict of outputs."""
+    if not isinstance(prediction, Mapping):
+        if output is not None:
+            raise ValueError(f"output={output!r} names an output, but the members have a single one")
+        return np.asarray(prediction)
+    if output is None and len(prediction) == 1:
+        return np.asarray(next(iter(prediction.values())))
+    if output not in prediction:
+        raise ValueError(f"the members return the outputs {sorted(prediction)}: choose one with output=...")
+    return np.asarray(prediction[output])
 
 
 def score_members(member_predictions: np.ndarray, targets: np.ndarray, metric: Callable) -> dict:

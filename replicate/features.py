@@ -10,15 +10,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
-import hashlib
-import json
 import os
-import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -60,6 +58,11 @@ class AudioSpec:
     num_samples: int | None = None
     resample: bool = False
     fix_length: bool = False
+
+    @classmethod
+    def from_recipe(cls, data: Mapping[str, Any]) -> AudioSpec:
+        """A recipe's `[data]` table: `sample_rate`, `clip_samples`, `resample` and `fix_length`."""
+        return cls(data["sample_rate"], data["clip_samples"], data["resample"], data["fix_length"])
 
 
 CHECKPOINT_SECONDS = 10.0  # at most this much extraction is redone after a hard kill (SIGKILL, power loss)
@@ -417,7 +420,7 @@ def extract_features(
     """Features of a few files in this process, without the cache (inference on new clips).
 
     Raises:
-        FeatureCacheError: listing every file that could not be used.
+        FeatureCacheError: listing every file that could not be used, on one line.
     """
     paths = [os.fspath(p) for p in paths]
     if not paths:
@@ -428,8 +431,8 @@ def extract_features(
             for start in range(0, len(paths), chunk_size)
         ]
     errors = [error for _, chunk_errors, _ in results for error in chunk_errors]
-    if errors:
-        raise FeatureCacheError(f"{len(errors)} of {len(paths)} audio files cannot be used:\n  " + "\n  ".join(errors))
+    if errors:  # one line: this is what a command that predicts prints
+        raise FeatureCacheError(f"{len(errors)} of {len(paths)} audio files cannot be used: " + "; ".join(errors))
     return np.concatenate([features for features, _, _ in results])
 
 
@@ -452,10 +455,11 @@ def cached_features(
 ) -> tuple[np.ndarray, dict]:
     """Features of `paths`, computed once and memory-mapped from `cache_dir` afterwards.
 
-    The cache key hashes `params` (everything that changes the numbers) and the file list with each
-    file's size and modification time, so a changed file or parameter computes anew and a second run
-    with the same inputs reads the cache. Work is resumable: an interrupted extraction continues from
-    the last finished chunk. The finished cache is renamed into place atomically.
+    The cache key (`files.cache_key`) hashes `params` (everything that changes the numbers) and the file
+    list with each file's size and modification time, so a changed file or parameter computes anew and a
+    second run with the same inputs reads the cache. Work is resumable: an interrupted extraction continues
+    from the last finished chunk. The finished cache is renamed into place atomically (`files.cached_folder`,
+    the package's one cache mechanism).
 
     A finished cache records the SHA-256 of every 16 MiB block of its array (`files.checksums`), and is
     checked against them each time it is opened: a cache damaged on disk (garbage written into it, a
@@ -493,27 +497,28 @@ def cached_features(
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise ValueError(f"{name}: no audio files to extract features from")
-    key = _cache_key(paths, params, audio)
-    final_dir = Path(cache_dir) / f"{name}-{key}"
+    try:
+        key = files.cache_key({"params": params, "audio": asdict(audio)}, paths)
+    except OSError as error:
+        raise FeatureCacheError(f"{error.filename}: cannot read audio ({error.strerror})") from error
+    folder = Path(cache_dir) / f"{name}-{key}"
     threads = max(1, workers or os.cpu_count() or 1)
-    meta, _ = files.verified_cache(final_dir, threads)  # the usual case: whole, read without a lock
-    if meta is None:
-        with files.folder_lock(final_dir, "feature cache"):
-            meta, problem = files.verified_cache(final_dir, threads)  # another process may have built it meanwhile
-            if problem is not None:
-                log(f"features {name}: the cache {final_dir} {problem}; computing it again")
-                shutil.rmtree(final_dir)
-            if meta is None:
-                meta = _build_cache(
-                    paths, audio, extractor, params, final_dir, key, name, chunk_size, workers, progress
-                )
-    return np.load(final_dir / "features.npy", mmap_mode="r"), meta
+    meta = files.cached_folder(
+        folder,
+        lambda partial: _build_cache(
+            paths, audio, extractor, params, partial, key, name, chunk_size, workers, progress
+        ),
+        what="feature cache",
+        workers=threads,
+        resume=True,
+        log=log,
+    )
+    return np.load(folder / "features.npy", mmap_mode="r"), meta
 
 
-def _build_cache(paths, audio, extractor, params, final_dir, key, name, chunk_size, workers, progress) -> dict:
-    """Extract the features of `paths` into `.<name>-<key>.partial`, resuming it, and rename it to `final_dir`."""
-    partial_dir = final_dir.parent / f".{final_dir.name}.partial"
-    partial_dir.mkdir(parents=True, exist_ok=True)
+def _build_cache(paths, audio, extractor, params, partial_dir, key, name, chunk_size, workers, progress) -> dict:
+    """Extract the features of `paths` into `partial_dir` (`files.cached_folder`'s), resuming what an
+    interrupted extraction left there; returns the cache's metadata."""
     state_path = partial_dir / "state.json"
     state = files.read_json(state_path) if state_path.is_file() else {"done": 0, "notes": {}}
 
@@ -546,20 +551,15 @@ def _build_cache(paths, audio, extractor, params, final_dir, key, name, chunk_si
         listed = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         raise FeatureCacheError(f"{len(errors)} of {len(paths)} audio files cannot be used:\n  {listed}{more}")
-
-    meta = {
+    state_path.unlink()
+    return {
         "name": name,
         "key": key,
         "params": params,
         "audio": asdict(audio),
         "count": len(paths),
         "notes": {k: notes.get(k, 0) for k in ("mixed_to_mono", "resampled", "padded", "cropped")},
-        "checksums": {"features.npy": files.checksums(partial_dir / "features.npy", workers=workers)},
     }
-    files.write_json(partial_dir / "meta.json", meta)
-    state_path.unlink()
-    os.replace(partial_dir, final_dir)  # the lock keeps other processes from building it meanwhile
-    return meta
 
 
 class _RowWriter:
@@ -644,12 +644,148 @@ def _ordered_map(function: Callable, items: Sequence, workers: int):
                 future.cancel()
 
 
-def _cache_key(paths: Sequence[str], params: dict, audio: AudioSpec) -> str:
-    digest = hashlib.sha256(json.dumps({"params": params, "audio": asdict(audio)}, sort_keys=True).encode())
-    for path in paths:
-        try:
-            stat = os.stat(path)
-        except OSError as error:
-            raise FeatureCacheError(f"{path}: cannot read audio ({error.strerror})") from error
-        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+# --- feature kinds: one object per kind gives the cache key, the extractor, the manifest entry, inference ---
+
+
+class FeatureSpec:
+    """The settings of one feature kind, from which everything about it follows.
+
+    `params()` is what changes the numbers: it keys the cache (`cached`), and with the audio rules it is the
+    manifest entry (`to_manifest`), from which `FeatureSpec.from_manifest` rebuilds the same spec at inference
+    (`compute`: the same extractor on new files, without the cache, with the same bits as the cached rows).
+    A task builds its spec from its recipe once and uses it for all four, so the cache key, the training
+    features and the inference features cannot drift apart.
+
+    Subclasses are frozen dataclasses with an `audio: AudioSpec` field, a `kind` (the manifest's "kind"),
+    `params()` and `extractor()`, registered in `FEATURE_KINDS` by `feature_kind`.
+    """
+
+    kind: ClassVar[str]
+    audio: AudioSpec
+
+    def params(self) -> dict:
+        """Everything that changes the numbers, JSON-able, with "kind" first."""
+        raise NotImplementedError(f"{type(self).__name__} must define params()")
+
+    def extractor(self) -> Callable[[np.ndarray], np.ndarray]:
+        """(clips, samples) float32 → (clips, ...) float32, picklable and safe to call from several threads."""
+        raise NotImplementedError(f"{type(self).__name__} must define extractor()")
+
+    @classmethod
+    def from_params(cls, audio: AudioSpec, params: Mapping[str, Any]) -> FeatureSpec:
+        """The spec of these `params()` values and audio rules."""
+        raise NotImplementedError(f"{cls.__name__} must define from_params()")
+
+    def to_manifest(self) -> dict:
+        return {**self.params(), "audio": asdict(self.audio)}
+
+    @staticmethod
+    def from_manifest(entry: Mapping[str, Any]) -> FeatureSpec:
+        """The spec a manifest entry (`to_manifest`) describes."""
+        kind = entry.get("kind")
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"unknown feature kind {kind!r} in the manifest; known: {', '.join(FEATURE_KINDS)}")
+        return FEATURE_KINDS[kind].from_params(AudioSpec(**entry["audio"]), entry)
+
+    def cached(
+        self,
+        paths: Sequence[str | os.PathLike],
+        *,
+        cache_dir: str | os.PathLike,
+        name: str,
+        workers: int | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> tuple[np.ndarray, dict]:
+        """The features of `paths` from the cache, computed the first time (`cached_features`)."""
+        return cached_features(
+            paths,
+            audio=self.audio,
+            extractor=self.extractor(),
+            params=self.params(),
+            cache_dir=cache_dir,
+            name=name,
+            workers=workers,
+            progress=progress,
+            log=log,
+        )
+
+    def compute(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
+        """The features of a few new files, without the cache (inference): the bits `cached` gives."""
+        return extract_features(paths, audio=self.audio, extractor=self.extractor())
+
+
+FEATURE_KINDS: dict[str, type[FeatureSpec]] = {}
+
+
+def feature_kind(cls: type[FeatureSpec]) -> type[FeatureSpec]:
+    """Register a `FeatureSpec` subclass under its `kind`, so that manifests naming it can be read."""
+    FEATURE_KINDS[cls.kind] = cls
+    return cls
+
+
+@feature_kind
+@dataclass(frozen=True)
+class MelPowerSpec(FeatureSpec):
+    """Mel power spectrograms, one channel per resolution (`mel_power`): (clips, n_mels, frames, channels).
+
+    DACON stacks four resolutions; DCASE uses one with torchaudio's definition. The dB conversion and the
+    z-score depend on the data set and are applied by `Normalizer`, outside the cache.
+    """
+
+    kind: ClassVar[str] = "mel_power"
+    audio: AudioSpec
+    resolutions: tuple[MelResolution, ...]
+
+    def params(self) -> dict:
+        return {
+            "kind": self.kind,
+            "sample_rate": self.audio.sample_rate,
+            "resolutions": [asdict(resolution) for resolution in self.resolutions],
+        }
+
+    def extractor(self) -> Callable[[np.ndarray], np.ndarray]:
+        return mel_power_extractor(self.audio.sample_rate, self.resolutions)
+
+    @classmethod
+    def from_params(cls, audio: AudioSpec, params: Mapping[str, Any]) -> MelPowerSpec:
+        return cls(audio, tuple(MelResolution(**resolution) for resolution in params["resolutions"]))
+
+
+@feature_kind
+@dataclass(frozen=True)
+class MfccSpec(FeatureSpec):
+    """librosa MFCCs of each clip (`mfcc`, the dB floor per clip) as one-channel images:
+    (clips, n_mfcc, frames, 1). AI CUP trains one variant per n_mfcc."""
+
+    kind: ClassVar[str] = "mfcc"
+    audio: AudioSpec
+    n_mfcc: int
+    n_fft: int
+    hop_length: int
+
+    def params(self) -> dict:
+        return {
+            "kind": self.kind,
+            "sample_rate": self.audio.sample_rate,
+            "n_mfcc": self.n_mfcc,
+            "n_fft": self.n_fft,
+            "hop_length": self.hop_length,
+        }
+
+    def extractor(self) -> Callable[[np.ndarray], np.ndarray]:
+        return functools.partial(
+            _mfcc_image,
+            sample_rate=self.audio.sample_rate,
+            n_mfcc=self.n_mfcc,
+            n_fft=self.n_fft,
+            hop_length=self.hop_length,
+        )
+
+    @classmethod
+    def from_params(cls, audio: AudioSpec, params: Mapping[str, Any]) -> MfccSpec:
+        return cls(audio, params["n_mfcc"], params["n_fft"], params["hop_length"])
+
+
+def _mfcc_image(audio: np.ndarray, *, sample_rate: int, **parameters) -> np.ndarray:
+    return mfcc(audio, sample_rate, **parameters)[..., np.newaxis]

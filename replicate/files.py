@@ -11,8 +11,10 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +165,76 @@ def verified_cache(folder: str | os.PathLike, workers: int = 1) -> tuple[dict | 
         if problem:
             return None, f"is damaged ({problem})"
     return meta, None
+
+
+def cache_key(params: Any, paths: Sequence[str | os.PathLike]) -> str:
+    """The key of a cache computed from files: a hash of `params` (JSON: everything that changes the
+    numbers) and of every file's absolute path, size and modification time, in order. A changed file or
+    parameter gives another key; the same inputs, the same key.
+
+    Raises:
+        OSError: a file cannot be read (`stat`); the caller names what it is.
+    """
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_folder(
+    folder: str | os.PathLike,
+    build: Callable[[Path], dict],
+    *,
+    what: str = "cache",
+    workers: int = 1,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """A cache folder built once and checked every time it is opened; returns its metadata (`meta.json`).
+
+    The usual case, a whole cache, is read without a lock (`verified_cache`). Otherwise, under
+    `folder_lock`: a damaged cache is removed (said on `log`) and `build(partial)` writes the cache's files
+    into `.<name>.partial` beside the folder and returns its metadata; the SHA-256 block checksums of every
+    file it wrote are added (`checksums`), `meta.json` is written, and the partial folder is renamed into
+    place, so a cache appears whole or not at all.
+
+    Args:
+        folder: the cache folder, e.g. `<cache_dir>/<name>-<cache_key(...)>`.
+        build: writes the files into the (existing) partial folder; returns JSON-able metadata.
+        what: what the cache is, for messages ("feature cache", "token cache").
+        workers: threads that compute and check the checksums.
+        resume: keep what an interrupted `build` left in the partial folder (a builder that resumes);
+            otherwise it is emptied first.
+        log: where a damaged cache is said.
+
+    Raises:
+        LockedError: another process is building the same cache.
+    """
+    folder = Path(folder)
+    meta, _ = verified_cache(folder, workers)
+    if meta is not None:
+        return meta
+    with folder_lock(folder, what):
+        meta, problem = verified_cache(folder, workers)  # another process may have built it meanwhile
+        if meta is not None:
+            return meta
+        if problem is not None:
+            log(f"{what} {folder} {problem}; computing it again")
+            shutil.rmtree(folder)
+        partial = folder.parent / f".{folder.name}.partial"
+        if not resume:
+            shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True, exist_ok=True)
+        meta = build(partial)
+        meta["checksums"] = {
+            path.name: checksums(path, workers=workers)
+            for path in sorted(partial.iterdir())
+            if path.is_file() and path.name != "meta.json"
+        }
+        write_json(partial / "meta.json", meta)
+        os.replace(partial, folder)  # the lock keeps other processes from building it meanwhile
+    return meta
 
 
 def sha256(path: str | os.PathLike) -> str:

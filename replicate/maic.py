@@ -20,11 +20,8 @@ Data layout (`--data DIR`)::
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from replicate import files, metrics, report, task
+from replicate import files, metrics, report, runner, task
 from replicate import recipe as recipe_lib
 from replicate.task import DataError
 
@@ -346,15 +343,6 @@ def read_mel_csv(path: Path, mel_bins: int = 128) -> np.ndarray:
     return values
 
 
-def _token_cache_key(persons: Sequence[Person], params: dict) -> str:
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
-    for person in persons:
-        for path in (person.csv_path, *person.json_paths):
-            stat = os.stat(path)
-            digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
-
-
 def token_store(
     persons: Sequence[Person],
     *,
@@ -367,29 +355,29 @@ def token_store(
 ) -> TokenStore:
     """The tokens of `persons`, parsed from their CSVs once and memory-mapped from the cache afterwards.
 
-    The cache follows the engine's convention (`features.cached_features`: `<cache_dir>/<name>-<key>/`, the
-    key hashing the parameters and every CSV/JSON file's path, size and modification time; built under a
-    lock in a partial folder and renamed into place; checked against its checksums when opened, and parsed
-    again, said on `log`, when damaged), so a second run reads no CSV.
+    The cache is the engine's (`files.cached_folder`: `<cache_dir>/<name>-<key>/`, the key hashing the
+    parameters and every CSV/JSON file's path, size and modification time; built under a lock in a partial
+    folder and renamed into place; checked against its checksums when opened, and parsed again, said on
+    `log`, when damaged), so a second run reads no CSV.
 
     Raises:
         DataError: a CSV with the wrong shape or bad cells, or a token whose frames fall outside its CSV.
         files.LockedError: another process is building the same cache.
     """
     params = {"kind": "maic-tokens", "version": CACHE_VERSION, "mel_bins": mel_bins, "drop_skipped": drop_skipped}
-    key = _token_cache_key(persons, params)
+    try:
+        key = files.cache_key(params, [path for person in persons for path in (person.csv_path, *person.json_paths)])
+    except OSError as error:
+        raise DataError(f"{error.filename}: cannot read the file ({error.strerror})") from error
     final_dir = Path(cache_dir) / f"{name}-{key}"
-    meta, _ = files.verified_cache(final_dir)  # the usual case: whole, read without a lock
-    if meta is None:
-        with files.folder_lock(final_dir, "token cache"):
-            meta, problem = files.verified_cache(final_dir)  # another process may have built it meanwhile
-            if problem is not None:
-                log(f"tokens {name}: the cache {final_dir} {problem}; parsing the CSVs again")
-                shutil.rmtree(final_dir)
-            if meta is None:
-                meta = _build_token_cache(
-                    persons, final_dir, mel_bins=mel_bins, drop_skipped=drop_skipped, name=name, progress=progress
-                )
+    meta = files.cached_folder(
+        final_dir,
+        lambda partial: _build_token_cache(
+            persons, partial, mel_bins=mel_bins, drop_skipped=drop_skipped, name=name, progress=progress
+        ),
+        what="token cache",
+        log=log,
+    )
     index = np.load(final_dir / "index.npz")
     return TokenStore(
         frames=np.load(final_dir / "frames.npy", mmap_mode="r"),
@@ -403,13 +391,11 @@ def token_store(
 
 
 def _build_token_cache(
-    persons: Sequence[Person], final_dir: Path, *, mel_bins: int, drop_skipped: bool, name: str, progress: bool
+    persons: Sequence[Person], partial_dir: Path, *, mel_bins: int, drop_skipped: bool, name: str, progress: bool
 ) -> dict:
+    """Parse every person's CSV into `partial_dir` (`files.cached_folder`'s): frames.npy, index.npz."""
     kept = [[token for token in person.tokens if not (drop_skipped and token.skip)] for person in persons]
     total = sum(token.stop - token.start for tokens in kept for token in tokens)
-    partial_dir = final_dir.parent / f".{final_dir.name}.partial"
-    shutil.rmtree(partial_dir, ignore_errors=True)
-    partial_dir.mkdir(parents=True)
     frames = np.lib.format.open_memmap(
         partial_dir / "frames.npy", mode="w+", dtype=np.float32, shape=(max(total, 1), mel_bins)
     )
@@ -454,11 +440,7 @@ def _build_token_cache(
             person.person_id for person, tokens in zip(persons, kept, strict=True) if not tokens
         ],
     }
-    checksums = {file_name: files.checksums(partial_dir / file_name) for file_name in ("frames.npy", "index.npz")}
-    meta = {"name": name, "counts": counts, "checksums": checksums}
-    files.write_json(partial_dir / "meta.json", meta)
-    os.replace(partial_dir, final_dir)  # the lock keeps other processes from building it meanwhile
-    return meta
+    return {"name": name, "counts": counts}
 
 
 # --- sub-classes and label masking ---------------------------------------------------------------
@@ -793,7 +775,7 @@ def run(
 
     data_root = Path(data_root)
     data = load_data(data_root, recipe["data"]["end_frame_inclusive"])
-    run_dir = task.open_run_dir(recipe, data_root, run_dir)
+    run_dir = runner.open_run_dir(recipe, data_root, run_dir)
     log(f"run folder: {run_dir}")
     log(f"data: {len(data.train)} training persons, {len(data.test)} test persons")
 
@@ -882,7 +864,7 @@ def run(
 
     train.train_ensemble(
         recipe,
-        task.seeds_of(recipe),
+        recipe_lib.seeds_of(recipe),
         run_dir=run_dir,
         manifest=manifest,
         trained_from={
@@ -896,7 +878,7 @@ def run(
         },
         retrain=retrain,
         log=log,
-        build_model=functools.partial(build_model, recipe, len(table.entries)),
+        build_model=lambda seed: build_model(recipe, len(table.entries)),
         train_data=lambda seed, epoch: token_dataset(
             train_store,
             train_rows,
@@ -1244,7 +1226,7 @@ def results_table(run_dir: str | os.PathLike) -> str:
         f"Macro F1, higher is better. Ours: profile `{recipe['run']['profile']}`, {len(members)} members, at most "
         f"{recipe['train']['epochs']} epochs, {manifest['data']['train_tokens']} training tokens; "
         f"{manifest['environment']['machine']}, {manifest['environment']['date'][:10]}, "
-        f"commit {task.short_commit(manifest['environment']['git'])}."
+        f"commit {runner.short_commit(manifest['environment']['git'])}."
     )
     return report.markdown_table(("model", "data", "macro F1"), rows) + "\n\n" + caption + "\n"
 
@@ -1462,7 +1444,7 @@ def write_report(run_dir: Path, scores: dict, data: MaicData, train_store: Token
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return task.main(
+    return runner.command_line(
         argv,
         prog="python -m replicate.maic",
         description="MAIC 2021 voice-pathology 1st-place solution: tokens, mini-ResNet ensemble, person votes.",

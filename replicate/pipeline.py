@@ -1,5 +1,8 @@
 """tf.data input pipelines over (memory-mapped) feature arrays.
 
+One family of builders: `from_arrays` (one input array: the plain case, tuned for throughput) and
+`from_columns` (named inputs, each a column of rows: an array, or variable-length rows cropped or padded
+to a width; sample weights), with the dataset-level augmentations `random_crop_or_pad` and `mixup`.
 Rows are gathered per batch from the array (a memmap stays on disk), transformed by a numpy function
 (e.g. `features.Normalizer`), and prefetched. A training dataset is one epoch: every random draw in it
 (the row order, crops, mixup) comes from stateless random ops keyed by (seed, epoch, what is drawn, batch)
@@ -10,7 +13,8 @@ training engine builds each epoch's dataset inside `tf.data.Dataset.flat_map`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -161,6 +165,172 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     raw = np.empty(size + ALIGNMENT, dtype=np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
     return raw[start : start + size].view(dtype).reshape(shape)
+
+
+@dataclass(frozen=True)
+class ArrayColumn:
+    """One model input read from an array by row: the rows of a batch, as float32, through `transform`.
+
+    Attributes:
+        array: (rows, ...) array; may be a read-only memmap (read in sorted order, sequentially on disk).
+        transform: numpy function of a batch of rows (float32 in, float32 out) that treats each row on its
+            own (e.g. `features.Normalizer`), or None.
+    """
+
+    array: np.ndarray
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[1:])
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        order = np.argsort(rows)
+        batch = np.empty((len(rows), *self.row_shape), dtype=np.float32)
+        batch[order] = self.array[rows[order]]
+        return self.transform(batch) if self.transform is not None else batch
+
+
+@dataclass(frozen=True)
+class CropColumn:
+    """One model input of variable-length rows, each cropped (or zero-padded at its end) to `frames`.
+
+    The rows are stored end to end, time first, so that a row is one contiguous read: row i is
+    `values[offsets[i] : offsets[i] + lengths[i]]`, of shape (length, bins). A batch is read as images of
+    the package's layout, (bins, frames, 1): `frames` columns from the row's start frame, `transform`ed,
+    then zero-padded at the end when the row is shorter (padding stays 0 whatever the transform).
+
+    The start frames are fixed per row (`starts`, e.g. seeded once for prediction), or, without them,
+    drawn anew for every batch as a uniform start in [0, length − frames] (0 for shorter rows) by a
+    stateless random op keyed by (seed, epoch, batch) (`random_key`): a member sees other crops every epoch
+    and the same ones again for the same seed, however its training was interrupted.
+
+    Attributes:
+        values: (total frames, bins) array, e.g. MAIC's token store (a memmap).
+        offsets, lengths: per row, its first frame in `values` and its number of frames.
+        frames: the width of every crop.
+        transform: numpy function applied to each row's crop (frames, bins) before padding, or None.
+        starts: a fixed start frame per row, or None for random crops.
+    """
+
+    values: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    frames: int
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    starts: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return (self.values.shape[1], self.frames, 1)
+
+    def read(self, rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        batch = np.zeros((len(rows), *self.row_shape), dtype=np.float32)
+        for position, (row, start) in enumerate(zip(rows, starts, strict=True)):
+            length = min(int(self.lengths[row]) - int(start), self.frames)
+            first = self.offsets[row] + start
+            crop = np.asarray(self.values[first : first + length], dtype=np.float32)
+            batch[position, :, :length, 0] = (self.transform(crop) if self.transform is not None else crop).T
+        return batch
+
+    def random_starts(self, rows: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
+        """A uniform start per row in [0, length − frames] (0 for shorter rows), drawn with `key`."""
+        room = tf.maximum(tf.gather(tf.constant(self.lengths, tf.int64), rows) - self.frames, 0) + 1
+        uniform = tf.random.stateless_uniform(tf.shape(rows), seed=key)
+        return tf.minimum(tf.cast(uniform * tf.cast(room, tf.float32), tf.int64), room - 1)
+
+
+Column = ArrayColumn | CropColumn
+
+
+def from_columns(
+    inputs: Mapping[str, Column | np.ndarray] | Column | np.ndarray,
+    targets: np.ndarray | None = None,
+    *,
+    weights: np.ndarray | None = None,
+    batch_size: int,
+    indices: np.ndarray | None = None,
+    shuffle: bool = False,
+    seed: int | None = None,
+    epoch=0,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
+    """One epoch of batches of (inputs[, targets[, sample weights]]) read by row from columns.
+
+    Every column, the targets and the weights share the row index: row i of each is the same example.
+    Random draws (the order, random crops) come from (seed, epoch) as in `from_arrays`.
+
+    Args:
+        inputs: input name → column (`ArrayColumn`, `CropColumn`, or a plain array), giving batches of
+            {name: tensor} (as a multi-input model takes them by name); or one column, giving tensors.
+        targets: (rows, ...) array, or None for prediction.
+        weights: (rows,) sample weights (e.g. the class weight of each row's label), or None.
+        batch_size: rows per batch.
+        indices: the rows to use, default all.
+        shuffle: put the rows in the epoch's order for `seed` (`shuffled`); otherwise in `indices` order.
+        seed: the member's seed (required with `shuffle` or random crops).
+        epoch: which epoch's order and crops (int or scalar tensor).
+        drop_remainder: drop a last incomplete batch.
+
+    Example:
+        >>> dataset = from_columns({"mel": CropColumn(values, offsets, lengths, 64), "aux": aux}, labels,
+        ...                        batch_size=32, shuffle=True, seed=0, epoch=3)
+        >>> inputs, targets = next(iter(dataset))   # inputs["mel"]: (32, bins, 64, 1)
+    """
+    named = isinstance(inputs, Mapping)
+    columns = {
+        name: column if isinstance(column, ArrayColumn | CropColumn) else ArrayColumn(np.asarray(column))
+        for name, column in (inputs.items() if named else {"": inputs}.items())
+    }
+    _check_rows(columns, targets, weights, batch_size)
+    if (shuffle or any(isinstance(c, CropColumn) and c.starts is None for c in columns.values())) and seed is None:
+        raise ValueError("shuffle=True and random crops need a seed: every draw comes from (seed, epoch)")
+    rows = tf.constant(
+        np.arange(len(next(iter(columns.values())))) if indices is None else np.asarray(indices), tf.int64
+    )
+    constants = [tf.constant(array, tf.float32) for array in (targets, weights) if array is not None]
+
+    def load(batch_index, batch_rows):
+        read = {name: _read_column(column, batch_rows, seed, epoch, batch_index) for name, column in columns.items()}
+        element = (read if named else read[""], *(tf.gather(constant, batch_rows) for constant in constants))
+        return element if len(element) > 1 else element[0]
+
+    dataset = tf.data.Dataset.from_tensor_slices(shuffled(rows, seed, epoch) if shuffle else rows)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder).enumerate()
+    return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+
+
+def _check_rows(columns: Mapping[str, Column], targets, weights, batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not columns:
+        raise ValueError("no input columns")
+    counts = {f"input {name!r}" if name else "input": len(column) for name, column in columns.items()}
+    counts.update(
+        {what: len(array) for what, array in (("targets", targets), ("weights", weights)) if array is not None}
+    )
+    if len(set(counts.values())) > 1:
+        raise ValueError("the columns must have the same rows: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
+
+
+def _read_column(column: Column, rows: tf.Tensor, seed, epoch, batch_index) -> tf.Tensor:
+    """A batch of one column inside the tf.data graph (numpy reads run in `tf.numpy_function`)."""
+    if isinstance(column, ArrayColumn):
+        batch = tf.numpy_function(column.read, [rows], tf.float32, stateful=False)
+    else:
+        if column.starts is None:
+            starts = column.random_starts(rows, random_key(seed, epoch, "crop", batch_index))
+        else:
+            starts = tf.gather(tf.constant(column.starts, tf.int64), rows)
+        batch = tf.numpy_function(column.read, [rows, starts], tf.float32, stateful=False)
+    batch.set_shape((None, *column.row_shape))
+    return batch
 
 
 def random_crop_or_pad(dataset: tf.data.Dataset, frames: int, *, axis: int = 2, seed: int, epoch=0) -> tf.data.Dataset:

@@ -30,7 +30,7 @@ Faults: a worker that dies (killed, out of memory, its node lost) or a member th
 `ValueError` is started again, up to `run.retries` times, and resumes from its last finished epoch
 (`replicate.checkpoint`); a `ValueError` (the package's errors for bad input, a non-finite loss) would only
 repeat itself and is reported at once. A member that fails for good is reported with its error while the
-others go on; `train_ensemble` then raises `task.TrainingFailedError` naming the seeds. Ctrl-C cancels
+others go on; `train_ensemble` then raises `runner.TrainingFailedError` naming the seeds. Ctrl-C cancels
 this run's tasks on the cluster; running the same command again resumes.
 """
 

@@ -1,11 +1,13 @@
 """Recipes: one TOML file per source with its hyperparameters, profiles and validated overrides.
 
 A recipe is plain data. `load_recipe("dacon", profile="quick", overrides=["train.epochs=3"])` reads
-`recipes/dacon.toml`, merges the profile's table over the base, applies the `--set` overrides and
-validates the result against the base recipe (every key must exist there, every value must have the
-base value's type), against the rules every recipe shares (`check_common`: finite numbers, the engine's
-`train.*`, `ensemble.*` and `run.*` keys, feature sizes) and against the task module's rules (allowed
-values, ranges). A recipe file of one's own (`--recipe my.toml`) must have the package recipe's keys.
+`recipes/dacon.toml` over the engine's defaults (`ENGINE_DEFAULTS`: the options every recipe has, such as
+`train.precision` or `run.cache_dir`, declared here once), merges the profile's table over the base,
+applies the `--set` overrides and validates the result against the base recipe (every key must exist there,
+every value must have the base value's type), against the rules every recipe shares (`check_common`: finite
+numbers, the engine's `train.*`, `ensemble.*` and `run.*` keys, feature sizes) and against the task's rules
+(allowed values, ranges). A recipe file of one's own (`--recipe my.toml`) must have the package recipe's keys
+(the engine's defaults aside).
 """
 
 from __future__ import annotations
@@ -76,7 +78,31 @@ def non_empty_text(value: Any) -> str | None:
     return None if isinstance(value, str) and value.strip() else "must be a non-empty string"
 
 
-# The engine's keys, checked for every recipe that has them (a task module's rules may narrow them further).
+# The engine's options that are not the source's: every recipe has them, with these values unless its TOML (a
+# profile, `--set`) says otherwise. How members share the hardware and where a run works.
+ENGINE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {
+        "fused": 1,  # members trained side by side as one model (`replicate.fused`); 1 = one at a time
+        "fused_layout": "auto",  # "grouped" (grouped convolutions: GPU), "copies" (CPU); auto picks by device
+        "precision": "float32",  # the sources'; "mixed_bfloat16", "mixed_float16" (GPU)
+        "distribute": "none",  # one device; "mirrored": every GPU of the machine (`train.distribution_scope`)
+    },
+    "run": {
+        "cache_dir": ".cache/features",  # feature caches, relative to the working directory
+        "runs_dir": "runs",  # run folders: runs/<task>/<profile>-<hash>/
+        "workers": 0,  # feature-extraction threads; 0 = all cores
+        # Where the members train (`train.train_ensemble`): "local", one after another in this process, or
+        # "ray", each member (or fused group) as a Ray task (`replicate.ray_executor`).
+        "executor": "local",
+        "ray_address": "local",  # "local" starts Ray here, "auto" joins the running cluster, or host:port
+        "cpus_per_member": 1.0,  # CPU cores Ray reserves per member (its TensorFlow threads)
+        "gpus_per_member": 0.0,  # GPUs Ray reserves per member (a fraction shares one)
+        "retries": 2,  # a member whose Ray worker failed starts again (from its last epoch) this often
+        "ray_features": "files",  # workers map the cache files ("files") or read "object_store" copies
+    },
+}
+
+# The engine's keys, checked for every recipe that has them (a task's rules may narrow them further).
 ENGINE_RULES: dict[str, Rule] = {
     "train.epochs": positive,
     "train.batch_size": positive,
@@ -99,7 +125,7 @@ ENGINE_RULES: dict[str, Rule] = {
     "run.ray_features": one_of("files", "object_store"),
 }
 
-# Where and how the members are trained, not what: left out of the run folder's name (`task.default_run_id`), so
+# Where and how the members are trained, not what: left out of the run folder's name (`runner.default_run_id`), so
 # that the same command with another executor resumes the same run.
 EXECUTION_KEYS = ("executor", "ray_address", "cpus_per_member", "gpus_per_member", "retries", "ray_features")
 
@@ -131,13 +157,13 @@ def load_recipe(
     if not path.is_file():
         available = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
         raise RecipeError(f"recipe {str(name_or_path)!r} not found at {path}; available: {', '.join(available)}")
-    base = _read(path)
+    base = with_engine_defaults(_read(path))
     if task is not None:
         if base.get("task") != task:
             raise RecipeError(f"{path}: task = {base.get('task')!r}, but this command runs the {task!r} recipe")
         package_path = RECIPES_DIR / f"{task}.toml"
         if path.resolve() != package_path.resolve():
-            base = _conform(base, _read(package_path), path, package_path)
+            base = _conform(base, with_engine_defaults(_read(package_path)), path, package_path)
 
     profiles = base.pop("profiles", {})
     recipe = copy.deepcopy(base)
@@ -200,6 +226,22 @@ def check_common(recipe: Mapping[str, Any], where: str = "recipe") -> None:
     task = recipe.get("task")
     if task is not None and not (isinstance(task, str) and TASK_NAME.match(task)):
         raise RecipeError(f"{where}: task = {task!r} must be a plain lower-case name such as 'dacon' (no path)")
+
+
+def with_engine_defaults(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe with every `ENGINE_DEFAULTS` key it lacks added, after its own keys (its values are kept)."""
+    recipe = copy.deepcopy(dict(recipe))
+    for section, defaults in ENGINE_DEFAULTS.items():
+        table = recipe.setdefault(section, {})
+        for key, value in defaults.items():
+            table.setdefault(key, value)
+    return recipe
+
+
+def seeds_of(recipe: Mapping[str, Any]) -> list[int]:
+    """The ensemble's seeds: `ensemble.seeds` consecutive integers from `ensemble.first_seed`."""
+    first = recipe["ensemble"]["first_seed"]
+    return list(range(first, first + recipe["ensemble"]["seeds"]))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

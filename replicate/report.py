@@ -1,7 +1,7 @@
 """Run reports: markdown tables, training-curve and ensemble-size plots, and the README results block.
 
-Task modules assemble their report from these pieces; every number in a report or in the README's
-results tables is written here from a run's files, never typed by hand.
+The engine's report frame (`replicate.runner`) and the tasks' report parts are made of these pieces; every
+number in a report or in the README's results tables is written from a run's files, never typed by hand.
 
     python -m replicate.report runs/dacon/<run-id> --readme README.md   # refresh the README's table
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import os
 import platform
 import re
@@ -294,35 +293,44 @@ def _save(figure, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def update_readme(readme: str | os.PathLike, key: str, markdown: str) -> bool:
-    """Replace the block between `<!-- results:KEY -->` and `<!-- /results:KEY -->` in the README.
+def update_readme(readme: str | os.PathLike, key: str, markdown: str) -> Path | None:
+    """Replace the block between `<!-- results:KEY -->` and `<!-- /results:KEY -->` in the page that holds
+    it: the README itself, or one of the pages of `docs/` beside it (e.g. docs/dacon.md).
 
     Returns:
-        True if the README changed.
+        The page, if it changed; None if it already held this block.
+
+    Raises:
+        ValueError: neither the README nor a page of docs/ has the block.
     """
     readme = Path(readme)
-    text = readme.read_text(encoding="utf-8")
     pattern = re.compile(rf"(<!-- results:{re.escape(key)} -->\n).*?(<!-- /results:{re.escape(key)} -->)", re.S)
-    if not pattern.search(text):
-        raise ValueError(f"{readme}: no '<!-- results:{key} -->' ... '<!-- /results:{key} -->' block")
-    updated = pattern.sub(lambda match: match.group(1) + markdown.rstrip() + "\n" + match.group(2), text)
-    if updated != text:
-        files.write_text(readme, updated)
-    return updated != text
+    pages = [readme, *sorted((readme.parent / "docs").glob("*.md"))]
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        if pattern.search(text):
+            updated = pattern.sub(lambda match: match.group(1) + markdown.rstrip() + "\n" + match.group(2), text)
+            if updated == text:
+                return None
+            files.write_text(page, updated)
+            return page
+    raise ValueError(f"{readme}: no '<!-- results:{key} -->' ... '<!-- /results:{key} -->' block in it or in docs/")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m replicate.report", description="Write a run's results table into the README."
+        prog="python -m replicate.report", description="Write a run's results table into the README (or its page)."
     )
     parser.add_argument("run_dir", type=Path, help="a finished run folder (runs/<recipe>/<run-id>)")
-    parser.add_argument("--readme", type=Path, default=Path("README.md"), help="the README to update")
+    parser.add_argument(
+        "--readme", type=Path, default=Path("README.md"), help="the README (the block may be in docs/ beside it)"
+    )
     arguments = parser.parse_args(argv)
-    manifest = files.read_json(arguments.run_dir / "manifest.json")
-    task = importlib.import_module(f"replicate.{manifest['task']}")
-    table = task.results_table(arguments.run_dir)
-    changed = update_readme(arguments.readme, manifest["task"], table)
-    print(f"{arguments.readme}: results:{manifest['task']} {'updated' if changed else 'already up to date'}")
+    from replicate import tasks
+
+    name, table = tasks.results_block(arguments.run_dir)
+    page = update_readme(arguments.readme, name, table)
+    print(f"results:{name} {f'updated in {page}' if page else 'already up to date'}")
 
 
 if __name__ == "__main__":

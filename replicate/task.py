@@ -1,19 +1,68 @@
-"""What every recipe's task module shares: the data error, run folders, and the command line.
+"""The task protocol: the few hooks a source implements; the engine (`replicate.runner`) does the rest.
 
-# replicate/<task>.py
-def main(argv=None) -> int:
-    return task.main(argv, prog="python -m replicate.<task>", description=..., data_help=...,
-                     load_recipe=load_recipe, run=run)
+A source is a package `replicate/<name>/` whose `TASK` is an instance of a `Task` subclass, listed in the
+registry (`replicate.tasks`). The engine owns the command line (`python -m replicate.<name>`), the run
+folder, the one run sequence, the manifest (one schema for every task), training (`replicate.train`), the
+report's frame, the README's results block and inference (`replicate.ensemble`, `python -m
+replicate.predict`). The task owns what only it knows: its recipe's own keys, its data layout, how data
+become model inputs, what is trained, how it is scored and what its report adds.
+
+The run sequence (`runner.run`), hook by hook:
+
+    recipe = task.load_recipe(profile, overrides)   # engine keys + `rules` + `check_recipe`
+    data = task.load(data_root)                     # the layout, checked: `DataError` naming the file
+    run folder: created, locked, recipe.toml written
+    prepared = task.prepare(run, data)              # features, normaliser, split → `Prepared`
+    for group in task.groups(run, data, prepared):  # each a seed ensemble (`Group`) in run_dir/<name>/
+        train.train_ensemble(...), then group.after_training(group_dir, log)
+    manifest.json                                   # the inference ensemble: members of the `ensemble` groups
+    scores = task.evaluate(run, data, prepared)     # predictions, submission, official files, "headline"
+    scores.json; report.md                          # the frame + `task.results(run)` + `task.report(...)`
+
+How the four sources map onto the hooks:
+
+- DACON (`replicate/dacon/`): `load` reads train/, test/ and the CSVs; `prepare` caches four-resolution
+  mel power (`features.MelPowerSpec`), fits the dB/z-score `Normalizer` (train + test, the source's) and
+  the optional validation split; one group (the run folder itself); `evaluate` averages the members'
+  word shares, writes submission.csv and scores KL per member and per ensemble size; `predict`: wav files.
+- MAIC: `load` reads persons (CSV + JSON); `prepare` parses tokens into the cache (`files.cached_folder`),
+  derives the sub-class table, splits tokens or persons and fits the token mean/std (`preprocessing`:
+  the `Inputs` and sub-class table, what inference needs); one group whose `train_data` is
+  `pipeline.from_columns({"mel": CropColumn(...), "aux": aux}, labels, ...)` (random token crops keyed
+  by seed and epoch), `member_callbacks` BestEpoch (validation macro F1), ReduceLROnPlateau and early
+  stopping; `evaluate` votes per person with label masking, writes submission.csv; `predict`: a folder of
+  persons → diagnosis per person; `report` adds the per-diagnosis, masking and sub-class tables and
+  `history_metrics` = {"val_macro_f1": ...}.
+- DCASE: `prepare` caches one-resolution mel power with torchaudio's definition (`MelPowerSpec`), fits
+  the normaliser on the training clips; `groups` follow `train.setup`: "integrated" (all IDs), or
+  "per_machine/<type>" (one per machine type), or "integrated" (`ensemble=False`) then
+  "finetune/<type>" whose `build_model(recipe, seed)` loads that seed's integrated member (which is why
+  builders take the seed); each group's `recipe` carries the warm-restart schedule, its
+  `member_callbacks` the dev AUC + pAUC BestEpoch, its `after_training` the export to built-in layers;
+  `evaluate` loads each group (`Ensemble.load(run.run_dir, groups=[name])`), scores clips by every
+  method (the members' outputs are dicts: `Ensemble.predict_members(..., output="embedding")`), writes the
+  official CSVs, and saves what its score method needs of the training clips (e.g. each ID's centroid) so
+  that `predict`: wav files → anomaly score per clip with the run's `score.method`, needs no training data.
+- AI CUP: `prepare` caches MFCCs per n_mfcc (`features.MfccSpec`), fits the clinical encoder, draws the
+  folds; one group per (modality, n_mfcc variant), "<modality>/mfcc<k>", each with its own `recipe`,
+  `trained_from` and validation data, sample weights from `pipeline.from_columns(..., weights=...)`;
+  `ensemble` = the submission modality; members take different named inputs, which `Ensemble` gives each
+  by name; `evaluate` loads each modality's variant groups (`Ensemble.load(run.run_dir, groups=[...])`),
+  votes (sum, argmax), writes submission.csv; `predict`: wav files + a clinical CSV (audio-only runs: wav
+  files alone).
+
+A new source: a package with `data.py` (the layout), `task.py` (a `Task` subclass and `TASK = ...`),
+`report.py` (its `results` rows and report parts), `__init__.py`, `__main__.py` (`runner.main(TASK)`),
+a recipe `recipes/<name>.toml`, and one line in `replicate/tasks.py`.
 """
 
 from __future__ import annotations
 
-import argparse
-import errno
-import json
-import sys
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from replicate import files
 from replicate import recipe as recipe_lib
@@ -23,15 +72,6 @@ class DataError(ValueError):
     """The data folder does not have the competition's layout; the message names the file and rows."""
 
 
-class RunFolderError(ValueError):
-    """A run folder holds members that cannot be kept (trained from another set-up, or damaged at load)."""
-
-
-class TrainingFailedError(RuntimeError):
-    """Members that could not be trained (on Ray: after every retry), the others kept; the message names the
-    seeds and their errors. Running the same command again resumes them."""
-
-
 def listing(values: Sequence, limit: int = 10) -> str:
     """ "a, b, c" or, past `limit` values, "a, b, ... (and 7 more)"."""
     values = list(values)
@@ -39,178 +79,288 @@ def listing(values: Sequence, limit: int = 10) -> str:
     return f"{shown} (and {len(values) - limit} more)" if len(values) > limit else shown
 
 
-def default_run_id(recipe: dict, data_root: Path) -> str:
-    """Same recipe and data folder → same run folder, so running a command again resumes it. The number
-    of seeds is left out: `--seeds 5` after `--seeds 3` keeps the 3 members and trains 2 more; so is how
-    the members are trained (`recipe.EXECUTION_KEYS`): a run started locally resumes on Ray."""
-    recipe = {
-        **recipe,
-        "ensemble": {k: v for k, v in recipe["ensemble"].items() if k != "seeds"},
-        "run": {k: v for k, v in recipe["run"].items() if k not in recipe_lib.EXECUTION_KEYS},
-    }
-    return f"{recipe['run']['profile']}-{recipe_lib.fingerprint([recipe, str(Path(data_root).resolve())])}"
+@dataclass
+class Run:
+    """One run of a task, as the hooks see it: its recipe and folder, and what the engine has made so far.
 
-
-def seeds_of(recipe: dict) -> list[int]:
-    """The ensemble's seeds: `ensemble.seeds` consecutive integers from `ensemble.first_seed`."""
-    first = recipe["ensemble"]["first_seed"]
-    return list(range(first, first + recipe["ensemble"]["seeds"]))
-
-
-def run_dir_of(recipe: dict, data_root: Path, run_dir: str | Path | None = None) -> Path:
-    """The run folder: `run_dir` if given, else `runs/<task>/<profile>-<hash of recipe and data folder>`."""
-    if run_dir:
-        return Path(run_dir)
-    return Path(recipe["run"]["runs_dir"]) / recipe["task"] / default_run_id(recipe, data_root)
-
-
-def open_run_dir(recipe: dict, data_root: Path, run_dir: str | Path | None = None) -> Path:
-    """The run folder (`run_dir_of`), created, with the resolved recipe written into it."""
-    run_dir = run_dir_of(recipe, data_root, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_recipe(run_dir, recipe)
-    return run_dir
-
-
-def lock_run_dir(run_dir: str | Path):
-    """Keep other processes out of a run folder while this one uses it (`files.folder_lock`): a second
-    command on the same folder stops at once with `files.LockedError` naming this process."""
-    return files.folder_lock(run_dir, "run folder", "wait for it to finish, or choose another --run-dir")
-
-
-def write_recipe(run_dir: Path, recipe: dict) -> Path:
-    """The resolved recipe as `recipe.toml` in the run folder (read back with `recipe.load_recipe(path)`)."""
-    import tomli_w
-
-    return files.write_text(Path(run_dir) / "recipe.toml", tomli_w.dumps(recipe))
-
-
-def short_commit(commit: str) -> str:
-    """The first 12 hex digits, keeping a "+dirty" mark (uncommitted changes at run time)."""
-    return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
-
-
-def main(
-    argv: Sequence[str] | None,
-    *,
-    prog: str,
-    description: str,
-    data_help: str,
-    load_recipe: Callable[[str | None, Sequence[str], str | None], dict],
-    run: Callable[..., Path],
-) -> int:
-    """The command line of a recipe: parse, resolve the recipe, run it, and turn bad input into one line.
-
-    Bad input is whatever the package itself refuses: its own error types (`is_package_error`: RecipeError,
-    DataError, AudioError, FeatureCacheError, PredictionError, ...), printed as `error: ...` with exit code 2.
-    Any other exception is a bug and keeps its traceback.
-
-    Args:
-        argv: the arguments (None: sys.argv).
-        prog: e.g. "python -m replicate.maic".
-        description: one line on the recipe.
-        data_help: what `--data` must contain.
-        load_recipe: (profile, overrides, recipe path or None) → the validated recipe.
-        run: (recipe, data folder, run folder, progress=bool, retrain=bool) → the finished run folder.
-
-    Returns:
-        0 on success (the last line names the headline score, the report and the submission), 2 for bad input,
-        a run folder or cache in use by another process, a run folder whose members were trained from another
-        set-up, a training loss that became NaN or infinite, or a full disk, 1 for members that failed on Ray
-        after every retry (naming their seeds; the others are kept), 130 when interrupted (Ctrl-C). The error is
-        printed on stderr.
+    Attributes:
+        task: the task.
+        recipe: the resolved recipe.
+        run_dir: the run folder.
+        data_root: the data folder (None for a run read back from its files).
+        progress: show progress bars.
+        retrain: train again the members trained from another set-up.
+        log: where progress lines go.
+        manifest: the run's manifest, once its groups are trained (or read back).
+        scores: `scores.json`, once evaluated (or read back).
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--data", type=Path, required=True, help=f"data folder: {data_help}")
-    parser.add_argument("--profile", help="recipe profile, e.g. 'quick' (default: the full source recipe)")
-    parser.add_argument("--recipe", help="a recipe TOML file instead of the package's own")
-    parser.add_argument("--seeds", type=int, help="number of ensemble members (ensemble.seeds)")
-    parser.add_argument("--epochs", type=int, help="epochs per member (train.epochs)")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe value"
-    )
-    parser.add_argument(
-        "--run-dir", type=Path, help="run folder (default: runs/<recipe>/<profile>-<hash>; reused to resume)"
-    )
-    parser.add_argument(
-        "--retrain",
-        action="store_true",
-        help="train again the members of the run folder that were trained from another set-up (recipe values "
-        "or data), instead of stopping",
-    )
-    parser.add_argument(
-        "--executor",
-        choices=("local", "ray"),
-        help="train the members here one after another, or each as a Ray task (run.executor)",
-    )
-    parser.add_argument(
-        "--ray-address",
-        metavar="ADDRESS",
-        help="with --executor ray: 'local' starts Ray on this machine (default), 'auto' joins the running cluster, "
-        "or host:port (run.ray_address)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    arguments = parser.parse_args(argv)
 
-    overrides = list(arguments.set)
-    if arguments.seeds is not None:
-        overrides.append(f"ensemble.seeds={arguments.seeds}")
-    if arguments.epochs is not None:
-        overrides.append(f"train.epochs={arguments.epochs}")
-    if arguments.executor is not None:
-        overrides.append(f"run.executor={json.dumps(arguments.executor)}")
-    if arguments.ray_address is not None:
-        overrides.append(f"run.ray_address={json.dumps(arguments.ray_address)}")  # a TOML string
-    try:
-        recipe = load_recipe(arguments.profile, overrides, arguments.recipe)
-        run_dir = run_dir_of(recipe, arguments.data, arguments.run_dir)
-        with lock_run_dir(run_dir):  # from the first file written to the last
-            run_dir = Path(
-                run(recipe, arguments.data, run_dir, progress=not arguments.no_progress, retrain=arguments.retrain)
-            )
-    except (ValueError, files.LockedError) as error:
-        if isinstance(error, ValueError) and not is_package_error(error):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except TrainingFailedError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(
-            "interrupted: the finished members and the last finished epoch of the others are kept; run the same "
-            "command again to resume",
-            file=sys.stderr,
+    task: Task
+    recipe: dict
+    run_dir: Path
+    data_root: Path | None = None
+    progress: bool = True
+    retrain: bool = False
+    log: Callable[[str], None] = print
+    manifest: dict | None = None
+    scores: dict | None = None
+
+    @classmethod
+    def read(cls, run_dir: str | os.PathLike, task: Task) -> Run:
+        """A finished run folder read back: its recipe, manifest and scores (for the README's results)."""
+        run_dir = Path(run_dir)
+        return cls(
+            task,
+            recipe_lib.load_recipe(run_dir / "recipe.toml"),
+            run_dir,
+            manifest=files.read_json(run_dir / "manifest.json"),
+            scores=files.read_json(run_dir / "scores.json"),
         )
-        return 130
-    except OSError as error:
-        if error.errno != errno.ENOSPC:
-            raise
-        where = f" writing {error.filename}" if error.filename else ""
-        print(
-            f"error: no space left on the device{where}; free some space and run the same command again "
-            "(finished members and the last good checkpoint are kept)",
-            file=sys.stderr,
+
+    @property
+    def seeds(self) -> list[int]:
+        """The ensemble's seeds (`recipe.seeds_of`)."""
+        return recipe_lib.seeds_of(self.recipe)
+
+    def cached(self, spec, paths: Sequence[str | os.PathLike], name: str) -> tuple[Any, dict]:
+        """The features of `spec` (a `features.FeatureSpec`) for `paths`, from the recipe's cache folder."""
+        run = self.recipe["run"]
+        return spec.cached(
+            paths,
+            cache_dir=run["cache_dir"],
+            name=name,
+            workers=run["workers"] or None,
+            progress=self.progress,
+            log=self.log,
         )
-        return 2
-    print(done_line(run_dir))
-    return 0
 
 
-def is_package_error(error: BaseException) -> bool:
-    """Whether an exception is one of the package's own error types: a `ValueError` subclass defined in a
-    `replicate` module (any of them, those added later too). A ValueError of Python, numpy or Keras is not."""
-    return isinstance(error, ValueError) and any(
-        cls.__module__.partition(".")[0] == "replicate" for cls in type(error).__mro__
-    )
+@dataclass
+class Prepared:
+    """What `Task.prepare` hands the engine: the task's parts of the manifest and what members learn from.
+
+    Attributes:
+        class_names: the ensemble's output classes.
+        inputs: model input name → shape of one row (the members' `keras.Input`s).
+        unit: what a row of training data is: "clips", "tokens" or "persons".
+        splits: rows per split in `unit`, "train" and "validation" first, then the task's own (e.g. "test").
+        features: input name → `FeatureSpec.to_manifest()`, for the inputs computed from audio.
+        preprocessing: the task's inference state, JSON-able: normalisation statistics, encoders, tables.
+        data: other facts about the data for the manifest and the report (audio changes, counts).
+        trained_from: what every member learns from besides the recipe (`train.train_ensemble`).
+        state: the task's own objects (arrays, caches, splits) for its other hooks; not saved.
+    """
+
+    class_names: list[str]
+    inputs: dict[str, list[int]]
+    unit: str
+    splits: dict[str, int]
+    features: dict[str, dict] = field(default_factory=dict)
+    preprocessing: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    trained_from: dict = field(default_factory=dict)
+    state: Any = None
 
 
-def done_line(run_dir: Path) -> str:
-    """The run's last line: its headline score (`scores.json`'s "headline", which the task writes beside the
-    source's number), then the report and the submission."""
-    scores_path = run_dir / "scores.json"
-    headline = files.read_json(scores_path).get("headline") if scores_path.is_file() else None
-    outputs = [f"report {run_dir / 'report.md'}"]
-    if (run_dir / "submission.csv").is_file():
-        outputs.append(f"submission {run_dir / 'submission.csv'}")
-    return "done: " + (f"{headline} — " if headline else "") + ", ".join(outputs)
+@dataclass
+class Group:
+    """One seed ensemble to train: a member per seed, in its own folder under the run folder.
+
+    Attributes:
+        build_model: seed → a new, uncompiled member (called after `keras.utils.set_random_seed(seed)`;
+            the seed also lets a member start from its own seed's member of an earlier group).
+        train_data: (seed, epoch) → that epoch's training dataset, drawn from (seed, epoch) only
+            (`replicate.pipeline`), so that an interrupted member resumes exactly.
+        name: its folder under the run folder: "" (the run folder itself) for a task's only group; with
+            several groups each has its own, e.g. "integrated", "per_machine/fan", "multimodal/mfcc13".
+        validation_data: given to `fit` every epoch, or None.
+        member_callbacks: (member folder, member name) → the member's own stateful callbacks (`BestEpoch`,
+            ReduceLROnPlateau, EarlyStopping), whose state is checkpointed.
+        recipe: the recipe its members are compiled and trained with (None: the run's), e.g. with a
+            learning-rate schedule object or one variant's values.
+        trained_from: added to `Prepared.trained_from` for its members (its rows, its classes...).
+        manifest: its own manifest entries beside the run's (e.g. its class_names, machine type, inputs).
+        after_training: (group folder, log) → None, run after its members are trained (DCASE's export).
+        ensemble: its members belong to the run's inference ensemble (the top-level manifest).
+        metrics: compiled metrics, logged per epoch.
+    """
+
+    build_model: Callable[[int], Any]
+    train_data: Callable[[int, Any], Any]
+    name: str = ""
+    validation_data: Any = None
+    member_callbacks: Callable[[Path, str], Sequence[Any]] | None = None
+    recipe: dict | None = None
+    trained_from: dict = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+    after_training: Callable[[Path, Callable[[str], None]], None] | None = None
+    ensemble: bool = True
+    metrics: Sequence[Any] | None = None
+
+
+@dataclass
+class ResultsTable:
+    """A run's results beside the source's: the README's block and the head of the report.
+
+    The engine adds the caption: "<metric> Ours: profile `p`, <details>; <machine>, <date>, commit <c>."
+
+    Attributes:
+        headers: the column names, e.g. ("model", "data", "KL").
+        rows: the source's reported numbers first ("source: ..."), then ours ("ours: ...").
+        metric: what the numbers are, e.g. "KL divergence, lower is better."
+        details: what our rows were trained on, e.g. ["2 members × 3 epochs", "800 training clips"].
+    """
+
+    headers: tuple[str, ...]
+    rows: list[tuple]
+    metric: str
+    details: list[str]
+
+
+@dataclass
+class EnsembleCurve:
+    """A score of the ensemble of the first k members against k, plotted by the engine."""
+
+    split: str
+    sizes: list[int]
+    scores: list[float]
+    metric: str
+    baselines: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ReportParts:
+    """What a task adds to the engine's report frame (header, results, members, curves, footer).
+
+    Attributes:
+        intro: lines under the header: where the source's and our numbers come from, the metric.
+        sections: markdown after the results (and the ensemble-size plots): per-class tables, confusion
+            matrices, ROC curves... (the task writes its own plots into the run folder).
+        member_columns: extra columns of the members table, header → one value per member of the manifest.
+        ensemble_curves: ensemble-size plots, one per split.
+        history_metrics: logged value → label, plotted per epoch beside the training curves (when logged).
+        notes: the bullet lines of the footer ("Features and data"), before timing, memory and environment.
+        notes_title: the footer's title.
+    """
+
+    intro: list[str] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)
+    member_columns: dict[str, list] = field(default_factory=dict)
+    ensemble_curves: list[EnsembleCurve] = field(default_factory=list)
+    history_metrics: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    notes_title: str = "Features and data"
+
+
+@dataclass
+class BenchmarkMember:
+    """One member as the full recipe trains it, from the recipe alone (no data): what
+    `benchmarks.training` times.
+
+    Attributes:
+        build: () → a new, uncompiled member with the real data's input shapes and classes.
+        train: the recipe's train table as `train.compile_model` takes it.
+        label_input: an input that is fed the targets (DCASE's margin layer), or "".
+    """
+
+    build: Callable[[], Any]
+    train: dict
+    label_input: str = ""
+
+
+class Task:
+    """A source's hooks. Subclass it, set the class attributes, implement the hooks; the engine calls them.
+
+    Class attributes:
+        name: the recipe (`recipes/<name>.toml`), the command (`python -m replicate.<name>`), `runs/<name>/`.
+        title: the report's title, e.g. "DACON overlapping speech".
+        description: the command's one-line description.
+        data_help: what `--data` must contain.
+        rules: the task's own recipe keys → rule (`recipe.one_of`, `recipe.positive`...). The engine's keys
+            (`recipe.ENGINE_RULES`: train.epochs, batch_size, precision, fused, ensemble.*, run.*) are
+            checked for every recipe and must not be repeated here.
+    """
+
+    name: str = ""
+    title: str = ""
+    description: str = ""
+    data_help: str = ""
+    rules: Mapping[str, recipe_lib.Rule] = {}
+
+    # --- the recipe --------------------------------------------------------------------------------
+
+    def load_recipe(self, profile: str | None = None, overrides: Sequence[str] = (), path: str | None = None) -> dict:
+        """The task's recipe with a profile and `--set` overrides, validated (`recipe.load_recipe`, then
+        `check_recipe`)."""
+        recipe = recipe_lib.load_recipe(path or self.name, profile, overrides, self.rules, task=self.name)
+        self.check_recipe(recipe)
+        return recipe
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        """The command line, `python -m replicate.<name>` (`runner.main`)."""
+        from replicate import runner
+
+        return runner.main(self, argv)
+
+    def run(self, recipe: dict, data_root: str | os.PathLike, run_dir: str | os.PathLike | None = None, **options):
+        """Run the recipe on a data folder (`runner.run`: progress, retrain, log); returns the run folder."""
+        from replicate import runner
+
+        return runner.run(self, recipe, data_root, run_dir, **options)
+
+    def check_recipe(self, recipe: dict) -> None:
+        """Checks across keys, and refusals of engine options the task cannot honour; raise
+        `recipe.RecipeError` naming the keys and the reason (e.g. DCASE: `train.fused` must be 1, its
+        members keep their best epoch by a per-member callback)."""
+
+    # --- the run (called in this order by `runner.run`) -----------------------------------------------
+
+    def load(self, data_root: Path) -> Any:
+        """Read and check the data folder (the competition's layout); `DataError` naming the file and the
+        rows for anything wrong. Returns the task's typed data, given to the other hooks."""
+        raise NotImplementedError(f"{type(self).__name__} must define load()")
+
+    def prepare(self, run: Run, data: Any) -> Prepared:
+        """Features (from the cache: `run.cached(spec, paths, name)`), normalisation statistics, splits;
+        logs one "data: ..." line. Returns the manifest's task parts and what members learn from."""
+        raise NotImplementedError(f"{type(self).__name__} must define prepare()")
+
+    def groups(self, run: Run, data: Any, prepared: Prepared) -> Sequence[Group]:
+        """What to train, in order: one `Group` (a seed ensemble) or several."""
+        raise NotImplementedError(f"{type(self).__name__} must define groups()")
+
+    def evaluate(self, run: Run, data: Any, prepared: Prepared) -> dict:
+        """Predict with the trained members (`Ensemble.load(run.run_dir)`), write the submission and any
+        official files, and return the scores (written as scores.json), with "headline": the run's result
+        in a phrase beside the source's number (the command's last line)."""
+        raise NotImplementedError(f"{type(self).__name__} must define evaluate()")
+
+    # --- the report ----------------------------------------------------------------------------------
+
+    def results(self, run: Run) -> ResultsTable:
+        """The results table, from the run's files alone (`run.recipe`, `run.manifest`, `run.scores`): the
+        README's block is made from a finished run folder."""
+        raise NotImplementedError(f"{type(self).__name__} must define results()")
+
+    def report(self, run: Run, data: Any, prepared: Prepared) -> ReportParts:
+        """What the report adds to the engine's frame (default: nothing)."""
+        return ReportParts()
+
+    # --- inference -----------------------------------------------------------------------------------
+
+    def inference_inputs(self, manifest: dict, paths: Sequence[str | os.PathLike]) -> Any:
+        """Model inputs for audio files, computed as in training from the manifest (feature specs,
+        statistics): an array, or {input name: array}. For tasks whose members take audio files."""
+        raise NotImplementedError(f"the {self.name} task predicts from {self.data_help}, not from audio files alone")
+
+    def predict(self, ensemble, inputs: Sequence[str]) -> Any:
+        """Predictions from the task's natural raw input (the command line's INPUT... paths: files or
+        folders) with a loaded `Ensemble`: a `pandas.DataFrame`, one row per item, its first column naming
+        the item. Bad input: a `ValueError` subclass of the package naming the file."""
+        raise NotImplementedError(f"{type(self).__name__} must define predict()")
+
+    # --- benchmarks ----------------------------------------------------------------------------------
+
+    def benchmark_member(self, recipe: dict) -> BenchmarkMember:
+        """One member of the recipe, for `benchmarks.training` (the real data's shapes, from the recipe)."""
+        raise NotImplementedError(f"{type(self).__name__} must define benchmark_member()")

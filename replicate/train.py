@@ -11,6 +11,10 @@ Layout of a run folder (`runs/<recipe>/<run-id>/`):
                                 the member is saved)
     tensorboard/seed-XX/        TensorBoard logs
 
+A task that trains several seed ensembles (`replicate.task.Group`) has one such folder per group under the
+run folder, e.g. `per_machine/fan/`, and the run's own manifest lists the members of its ensemble
+(`replicate.runner`: the manifest's schema).
+
 Each member stands on its own record, written when it starts ("training") and when it is saved ("trained"):
 a rerun keeps a member whose record matches the run's set-up and whose file matches its checksum, resumes
 an interrupted one, trains a damaged one again, and refuses (or with `retrain`, removes) members trained
@@ -42,9 +46,10 @@ import keras
 import numpy as np
 
 from replicate import checkpoint as checkpoint_lib
-from replicate import files, losses, optimizers, report, task
+from replicate import files, losses, optimizers, report, runner, task
+from replicate import recipe as recipe_lib
 
-MANIFEST = "manifest.json"
+MANIFEST = runner.MANIFEST
 
 # Recipe values that do not change what a member learns, left out of its set-up (`training_setup`): the
 # recipe's name and the source's reported numbers; where and how the run works (run.*: folders, threads,
@@ -144,7 +149,7 @@ def train_member(
     seed: int,
     *,
     run_dir: str | Path,
-    build_model: Callable[[], keras.Model],
+    build_model: Callable[[int], keras.Model],
     train_data: Callable[[int, Any], Any],
     validation_data: Any = None,
     callbacks: Iterable[keras.callbacks.Callback] = (),
@@ -160,7 +165,8 @@ def train_member(
             `train.loss`.
         seed: seeds the initial weights and dropout (`keras.utils.set_random_seed`) and the data.
         run_dir: the run folder.
-        build_model: returns a new, uncompiled model.
+        build_model: seed → a new, uncompiled model (called after the seeding; the seed lets a member start
+            from its own seed's member of an earlier ensemble, as DCASE's fine-tuning does).
         train_data: (seed, epoch) → that epoch's training `tf.data.Dataset` of the member, of known
             length, whose order and augmentations are a function of (seed, epoch) (the builders of
             `replicate.pipeline` take both). `epoch` is a scalar int64 tensor: the epochs are read through
@@ -183,7 +189,7 @@ def train_member(
     run_dir = Path(run_dir)
     name = member_name(seed)
     keras.utils.set_random_seed(seed)
-    model = compile_model(build_model(), recipe["train"], metrics=metrics)
+    model = compile_model(build_model(seed), recipe["train"], metrics=metrics)
     own_callbacks = list(member_callbacks(run_dir, name)) if member_callbacks else []
     history, seconds, timer, checkpoint = _fit(
         model,
@@ -218,7 +224,7 @@ def train_fused(
     seeds: Sequence[int],
     *,
     run_dir: str | Path,
-    build_model: Callable[[], keras.Model],
+    build_model: Callable[[int], keras.Model],
     train_data: Callable[[int, Any], Any],
     validation_data: Any = None,
     callbacks: Iterable[keras.callbacks.Callback] = (),
@@ -239,7 +245,7 @@ def train_fused(
             `train_member`; validation data are given to every member.
         seeds: the members trained together.
         member_callbacks: not supported: their state (best epoch, learning-rate plateaus, early stopping)
-            is per member, and the fused members share one optimizer step.
+            is per member, and the fused members share one optimizer step (`recipe.RecipeError`).
 
     Returns:
         The members' manifest entries, each with `fused` (the group's seeds and wall time).
@@ -247,15 +253,12 @@ def train_fused(
     from replicate import fused
 
     if member_callbacks is not None:
-        raise ValueError(
-            "train.fused trains members in one model, which cannot run per-member callbacks (best epoch, "
-            "ReduceLROnPlateau, early stopping); set train.fused = 1 for this recipe"
-        )
+        raise recipe_lib.RecipeError(fused_refusal(recipe))
     run_dir = Path(run_dir)
     members = []
     for seed in seeds:  # the same seeding before building as train_member's
         keras.utils.set_random_seed(seed)
-        members.append(build_model())
+        members.append(build_model(seed))
     layout = recipe["train"].get("fused_layout", "auto")
     model = compile_model(fused.fuse(members[0], len(seeds), layout), recipe["train"], metrics=metrics)
     fused.pack(model, members)
@@ -294,6 +297,15 @@ def train_fused(
         entries.append(entry)
     checkpoint.remove()
     return entries
+
+
+def fused_refusal(recipe: dict) -> str:
+    """Why a recipe whose members have their own callbacks cannot train them fused."""
+    return (
+        f"train.fused = {recipe['train'].get('fused')}: this recipe keeps per-member callbacks (best epoch, "
+        "ReduceLROnPlateau, early stopping), which members trained as one fused model cannot run; set "
+        "train.fused = 1"
+    )
 
 
 def _member_logs(logs: dict, k: int) -> dict:
@@ -569,11 +581,11 @@ def train_ensemble(
     """Train every seed's member in turn (or `train.fused` of them at a time), keeping members that an
     earlier run finished from the same set-up.
 
-    The run folder is locked (`task.lock_run_dir`) meanwhile. Each member's record (`members/seed-XX.json`)
+    The run folder is locked (`runner.lock_run_dir`) meanwhile. Each member's record (`members/seed-XX.json`)
     says what it was trained from: the recipe's values (all but `NOT_IN_SETUP`) and `trained_from`. A
     member whose record matches and whose file matches the record's SHA-256 is kept; an interrupted one
     continues from its last checkpoint; a damaged, missing or unrecorded one is trained again from the
-    start, said on `log`. Members trained from another set-up stop the run with `task.RunFolderError`
+    start, said on `log`. Members trained from another set-up stop the run with `runner.RunFolderError`
     naming what changed, unless `retrain`: then they are removed and trained again. The manifest is
     rebuilt from the records and rewritten (atomically) after each member, so a killed run loses at most
     the epoch in progress.
@@ -600,40 +612,16 @@ def train_ensemble(
         The manifest, with its `members` list.
 
     Raises:
-        task.RunFolderError: members of another set-up, without `retrain`.
-        task.TrainingFailedError: on Ray, members that failed every retry (after the others finished and were
+        runner.RunFolderError: members of another set-up, without `retrain`.
+        runner.TrainingFailedError: on Ray, members that failed every retry (after the others finished and were
             recorded); the message names their seeds and errors.
         files.LockedError: another process uses the run folder.
     """
     run_dir = Path(run_dir)
-    with task.lock_run_dir(run_dir):
+    with runner.lock_run_dir(run_dir):
         setup = training_setup(recipe, trained_from)
-        records = _read_records(run_dir)
-        stale = {
-            seed: changes
-            for seed, record in records.items()
-            if record is not None and (changes := setup_changes(record["trained_from"], setup))
-        }
-        if stale and not retrain:
-            raise task.RunFolderError(_refusal(run_dir, stale))
-        for seed, changes in stale.items():
-            log(f"seed {seed}: trained from another set-up ({', '.join(changes)}); removed (--retrain)")
-            _discard_member(run_dir, seed)
-            del records[seed]
-
+        trained = _kept_members(run_dir, seeds, setup, retrain, log)
         manifest = {**manifest, "members": [], "environment": environment()}
-        manifest_path = run_dir / MANIFEST
-        position = {seed: index for index, seed in enumerate(seeds, start=1)}
-        trained = {}
-        for seed in seeds:
-            which = f"member {position[seed]}/{len(seeds)} (seed {seed})"
-            problem = _member_problem(run_dir, seed, records)
-            if problem is None:
-                trained[seed] = records[seed]["entry"]
-                log(f"{which}: already trained, kept")
-            elif problem:
-                log(f"{which}: {problem}: training again")
-                _discard_member(run_dir, seed)
         width = recipe["train"].get("fused", 1)
         pending = [seed for seed in seeds if seed not in trained]
         groups = [tuple(pending[start : start + width]) for start in range(0, len(pending), width)]
@@ -641,26 +629,18 @@ def train_ensemble(
             _write_record(run_dir, seed, {"state": "training", "trained_from": setup})
         names = {
             group: ("member " if len(group) == 1 else "members ")
-            + ", ".join(f"{position[seed]}/{len(seeds)} (seed {seed})" for seed in group)
+            + ", ".join(f"{seeds.index(seed) + 1}/{len(seeds)} (seed {seed})" for seed in group)
             for group in groups
         }
 
         def finished(group: tuple[int, ...], entries: list[dict]) -> None:
             for seed, entry in zip(group, entries, strict=True):
-                _write_record(
-                    run_dir,
-                    seed,
-                    {
-                        "state": "trained",
-                        "trained_from": setup,
-                        "sha256": files.sha256(run_dir / entry["file"]),
-                        "entry": entry,
-                    },
-                )
+                record = {"state": "trained", "trained_from": setup, "sha256": files.sha256(run_dir / entry["file"])}
+                _write_record(run_dir, seed, {**record, "entry": entry})
                 trained[seed] = entry
             manifest["members"] = [trained[seed] for seed in seeds if seed in trained]
             manifest["peak_memory_mb"] = peak_memory_mb()
-            files.write_json(manifest_path, manifest)
+            files.write_json(run_dir / MANIFEST, manifest)
 
         executor = recipe.get("run", {}).get("executor", "local")
         failed = {}
@@ -678,12 +658,12 @@ def train_ensemble(
             raise ValueError(f"run.executor must be 'local' or 'ray', got {executor!r}")
         if failed:
             errors = "; ".join(f"{names[group]} failed: {error}" for group, error in failed.items())
-            raise task.TrainingFailedError(
+            raise runner.TrainingFailedError(
                 f"{run_dir}: {errors}; the members trained so far are kept (running the same command again trains "
                 "the others)"
             )
         manifest["members"] = [trained[seed] for seed in seeds]
-        files.write_json(manifest_path, manifest)
+        files.write_json(run_dir / MANIFEST, manifest)
     return manifest
 
 
@@ -695,6 +675,36 @@ def train_group(recipe: dict, seeds: Sequence[int], *, run_dir: str | Path, **me
     return train_fused(recipe, seeds, run_dir=run_dir, **member_arguments)
 
 
+def _kept_members(
+    run_dir: Path, seeds: Sequence[int], setup: dict, retrain: bool, log: Callable[[str], None]
+) -> dict[int, dict]:
+    """The finished members of this set-up to keep (seed → manifest entry). Members of another set-up stop
+    the run (`runner.RunFolderError`) or, with `retrain`, are removed; damaged ones are removed (said)."""
+    records = _read_records(run_dir)
+    stale = {
+        seed: changes
+        for seed, record in records.items()
+        if record is not None and (changes := setup_changes(record["trained_from"], setup))
+    }
+    if stale and not retrain:
+        raise runner.RunFolderError(_refusal(run_dir, stale))
+    for seed, changes in stale.items():
+        log(f"seed {seed}: trained from another set-up ({', '.join(changes)}); removed (--retrain)")
+        _discard_member(run_dir, seed)
+        del records[seed]
+    kept = {}
+    for position, seed in enumerate(seeds, start=1):
+        which = f"member {position}/{len(seeds)} (seed {seed})"
+        problem = _member_problem(run_dir, seed, records)
+        if problem is None:
+            kept[seed] = records[seed]["entry"]
+            log(f"{which}: already trained, kept")
+        elif problem:
+            log(f"{which}: {problem}: training again")
+            _discard_member(run_dir, seed)
+    return kept
+
+
 def training_setup(recipe: Mapping[str, Any], trained_from: Mapping[str, Any]) -> dict:
     """What a member is trained from, as its record keeps it: the recipe's values by dotted key (all but
     `NOT_IN_SETUP`) and a content hash of each part of `trained_from` (see `train_ensemble`)."""
@@ -702,10 +712,19 @@ def training_setup(recipe: Mapping[str, Any], trained_from: Mapping[str, Any]) -
 
 
 def setup_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """What differs between two `training_setup`s, one line each: "train.epochs: 3 → 5", "other targets"."""
+    """What differs between two `training_setup`s, one line each: "train.epochs: 3 → 5", "other targets".
+
+    An engine option a record lacks (written before the recipe had it) counts as its default
+    (`recipe.ENGINE_DEFAULTS`), so members trained before the engine declared it are kept."""
+    defaults = {
+        f"{section}.{key}": value
+        for section, table in recipe_lib.ENGINE_DEFAULTS.items()
+        for key, value in table.items()
+    }
     changes = []
     for key in sorted(set(recorded["recipe"]) | set(current["recipe"])):
-        old, new = recorded["recipe"].get(key, _ABSENT), current["recipe"].get(key, _ABSENT)
+        old = recorded["recipe"].get(key, defaults.get(key, _ABSENT))
+        new = current["recipe"].get(key, defaults.get(key, _ABSENT))
         if old != new:
             changes.append(f"{key}: {_shown(old)} → {_shown(new)}")
     for name in sorted(set(recorded["data"]) | set(current["data"])):

@@ -7,13 +7,15 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
 
-from replicate import dacon, files, task
+from replicate import dacon, features, files, runner
+from replicate.recipe import RecipeError
 from tests.conftest import ROOT, run_python
 
 
@@ -102,32 +104,39 @@ def test_a_bad_wav_stops_the_run_naming_the_file(data, tmp_path):
 
     sf.write(data / "test" / "2.wav", np.zeros(16000, dtype=np.float32), 8000)
     recipe = dacon.load_recipe("quick", [f"run.cache_dir={str(tmp_path / 'cache')!r}", "run.workers=1"])
-    with pytest.raises(dacon.feature_lib.FeatureCacheError, match=r"1 of 24 audio files cannot be used:\n  .*5\.wav"):
+    with pytest.raises(features.FeatureCacheError, match=r"1 of 24 audio files cannot be used:\n  .*5\.wav"):
         dacon.run(recipe, data, tmp_path / "run", progress=False, log=lambda _: None)
 
 
 def test_pad_mode_keys_the_cache_and_travels_to_inference(dacon_data, tmp_path):
     data = dacon.load_data(dacon_data)
-    cache = [f"run.cache_dir={str(tmp_path / 'cache')!r}", "run.workers=1"]
-    reflect = dacon.load_recipe(overrides=cache)
-    constant = dacon.load_recipe(overrides=[*cache, "features.pad_mode='constant'"])
+    cache = {"cache_dir": tmp_path / "cache", "workers": 1, "progress": False}
+    reflect = dacon.load_recipe()
+    constant = dacon.load_recipe(overrides=["features.pad_mode='constant'"])
     assert reflect["features"]["pad_mode"] == "reflect"  # the source's (librosa <= 0.8)
-    reflected, reflect_meta = dacon.mel_power_cached(data.test_paths, reflect, "dacon-test", progress=False)
-    zeros, constant_meta = dacon.mel_power_cached(data.test_paths, constant, "dacon-test", progress=False)
+    reflect_spec, constant_spec = dacon.feature_spec(reflect), dacon.feature_spec(constant)
+    reflected, reflect_meta = reflect_spec.cached(data.test_paths, name="dacon-test", **cache)
+    zeros, constant_meta = constant_spec.cached(data.test_paths, name="dacon-test", **cache)
     assert reflect_meta["key"] != constant_meta["key"]
     assert not np.array_equal(reflected[:, :, 0], zeros[:, :, 0])  # the edge frames differ, the middle not
     np.testing.assert_array_equal(reflected[:, :, 50], zeros[:, :, 50])
 
-    normalizer = dacon.feature_lib.Normalizer.fit([reflected], "global")
-    manifest = {
-        "audio": vars(dacon.audio_spec(reflect)),
-        "recipe": {"data": reflect["data"], "features": reflect["features"]},
+    normalizer = features.Normalizer.fit([reflected], "global")
+    manifest = {  # what the run's manifest says of its features (`runner.MANIFEST_SCHEMA_VERSION` 1)
+        "schema_version": 1,
+        "features": {"log_mel": reflect_spec.to_manifest()},
+        "preprocessing": {"normalization": normalizer.to_config()},
+    }
+    np.testing.assert_array_equal(dacon.TASK.inference_inputs(manifest, data.test_paths), normalizer(reflected))
+    before_the_schema = {  # a run of an earlier version, from before `features.pad_mode`: it padded with zeros
+        "recipe": {
+            "data": reflect["data"],
+            "features": {k: v for k, v in reflect["features"].items() if k != "pad_mode"},
+        },
         "normalization": normalizer.to_config(),
     }
-    np.testing.assert_array_equal(dacon.inference_features(data.test_paths, manifest), normalizer(reflected))
-    del manifest["recipe"]["features"]["pad_mode"]  # a run from before the key: it padded with zeros
-    np.testing.assert_array_equal(dacon.inference_features(data.test_paths, manifest), normalizer(zeros))
-    with pytest.raises(dacon.recipe_lib.RecipeError, match=r"features.pad_mode = 'edge': must be one of"):
+    np.testing.assert_array_equal(dacon.TASK.inference_inputs(before_the_schema, data.test_paths), normalizer(zeros))
+    with pytest.raises(RecipeError, match=r"features.pad_mode = 'edge': must be one of"):
         dacon.load_recipe(overrides=["features.pad_mode='edge'"])
 
 
@@ -170,21 +179,23 @@ def test_non_finite_statistics_are_an_error_naming_the_split():
     power = np.ones((3, 4, 5, 2), dtype=np.float32)
     power[1, 2, 3, 1] = np.inf
     with pytest.raises(dacon.DataError, match=r"^dacon-test: the normalisation statistics are not finite"):
-        dacon.feature_lib.Normalizer.fit([power], "per_clip", name="dacon-test")
+        features.Normalizer.fit([power], "per_clip", name="dacon-test")
     power[1, 2, 3, 1] = np.nan
     with pytest.raises(dacon.DataError, match=r"^dacon-test: the normalisation statistics are not finite"):
-        dacon.feature_lib.Normalizer.fit([power], "global", name="dacon-test")
+        features.Normalizer.fit([power], "global", name="dacon-test")
 
 
 def test_non_finite_predictions_write_no_submission(dacon_data, tmp_path):
     """A member that predicts NaN stops the run before submission.csv, naming its seed."""
     import keras
 
+    from replicate.dacon.task import Arrays
     from replicate.ensemble import PredictionError
+    from replicate.task import Prepared, Run
 
     data = dacon.load_data(dacon_data)
     run_dir = tmp_path / "run"
-    task.write_recipe(run_dir, dacon.load_recipe("quick"))
+    run_dir.mkdir()
     members = []
     for seed, poisoned in ((3, False), (4, True)):
         inputs = keras.Input((2, 3, 1))
@@ -196,9 +207,11 @@ def test_non_finite_predictions_write_no_submission(dacon_data, tmp_path):
         members.append({"seed": seed, "file": f"seed-{seed:02d}.keras"})
     files.write_json(run_dir / "manifest.json", {"class_names": data.class_names, "members": members})
     power = np.random.default_rng(0).random((8, 2, 3, 1), dtype=np.float32)
-    normalizer = dacon.feature_lib.Normalizer.fit([power], "global")
+    arrays = Arrays(power, power, features.Normalizer.fit([power], "global"), np.arange(8), np.array([], int))
+    prepared = Prepared(data.class_names, {"log_mel": [2, 3, 1]}, "clips", {}, state=arrays)
+    run = Run(dacon.TASK, dacon.load_recipe("quick"), run_dir)
     with pytest.raises(PredictionError, match=r"the member\(s\) of seed\(s\) 4 predict NaN or infinite values \(of 2"):
-        dacon.evaluate_and_report(run_dir, data, power, power, normalizer, np.array([], int), np.arange(8))
+        dacon.TASK.evaluate(run, data, prepared)
     assert not (run_dir / "submission.csv").exists() and not (run_dir / "test_predictions.npz").exists()
 
 
@@ -213,12 +226,16 @@ def test_the_command_line_turns_the_packages_own_errors_into_exit_2_and_keeps_ot
 
     arguments = {"prog": "p", "description": "d", "data_help": "h", "load_recipe": lambda *args: {}}
     damaged = FeatureCacheError("cache/maic-train-1234: frames.npy is truncated; delete the folder")
-    assert task.main(["--data", "x", "--run-dir", str(tmp_path)], run=run_raising(damaged), **arguments) == 2
+    assert runner.command_line(["--data", "x", "--run-dir", str(tmp_path)], run=run_raising(damaged), **arguments) == 2
     assert capsys.readouterr().err == "error: cache/maic-train-1234: frames.npy is truncated; delete the folder\n"
     with pytest.raises(ValueError, match="a bug"):
-        task.main(["--data", "x", "--run-dir", str(tmp_path)], run=run_raising(ValueError("a bug")), **arguments)
+        runner.command_line(
+            ["--data", "x", "--run-dir", str(tmp_path)], run=run_raising(ValueError("a bug")), **arguments
+        )
     with pytest.raises(KeyError):
-        task.main(["--data", "x", "--run-dir", str(tmp_path)], run=run_raising(KeyError("train")), **arguments)
+        runner.command_line(
+            ["--data", "x", "--run-dir", str(tmp_path)], run=run_raising(KeyError("train")), **arguments
+        )
 
 
 def test_cli_rejects_a_bad_override_with_exit_code_2(dacon_data):
@@ -232,7 +249,10 @@ def test_cli_rejects_a_bad_override_with_exit_code_2(dacon_data):
     assert "error: train.epochs = -1: must be > 0" in result.stderr
 
 
-def test_recipe_end_to_end_and_inference_in_a_fresh_process(dacon_data, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def trained_run(dacon_data, tmp_path_factory):
+    """A tiny quick-profile run (2 members × 1 epoch) made by the command line: (run folder, its result)."""
+    tmp_path = tmp_path_factory.mktemp("dacon-run")
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [
@@ -260,6 +280,11 @@ def test_recipe_end_to_end_and_inference_in_a_fresh_process(dacon_data, tmp_path
         text=True,
         env={key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"},  # the package's
     )
+    return run_dir, result
+
+
+def test_recipe_end_to_end_and_inference_in_a_fresh_process(trained_run, dacon_data, tmp_path, capsys):
+    run_dir, result = trained_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cuInit" not in result.stderr  # TensorFlow's start-up noise on a machine without a GPU driver
     kl = files.read_json(run_dir / "scores.json")["evaluations"]["test (synthetic answers)"]["ensemble_kl_by_size"]
@@ -270,8 +295,14 @@ def test_recipe_end_to_end_and_inference_in_a_fresh_process(dacon_data, tmp_path
 
     manifest = files.read_json(run_dir / "manifest.json")
     assert [m["seed"] for m in manifest["members"]] == [0, 1]
-    assert manifest["input_shape"] == [64, 101, 4] and manifest["normalization"]["reference"] == "global"
-    assert manifest["recipe"]["features"]["pad_mode"] == "reflect"
+    assert manifest["schema_version"] == 1 and manifest["inputs"] == {"log_mel": [64, 101, 4]}
+    assert manifest["preprocessing"]["normalization"]["reference"] == "global"
+    assert {resolution["pad_mode"] for resolution in manifest["features"]["log_mel"]["resolutions"]} == {"reflect"}
+    assert manifest["data"]["unit"] == "clips" and manifest["data"]["splits"] == {
+        "train": 24,
+        "validation": 0,
+        "test": 8,
+    }
     assert (run_dir / "recipe.toml").is_file() and (run_dir / "training_curves.png").stat().st_size > 1000
 
     submission = pd.read_csv(run_dir / "submission.csv", dtype={"id": str})
@@ -317,14 +348,47 @@ def test_recipe_end_to_end_and_inference_in_a_fresh_process(dacon_data, tmp_path
     assert [m["seed"] for m in files.read_json(run_dir / "manifest.json")["members"]] == [0, 1]  # left as it was
 
 
+def test_the_predict_command_writes_word_shares_and_names_a_bad_file_in_one_line(trained_run, dacon_data, tmp_path):
+    run_dir, _ = trained_run
+    out = tmp_path / "predictions.csv"
+    predict = [sys.executable, "-m", "replicate.predict", str(run_dir)]
+    result = subprocess.run(
+        [*predict, str(dacon_data / "test"), "--out", str(out)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == f"predictions: {out} (8 rows, 2 members)\n"
+    table = pd.read_csv(out, dtype=str)
+    assert list(table.columns) == ["file", *dacon.load_data(dacon_data).class_names]
+    # The same inputs (the cache's bits) through the same members: the run's averaged test probabilities,
+    # written with the same 8 decimals, in the order of the folder's file names.
+    saved = np.load(run_dir / "test_predictions.npz")
+    by_id = dict(zip(saved["ids"].tolist(), saved["probabilities"].mean(axis=0), strict=True))
+    assert [Path(name).parent for name in table["file"]] == [dacon_data / "test"] * 8
+    expected = [[f"{value:.8f}" for value in by_id[Path(name).stem]] for name in table["file"]]
+    assert table.iloc[:, 1:].to_numpy().tolist() == expected
+
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF....WAVEgarbage")
+    result = subprocess.run(
+        [*predict, str(dacon_data / "test" / "0.wav"), str(bad), "--out", str(tmp_path / "none.csv")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: 1 of 2 audio files cannot be used: {bad}: ")
+    assert not (tmp_path / "none.csv").exists()
+
+
 def test_default_run_folder_is_shared_by_seed_counts_only(tmp_path):
     three = dacon.load_recipe("quick", ["ensemble.seeds=3"])
     five = dacon.load_recipe("quick", ["ensemble.seeds=5"])
     longer = dacon.load_recipe("quick", ["train.epochs=9"])
-    assert task.default_run_id(three, tmp_path) == task.default_run_id(five, tmp_path)  # grows the ensemble
-    assert task.default_run_id(three, tmp_path) != task.default_run_id(longer, tmp_path)
-    assert task.default_run_id(three, tmp_path) != task.default_run_id(three, tmp_path / "other")
-    assert task.default_run_id(three, tmp_path).startswith("quick-")
+    assert runner.default_run_id(three, tmp_path) == runner.default_run_id(five, tmp_path)  # grows the ensemble
+    assert runner.default_run_id(three, tmp_path) != runner.default_run_id(longer, tmp_path)
+    assert runner.default_run_id(three, tmp_path) != runner.default_run_id(three, tmp_path / "other")
+    assert runner.default_run_id(three, tmp_path).startswith("quick-")
 
 
 def _hold(lock_code: str) -> subprocess.Popen:
@@ -341,7 +405,7 @@ def _hold(lock_code: str) -> subprocess.Popen:
 
 def test_a_run_folder_in_use_exits_2_naming_the_holder_and_a_killed_holder_blocks_nothing(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    holder = _hold(f"from replicate import task\nlock = task.lock_run_dir({str(run_dir)!r})\nlock.__enter__()")
+    holder = _hold(f"from replicate import runner\nlock = runner.lock_run_dir({str(run_dir)!r})\nlock.__enter__()")
     # No data folder: the lock is taken before the data are read, and without it the run stops at once.
     arguments = ["--data", str(tmp_path / "nowhere"), "--profile", "quick", "--run-dir", str(run_dir)]
     try:
@@ -368,9 +432,9 @@ def test_retrain_reaches_the_run_under_the_run_folders_lock(tmp_path):
 
     def run(recipe, data_root, run_dir, *, progress, retrain):
         other = run_python(  # another process cannot take the run folder while the command runs
-            "from replicate import files, task\n"
+            "from replicate import files, runner\n"
             "try:\n"
-            f"    task.lock_run_dir({str(run_dir)!r}).__enter__()\n"
+            f"    runner.lock_run_dir({str(run_dir)!r}).__enter__()\n"
             "except files.LockedError as error:\n"
             "    print(error)\n"
         )
@@ -380,6 +444,6 @@ def test_retrain_reaches_the_run_under_the_run_folders_lock(tmp_path):
 
     common = dict(prog="p", description="d", data_help="h", load_recipe=dacon.load_recipe, run=run)
     arguments = ["--data", str(tmp_path), "--run-dir", str(tmp_path / "run"), "--no-progress"]
-    assert task.main([*arguments, "--retrain"], **common) == 0
-    assert task.main(arguments, **common) == 0
+    assert runner.command_line([*arguments, "--retrain"], **common) == 0
+    assert runner.command_line(arguments, **common) == 0
     assert calls == [(tmp_path / "run", False, True), (tmp_path / "run", False, False)]

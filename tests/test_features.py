@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -524,7 +525,7 @@ def test_a_damaged_cache_is_detected_and_computed_again(tmp_path, damage):
     again, again_meta = features.cached_features(
         paths, extractor=CountingExtractor(counter), log=logged.append, **arguments
     )
-    assert logged == [f"features t: the cache {cache} is damaged ({problem}); computing it again"]
+    assert logged == [f"feature cache {cache} is damaged ({problem}); computing it again"]
     assert counter.read_text() == "6"  # every chunk computed again
     np.testing.assert_array_equal(again, expected)
     assert again_meta["checksums"] == meta["checksums"]
@@ -568,3 +569,54 @@ def test_a_cache_being_built_by_another_process_is_an_error_and_its_killed_build
         builder.wait()
     built, _ = features.cached_features(paths, extractor=CountingExtractor(tmp_path / "calls"), **arguments)
     assert built.shape == (3, 64, 101, 1)
+
+
+# --- feature kinds: one spec gives the cache key, the extractor, the manifest entry and inference ---------
+
+SPECS = [
+    features.MelPowerSpec(AUDIO, tuple(RESOLUTIONS)),
+    features.MelPowerSpec(
+        features.AudioSpec(16000, 8000, fix_length=True),
+        (features.MelResolution(400, 400, 160, 40, "reflect", mel_scale="htk", mel_norm="none"),),
+    ),
+    features.MfccSpec(features.AudioSpec(16000, 8000, resample=True, fix_length=True), 13, 512, 256),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["dacon-like", "dcase-like", "mfcc"])
+def test_a_spec_round_trips_through_its_manifest_entry_and_infers_the_cached_bits(spec, tmp_path):
+    entry = spec.to_manifest()
+    assert entry["kind"] == spec.kind and entry["audio"] == dataclasses.asdict(spec.audio)
+    assert features.FeatureSpec.from_manifest(files.read_json(files.write_json(tmp_path / "m.json", entry))) == spec
+    paths = [write_tone(tmp_path / f"{index}.wav", channels=1 + index % 2) for index in range(3)]
+    cached, meta = spec.cached(paths, cache_dir=tmp_path / "cache", name="t", workers=2, progress=False)
+    # The key is the engine's one formula over the spec's params and audio rules, and the files.
+    assert meta["key"] == files.cache_key({"params": spec.params(), "audio": entry["audio"]}, paths)
+    assert meta["params"] == spec.params()
+    np.testing.assert_array_equal(spec.compute(paths), cached)  # inference: the same bits, no cache
+
+
+def test_the_dacon_spec_keeps_the_cache_key_of_the_features_it_replaced(tmp_path):
+    """The spec's params are those the DACON module wrote by hand before: caches made then are reused."""
+    paths = _tones(tmp_path / "wav", 2)
+    spec = features.MelPowerSpec(AUDIO, tuple(RESOLUTIONS))
+    by_hand = {"kind": "mel_power", "sample_rate": 16000, "resolutions": [vars(r) for r in RESOLUTIONS]}
+    assert spec.params() == by_hand
+    _, meta = spec.cached(paths, cache_dir=tmp_path / "cache", name="t", workers=1, progress=False)
+    digest = hashlib.sha256(
+        json.dumps({"params": by_hand, "audio": dataclasses.asdict(AUDIO)}, sort_keys=True).encode()
+    )
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    assert meta["key"] == digest.hexdigest()[:16]
+
+
+def test_an_unknown_feature_kind_in_a_manifest_is_named():
+    with pytest.raises(ValueError, match=r"unknown feature kind 'chroma' in the manifest; known: mel_power, mfcc"):
+        features.FeatureSpec.from_manifest({"kind": "chroma", "audio": {"sample_rate": 1}})
+
+
+def test_the_audio_rules_come_from_the_recipes_data_table():
+    data = {"sample_rate": 44100, "clip_samples": 44100, "resample": True, "fix_length": True, "other": 1}
+    assert features.AudioSpec.from_recipe(data) == features.AudioSpec(44100, 44100, True, True)

@@ -193,7 +193,7 @@ def _ensemble(tmp_path, optimizer, width, epochs=2, seeds=(0, 1, 2), layout="aut
         manifest={"task": "test", "class_names": [str(i) for i in range(30)]},
         trained_from={"features": FEATURES, "targets": TARGETS},
         log=lambda _: None,
-        build_model=BUILD_NARROW,
+        build_model=lambda seed: BUILD_NARROW(),
         train_data=lambda seed, epoch: pipeline.from_arrays(
             FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed, epoch=epoch
         ),
@@ -262,7 +262,7 @@ def test_an_interrupted_fused_group_resumes_and_leftover_seeds_train_alone(tmp_p
         manifest={"task": "test", "class_names": [str(i) for i in range(30)]},
         trained_from={"features": FEATURES, "targets": TARGETS},
         log=lambda _: None,
-        build_model=BUILD_NARROW,
+        build_model=lambda seed: BUILD_NARROW(),
         train_data=lambda seed, epoch: pipeline.from_arrays(
             FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed, epoch=epoch
         ),
@@ -307,7 +307,7 @@ def _train_group(run_dir, learning_rate=0.01, callbacks=()):
         recipe,
         [0, 1],
         run_dir=run_dir,
-        build_model=_small_model_with_dropout,
+        build_model=lambda seed: _small_model_with_dropout(),
         train_data=lambda seed, epoch: pipeline.from_arrays(
             FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed, epoch=epoch
         ),
@@ -345,7 +345,7 @@ def test_fused_training_refuses_per_member_callbacks(tmp_path):
             recipe,
             [0, 1],
             run_dir=tmp_path,
-            build_model=BUILD_NARROW,
+            build_model=lambda seed: BUILD_NARROW(),
             train_data=lambda seed, epoch: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8),
             member_callbacks=lambda run_dir, name: [keras.callbacks.ReduceLROnPlateau()],
         )

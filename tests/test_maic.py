@@ -125,7 +125,7 @@ def test_a_damaged_token_cache_is_detected_and_parsed_again(tmp_path, damaged):
         if damaged == "meta.json"
         else f"bytes 0..{len(content) - 1} of {damaged} differ from their checksum"
     )
-    assert logged == [f"tokens t: the cache {cache} is damaged ({problem}); parsing the CSVs again"]
+    assert logged == [f"token cache {cache} is damaged ({problem}); computing it again"]
     np.testing.assert_array_equal(np.asarray(again.frames), expected)
     assert again.checksums == first.checksums and again.offsets.tolist() == first.offsets.tolist()
 

@@ -129,3 +129,126 @@ def test_mixup_mixes_inputs_and_targets_with_one_weight():
     np.testing.assert_array_equal(x_again.numpy(), x)
     with pytest.raises(ValueError, match="alpha"):
         pipeline.mixup(tf.data.Dataset.range(1), alpha=0.0, seed=0)
+
+
+# --- from_columns: named inputs, sample weights, variable-length rows cropped to a width ------------------
+
+LENGTHS = np.array([3, 7, 5, 12, 6, 9, 4], dtype=np.int64)  # tokens of 3..12 frames of 5 bins, end to end
+OFFSETS = np.concatenate([[0], np.cumsum(LENGTHS)[:-1]])
+VALUES = np.arange(LENGTHS.sum() * 5, dtype=np.float32).reshape(-1, 5)
+
+
+def test_an_array_column_gives_the_batches_of_from_arrays():
+    """The DACON training stream built both ways: the same rows, order, transform and targets, bit for bit."""
+    options = dict(batch_size=6, indices=np.arange(3, 18), shuffle=True, seed=5, epoch=2)
+    expected = list(pipeline.from_arrays(FEATURES, TARGETS, transform=lambda x: x / 7, **options))
+    actual = list(pipeline.from_columns(pipeline.ArrayColumn(FEATURES, lambda x: x / 7), TARGETS, **options))
+    assert len(actual) == len(expected) == 3
+    for (x, y), (expected_x, expected_y) in zip(actual, expected, strict=True):
+        np.testing.assert_array_equal(x.numpy(), expected_x.numpy())
+        np.testing.assert_array_equal(y.numpy(), expected_y.numpy())
+
+
+def test_named_inputs_targets_and_weights_stay_aligned():
+    side = np.arange(20, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
+    weights = np.linspace(0.5, 2.0, 20).astype(np.float32)
+    indices = np.array([9, 2, 17, 4, 11])
+    dataset = pipeline.from_columns(
+        {"mel": pipeline.ArrayColumn(FEATURES, lambda x: -x), "aux": side},
+        TARGETS,
+        weights=weights,
+        batch_size=2,
+        indices=indices,
+    )
+    batches = [(inputs, y.numpy(), w.numpy()) for inputs, y, w in dataset]
+    assert [len(y) for _, y, _ in batches] == [2, 2, 1]
+    assert set(batches[0][0]) == {"mel", "aux"}
+    np.testing.assert_array_equal(np.concatenate([i["mel"].numpy() for i, _, _ in batches]), -FEATURES[indices])
+    np.testing.assert_array_equal(np.concatenate([i["aux"].numpy() for i, _, _ in batches])[:, 0], indices)
+    np.testing.assert_array_equal(np.concatenate([y for _, y, _ in batches]).argmax(axis=1), indices)
+    np.testing.assert_array_equal(np.concatenate([w for _, _, w in batches]), weights[indices])
+
+
+def _crops(seed, epoch, starts=None, first_epoch=None):
+    column = pipeline.CropColumn(VALUES, OFFSETS, LENGTHS, frames=6, transform=lambda v: v + 1, starts=starts)
+    if first_epoch is None:
+        return [x.numpy() for x in pipeline.from_columns(column, batch_size=3, shuffle=False, seed=seed, epoch=epoch)]
+    stream = tf.data.Dataset.range(first_epoch, 3).flat_map(
+        lambda e: pipeline.from_columns(column, batch_size=3, seed=seed, epoch=e)
+    )
+    return [x.numpy() for x in stream]
+
+
+def test_token_crops_are_windows_of_their_own_row_transformed_then_zero_padded():
+    crops = np.concatenate(_crops(seed=4, epoch=0))
+    assert crops.shape == (7, 5, 6, 1)
+    for row, crop in enumerate(crops[..., 0]):
+        start = int(crop[0, 0] - 1 - VALUES[OFFSETS[row], 0]) // 5  # the first frame's value names it
+        length = min(LENGTHS[row] - start, 6)
+        assert 0 <= start <= max(LENGTHS[row] - 6, 0)
+        np.testing.assert_array_equal(
+            crop[:, :length], VALUES[OFFSETS[row] + start : OFFSETS[row] + start + length].T + 1
+        )
+        assert not crop[:, length:].any()  # padding stays 0 whatever the transform
+    assert not np.array_equal(crops, np.concatenate(_crops(seed=4, epoch=1)))  # anew every epoch
+    np.testing.assert_array_equal(crops, np.concatenate(_crops(seed=4, epoch=0)))  # and again for the seed
+    resumed = _crops(seed=4, epoch=None, first_epoch=1)  # a stream started at epoch 1 (a resumed member)
+    whole = _crops(seed=4, epoch=None, first_epoch=0)
+    for expected, actual in zip(whole[3:], resumed, strict=True):
+        np.testing.assert_array_equal(actual, expected)
+
+
+def test_fixed_starts_crop_where_they_say():
+    starts = np.array([0, 1, 0, 6, 0, 3, 0])
+    crops = np.concatenate(_crops(seed=None, epoch=0, starts=starts))[..., 0]
+    np.testing.assert_array_equal(crops[3], VALUES[OFFSETS[3] + 6 : OFFSETS[3] + 12].T + 1)
+    np.testing.assert_array_equal(crops[5], VALUES[OFFSETS[5] + 3 : OFFSETS[5] + 9].T + 1)
+
+
+def test_from_columns_refuses_misaligned_columns_and_random_draws_without_a_seed():
+    with pytest.raises(ValueError, match=r"the same rows: input 'a' 20, input 'b' 3, targets 20"):
+        pipeline.from_columns({"a": FEATURES, "b": FEATURES[:3]}, TARGETS, batch_size=2)
+    with pytest.raises(ValueError, match=r"need a seed"):
+        pipeline.from_columns(pipeline.CropColumn(VALUES, OFFSETS, LENGTHS, frames=6), batch_size=2)
+    with pytest.raises(ValueError, match=r"batch_size must be >= 1"):
+        pipeline.from_columns(FEATURES, batch_size=0)
+
+
+def test_from_columns_gives_maics_token_batches():
+    """What the MAIC port relies on: its token pipeline (random crops, aux input, labels) is `from_columns`."""
+    from replicate import maic
+
+    store = maic.TokenStore(VALUES, OFFSETS, LENGTHS, np.arange(7), np.arange(7), {}, {})
+    aux = np.random.default_rng(0).random((7, 2), dtype=np.float32)
+    labels = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2, 0]]
+    inputs = maic.Inputs(frames=6, mean=2.5, std=3.0, age_scale=100.0)
+    rows = np.array([6, 0, 3, 1, 5])
+    expected = maic.token_dataset(store, rows, aux, inputs, batch_size=2, labels=labels, shuffle=True, seed=3, epoch=1)
+    mel = pipeline.CropColumn(VALUES, OFFSETS, LENGTHS, 6, transform=lambda v: (v - inputs.mean) / inputs.std)
+    actual = pipeline.from_columns(
+        {"mel": mel, "aux": aux}, labels, batch_size=2, indices=rows, shuffle=True, seed=3, epoch=1
+    )
+    for (x, y), (expected_x, expected_y) in zip(actual, expected, strict=True):
+        for name in ("mel", "aux"):
+            np.testing.assert_array_equal(x[name].numpy(), expected_x[name].numpy())
+        np.testing.assert_array_equal(y.numpy(), expected_y.numpy())
+
+
+def test_from_columns_gives_ai_cups_weighted_batches():
+    """What the AI CUP port relies on: named inputs, one-hot labels and class weights, the last batch dropped."""
+    from replicate import aicup
+
+    rng = np.random.default_rng(1)
+    inputs = {"mfcc_13": rng.random((11, 13, 4, 1), dtype=np.float32), "clinical": rng.random((11, 44), np.float32)}
+    labels = rng.integers(1, 6, 11)
+    class_weights = np.linspace(1, 2, 5)
+    options = dict(batch_size=4, shuffle=True, seed=2, epoch=3, drop_remainder=True)
+    expected = aicup.make_dataset(inputs, labels, weights=class_weights, **options)
+    one_hot = np.eye(5, dtype=np.float32)[labels - 1]
+    actual = pipeline.from_columns(inputs, one_hot, weights=class_weights[labels - 1], **options)
+    assert len(list(actual)) == 2
+    for (x, y, w), (expected_x, expected_y, expected_w) in zip(actual, expected, strict=True):
+        for name in inputs:
+            np.testing.assert_array_equal(x[name].numpy(), expected_x[name].numpy())
+        np.testing.assert_array_equal(y.numpy(), expected_y.numpy())
+        np.testing.assert_array_equal(w.numpy(), expected_w.numpy())

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from replicate import files, pipeline, ray_executor, task, train
+from replicate import files, pipeline, ray_executor, runner, train
 from replicate import recipe as recipe_lib
 from tests.conftest import run_python
 from tests.test_train import assert_same_member
@@ -198,7 +198,7 @@ def test_a_member_that_fails_every_retry_is_reported_and_the_others_are_kept(
 
     run_dir = tmp_path / "run"
     command = dict(prog="p", description="d", data_help="h", load_recipe=lambda *_: _on_ray(), run=run)
-    assert task.main(["--data", str(tmp_path), "--run-dir", str(run_dir), "--no-progress"], **command) == 1
+    assert runner.command_line(["--data", str(tmp_path), "--run-dir", str(run_dir), "--no-progress"], **command) == 1
     error = capsys.readouterr().err
     assert error.startswith(f"error: {run_dir}: member 2/2 (seed 1) failed: RuntimeError: no data for seed 1; ")
     assert "the members trained so far are kept" in error and error.count("\n") == 1
@@ -222,7 +222,7 @@ def test_the_command_line_trains_a_fused_group_as_one_ray_task(ray_instance, fea
         run_dir.mkdir(parents=True, exist_ok=True)
         train.train_ensemble(
             recipe,
-            task.seeds_of(recipe),
+            recipe_lib.seeds_of(recipe),
             run_dir=run_dir,
             manifest=MANIFEST,
             trained_from={},
@@ -234,7 +234,7 @@ def test_the_command_line_trains_a_fused_group_as_one_ray_task(ray_instance, fea
     arguments = ["--data", str(tmp_path), "--run-dir", str(tmp_path / "run"), "--no-progress", "--executor", "ray"]
     arguments += ["--seeds", "2", "--epochs", "1", "--set", "train.fused=2", "--set", "run.retries=0"]
     command = dict(prog="p", description="d", data_help="h", load_recipe=dacon.load_recipe, run=run)
-    assert task.main(arguments, **command) == 0
+    assert runner.command_line(arguments, **command) == 0
     assert recipes[0]["run"]["executor"] == "ray" and recipes[0]["train"]["fused"] == 2
     assert [line.split(": ")[1].split(" on ")[0] for line in logged] == ["started", "finished"]
     assert logged[0].startswith("members 1/2 (seed 0), 2/2 (seed 1): started on ")
@@ -251,7 +251,7 @@ def test_a_worker_that_cannot_read_the_drivers_feature_cache_says_so(ray_instanc
     np.save(path, FEATURES)
     features = np.load(path, mmap_mode="r")
     path.unlink()
-    with pytest.raises(task.TrainingFailedError) as failure:
+    with pytest.raises(runner.TrainingFailedError) as failure:
         train.train_ensemble(
             _on_ray(),
             [0],
@@ -357,7 +357,7 @@ def test_the_executor_keys_are_checked_and_left_out_of_the_run_folder_and_the_se
     assert recipe["run"]["executor"] == "local" and recipe["run"]["ray_address"] == "local"
     on_ray = dacon.load_recipe("quick", ["run.executor='ray'", "run.gpus_per_member=1", "run.cpus_per_member=4"])
     assert on_ray["run"]["gpus_per_member"] == 1.0
-    assert task.default_run_id(on_ray, tmp_path) == task.default_run_id(recipe, tmp_path)
+    assert runner.default_run_id(on_ray, tmp_path) == runner.default_run_id(recipe, tmp_path)
     assert train.training_setup(on_ray, {}) == train.training_setup(recipe, {})
     for override, message in (
         ("run.executor='spark'", "run.executor = 'spark': must be one of 'local', 'ray'"),
@@ -380,8 +380,8 @@ def test_the_command_line_sets_the_executor_and_the_ray_address(tmp_path):
 
     command = dict(prog="p", description="d", data_help="h", load_recipe=dacon.load_recipe, run=run)
     arguments = ["--data", str(tmp_path), "--run-dir", str(tmp_path / "run")]
-    assert task.main([*arguments, "--executor", "ray", "--ray-address", "10.0.0.5:6379"], **command) == 0
-    assert task.main(arguments, **command) == 0
+    assert runner.command_line([*arguments, "--executor", "ray", "--ray-address", "10.0.0.5:6379"], **command) == 0
+    assert runner.command_line(arguments, **command) == 0
     assert (seen[0]["executor"], seen[0]["ray_address"]) == ("ray", "10.0.0.5:6379")
     assert (seen[1]["executor"], seen[1]["ray_address"]) == ("local", "local")
 
@@ -391,5 +391,5 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys):
         raise KeyboardInterrupt
 
     command = dict(prog="p", description="d", data_help="h", load_recipe=lambda *_: {}, run=run)
-    assert task.main(["--data", str(tmp_path), "--run-dir", str(tmp_path / "run")], **command) == 130
+    assert runner.command_line(["--data", str(tmp_path), "--run-dir", str(tmp_path / "run")], **command) == 130
     assert capsys.readouterr().err.startswith("interrupted: the finished members and the last finished epoch")

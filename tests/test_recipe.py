@@ -144,8 +144,43 @@ def test_the_task_value_must_be_the_commands_task(tmp_path):
 
 
 def test_a_resolved_recipe_reads_back_as_a_recipe_of_its_task(tmp_path):
-    from replicate import task
+    from replicate import runner
 
     recipe = dacon.load_recipe("quick", ["train.epochs=2"])
-    written = task.write_recipe(tmp_path, recipe)
+    written = runner.write_recipe(tmp_path, recipe)
     assert dacon.load_recipe(path=str(written)) == recipe
+
+
+@pytest.mark.parametrize("name", ["dacon", "maic", "dcase", "aicup"])
+def test_the_engine_options_are_every_recipes(name):
+    from replicate import tasks
+
+    task = tasks.get(name)
+    defaults = task.load_recipe()
+    assert {key: defaults["train"][key] for key in ("fused", "fused_layout", "precision", "distribute")} == {
+        "fused": 1,
+        "fused_layout": "auto",
+        "precision": "float32",
+        "distribute": "none",
+    }
+    assert defaults["run"]["workers"] == 0 and defaults["run"]["cache_dir"] == ".cache/features"
+    options = ["train.precision=mixed_bfloat16", "train.fused=2", "train.distribute=mirrored", "run.workers=1"]
+    recipe = task.load_recipe(overrides=options)
+    assert (recipe["train"]["precision"], recipe["train"]["fused"], recipe["run"]["workers"]) == (
+        "mixed_bfloat16",
+        2,
+        1,
+    )
+    with pytest.raises(RecipeError, match=r"train.precision = 'float8': must be one of 'float32'"):
+        task.load_recipe(overrides=["train.precision=float8"])
+
+
+def test_a_recipe_file_of_ones_own_may_leave_the_engine_options_out(tmp_path):
+    package = (RECIPES_DIR / "dacon.toml").read_text(encoding="utf-8")
+    from replicate.recipe import tomllib  # tomli before Python 3.11
+
+    parsed = tomllib.loads(package)  # the engine's options are declared once, in recipe.ENGINE_DEFAULTS
+    assert "run" not in parsed and "precision" not in parsed["train"]
+    path = _write_recipe(tmp_path / "mine.toml", package + "\n[run]\nworkers = 3\n")
+    recipe = dacon.load_recipe(path=path)
+    assert recipe["run"]["workers"] == 3 and recipe["train"]["precision"] == "float32"

@@ -8,7 +8,6 @@ takes what it hands the training engine: its dataset builder (shuffle, crops, mi
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import pytest
@@ -46,8 +45,7 @@ def test_a_dacon_member_resumes_as_if_never_killed(dacon_data, tmp_path, monkeyp
     # The source's layer kinds (dropout 0.5 included), one block of each: building and tracing the full
     # network three times would take most of the test's time.
     features, targets = arguments["train_data"](seed, 0).element_spec
-    arguments["build_model"] = functools.partial(
-        build_dacon_model,
+    arguments["build_model"] = lambda seed: build_dacon_model(
         input_shape=tuple(features.shape[1:]),
         num_classes=targets.shape[-1],
         plain_filters=(4,),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from models.dacon import build_dacon_model
-from replicate import files, metrics, optimizers, pipeline, task, train
+from replicate import files, metrics, optimizers, pipeline, runner, train
 from replicate.ensemble import Ensemble
 from tests.conftest import run_python
 
@@ -33,7 +33,7 @@ def _small_model():
 
 def _arguments(build_model=_small_model):
     return dict(
-        build_model=build_model,
+        build_model=lambda seed: build_model(),
         train_data=lambda seed, epoch: pipeline.from_arrays(
             FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed, epoch=epoch
         ),
@@ -256,8 +256,8 @@ def test_mirrored_training_uses_every_device_and_saves_an_ordinary_member(tmp_pa
         "    assert tf.distribute.get_strategy().num_replicas_in_sync == 2\n"
         "data = lambda seed, epoch: pipeline.from_arrays(FEATURES, TARGETS, batch_size=8, shuffle=True, seed=seed,"
         " epoch=epoch)\n"
-        f"train.train_member(recipe, 0, run_dir={str(tmp_path)!r}, build_model=_small_model, train_data=data,"
-        " verbose=0)\n"
+        f"train.train_member(recipe, 0, run_dir={str(tmp_path)!r}, build_model=lambda seed: _small_model(),"
+        " train_data=data, verbose=0)\n"
     )
     model = keras.models.load_model(tmp_path / "members" / "seed-00.keras")  # no strategy needed to load
     assert model.predict(FEATURES[:2], verbose=0).shape == (2, 30)
@@ -324,14 +324,14 @@ def test_a_member_of_another_set_up_is_refused_until_retrain_and_added_seeds_kee
     member = tmp_path / "members" / "seed-00.keras"
     trained_at = member.stat().st_mtime_ns
     other_data = {**DATA, "targets": TARGETS[::-1]}
-    with pytest.raises(task.RunFolderError) as error:
+    with pytest.raises(runner.RunFolderError) as error:
         _train_ensemble(tmp_path, [0, 1], trained_from=other_data)
     assert str(error.value) == (
         f"{tmp_path}: the member of seed 0 was trained from another set-up (other targets); use another "
         "--run-dir, or --retrain to train it again"
     )
     longer = {"train": {**RECIPE["train"], "epochs": 2}}
-    with pytest.raises(task.RunFolderError, match=r"\(train\.epochs: 1 → 2\)"):
+    with pytest.raises(runner.RunFolderError, match=r"\(train\.epochs: 1 → 2\)"):
         _train_ensemble(tmp_path, [0], longer)
     assert member.stat().st_mtime_ns == trained_at and not (tmp_path / "members" / "seed-01.keras").exists()
 
@@ -361,7 +361,7 @@ def test_an_interrupted_member_of_another_set_up_starts_over_with_retrain(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         _train_ensemble(tmp_path, [0, 1], RECIPE, callbacks=[KillSecondMember()])
     assert (tmp_path / "checkpoints" / "seed-01").is_dir()
-    with pytest.raises(task.RunFolderError, match=r"the members of seeds 0, 1 were trained .* \(other features\)"):
+    with pytest.raises(runner.RunFolderError, match=r"the members of seeds 0, 1 were trained .* \(other features\)"):
         _train_ensemble(tmp_path, [0, 1], RECIPE, trained_from={**DATA, "features": FEATURES[::-1]})
     assert (tmp_path / "checkpoints" / "seed-01").is_dir()  # nothing removed without --retrain
     manifest = _train_ensemble(
@@ -378,7 +378,7 @@ def test_a_damaged_member_is_detected_and_trained_again(tmp_path):
         if damage == "truncated":
             member.write_bytes(content[: len(content) // 2])
             problem = "is damaged (its SHA-256 differs from members/seed-00.json)"
-            with pytest.raises(task.RunFolderError, match=rf"{tmp_path}: members/seed-00.keras {re.escape(problem)}"):
+            with pytest.raises(runner.RunFolderError, match=rf"{tmp_path}: members/seed-00.keras {re.escape(problem)}"):
                 Ensemble.load(tmp_path)  # loading it is refused too
         elif damage == "overwritten":  # the same size, other bytes
             member.write_bytes(content[:1000] + bytes(4096) + content[5096:])
@@ -640,13 +640,11 @@ def test_a_non_finite_loss_stops_training_naming_the_seed_and_epoch_and_saves_no
 
 
 def test_the_command_line_turns_a_full_disk_and_a_non_finite_loss_into_one_line_and_exit_2(capsys, tmp_path):
-    from replicate import task
-
     def main_with(error):
         def run(recipe, data_root, run_dir, progress, retrain):
             raise error
 
-        return task.main(
+        return runner.command_line(
             ["--data", "data", "--run-dir", str(tmp_path / "run")],
             prog="test",
             description="test",

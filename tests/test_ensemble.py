@@ -1,0 +1,89 @@
+"""Ensembles of members with several named inputs and a dict of outputs, loaded in a fresh process."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from replicate import files, runner
+from replicate.ensemble import Ensemble, PredictionError
+from tests.conftest import run_python
+
+ROWS = 5
+
+
+def _two_input_member(seed: int, aux_width: int = 2) -> keras.Model:
+    """A member of inputs "mel" (4, 3, 1) and "aux", outputs {"probabilities", "embedding"} (as DCASE's)."""
+    keras.utils.set_random_seed(seed)
+    mel, aux = keras.Input((4, 3, 1), name="mel"), keras.Input((aux_width,), name="aux")
+    joined = keras.layers.Concatenate(name="joined")([keras.layers.Flatten(name="flat")(mel), aux])
+    embedding = keras.layers.Dense(6, name="embedding")(joined)
+    probabilities = keras.layers.Dense(3, activation="softmax", name="probabilities")(embedding)
+    return keras.Model([mel, aux], {"probabilities": probabilities, "embedding": embedding}, name=f"member{seed}")
+
+
+def _run_folder(tmp_path, members) -> tuple:
+    """A run folder of saved members (records left out: files are checked against records where they exist)."""
+    entries = []
+    for seed, member in enumerate(members):
+        member.save(tmp_path / f"members/seed-{seed:02d}.keras")
+        entries.append({"seed": seed, "file": f"members/seed-{seed:02d}.keras", "group": ""})
+    files.write_json(tmp_path / "manifest.json", {"task": "dacon", "class_names": ["a", "b", "c"], "members": entries})
+    rng = np.random.default_rng(0)
+    inputs = {"mel": rng.random((ROWS, 4, 3, 1), dtype=np.float32), "aux": rng.random((ROWS, 2), dtype=np.float32)}
+    return tmp_path, inputs
+
+
+def test_members_get_the_inputs_they_name_and_the_output_asked_for(tmp_path):
+    (tmp_path / "members").mkdir()
+    run_dir, inputs = _run_folder(tmp_path, [_two_input_member(0), _two_input_member(1)])
+    ensemble = Ensemble.load(run_dir)
+    expected = [member.predict(inputs, verbose=0) for member in ensemble.members]
+    probabilities = ensemble.predict_members({**inputs, "unused": np.zeros(ROWS)}, output="probabilities")
+    assert probabilities.shape == (2, ROWS, 3)
+    for member, outputs in zip(probabilities, expected, strict=True):
+        np.testing.assert_array_equal(member, outputs["probabilities"])
+    embeddings = ensemble.predict(inputs, output="embedding")  # the members' mean, as every source averaged
+    np.testing.assert_array_equal(embeddings, np.mean([outputs["embedding"] for outputs in expected], axis=0))
+    with pytest.raises(ValueError, match=r"the members return the outputs \['embedding', 'probabilities'\]: choose"):
+        ensemble.predict_members(inputs)
+    with pytest.raises(ValueError, match=r"takes inputs \['mel', 'aux'\]; not given: \['aux'\]"):
+        ensemble.predict_members({"mel": inputs["mel"]}, output="probabilities")
+
+
+def test_a_member_with_one_input_of_a_dict_gets_that_array(tmp_path):
+    (tmp_path / "members").mkdir()
+    mel = keras.Input((4, 3, 1), name="mel")
+    only_mel = keras.Model(mel, keras.layers.Dense(3, name="out")(keras.layers.Flatten()(mel)))
+    run_dir, inputs = _run_folder(tmp_path, [only_mel])
+    ensemble = Ensemble.load(run_dir)
+    np.testing.assert_array_equal(ensemble.predict(inputs), only_mel.predict(inputs["mel"], verbose=0))
+    with pytest.raises(ValueError, match=r"output='embedding' names an output, but the members have a single one"):
+        ensemble.predict(inputs, output="embedding")
+
+
+def test_a_two_input_dict_output_ensemble_predicts_in_a_fresh_process(tmp_path):
+    (tmp_path / "members").mkdir()
+    run_dir, inputs = _run_folder(tmp_path, [_two_input_member(0), _two_input_member(1)])
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    expected = Ensemble.load(run_dir).predict(inputs, output="probabilities")
+    run_python(
+        "import numpy as np\n"
+        "from replicate.ensemble import Ensemble\n"
+        f"inputs = dict(np.load({str(tmp_path / 'inputs.npz')!r}))\n"
+        f"ensemble = Ensemble.load({str(run_dir)!r})\n"
+        f"np.save({str(tmp_path / 'fresh.npy')!r}, ensemble.predict(inputs, output='probabilities'))\n"
+    )
+    np.testing.assert_array_equal(np.load(tmp_path / "fresh.npy"), expected)
+
+
+def test_a_member_predicting_nan_is_named_and_a_folder_without_manifest_is_one_line(tmp_path):
+    (tmp_path / "members").mkdir()
+    poisoned = _two_input_member(1)
+    poisoned.get_layer("embedding").kernel.assign(np.full((14, 6), np.nan, dtype=np.float32))
+    run_dir, inputs = _run_folder(tmp_path, [_two_input_member(0), poisoned])
+    with pytest.raises(PredictionError, match=r"the member\(s\) of seed\(s\) 1 predict NaN"):
+        Ensemble.load(run_dir).predict(inputs, output="probabilities")
+    with pytest.raises(runner.RunFolderError, match=r"nowhere/manifest.json: no manifest; is .* a finished run"):
+        Ensemble.load(tmp_path / "nowhere")
