@@ -21,7 +21,7 @@ from replicate import recipe as recipe_lib
 from tests.conftest import run_python
 from tests.test_train import assert_same_member
 
-ray = pytest.importorskip("ray")
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]' (the dev extra has it)")
 
 RNG = np.random.default_rng(3)
 FEATURES = RNG.normal(size=(24, 16, 16, 2)).astype(np.float32)
@@ -32,7 +32,7 @@ ON_RAY = {"executor": "ray", "cpus_per_member": 1.0, "gpus_per_member": 0.0, "re
 MANIFEST = {"task": "test", "class_names": [str(i) for i in range(30)]}
 
 
-def small_model():
+def small_model(seed: int) -> keras.Model:
     """Batch normalisation and dropout (random state that a resume must carry), layers named as a fused group
     matches them."""
     inputs = keras.Input((16, 16, 2), name="features")
