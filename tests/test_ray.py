@@ -1,8 +1,8 @@
 """Members trained as Ray tasks (`run.executor = "ray"`), on one local Ray instance of 2 CPUs shared by the
 module: the same members as local training, a killed worker's member resumed from its last epoch, a failing
-member reported while the others are kept, a fused group through the command line, and a worker that cannot
-read the driver's files. Each Ray task is a fresh worker process (it imports TensorFlow), so the members are
-tiny and few."""
+member reported while the others are kept, a fused group through the command line, a worker that cannot
+read the driver's files, and Ctrl-C on the driver stopping the run's tasks. Each Ray task is a fresh worker
+process (it imports TensorFlow), so the members are tiny and few."""
 
 from __future__ import annotations
 
@@ -265,6 +265,48 @@ def test_a_worker_that_cannot_read_the_drivers_feature_cache_says_so(ray_instanc
     assert f"member 1/1 (seed 0) failed: ClusterError: {os.uname().nodename}: cannot read {path}, which the " in message
     assert "(No such file or directory); with run.ray_features = 'files' every node must see the feature" in message
     assert "cache at the same path (put run.cache_dir on a shared file system), or set run.ray_features = " in message
+
+
+def _running(pid: int) -> bool:
+    """Whether a process runs (a zombie that its parent has not reaped yet does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_ctrl_c_on_the_driver_stops_the_runs_tasks_on_the_cluster(ray_instance, features_path, tmp_path):
+    features = np.load(features_path, mmap_mode="r")
+    logged, workers = [], []
+
+    def log(line):
+        logged.append(line)
+        if ": started on " in line:
+            workers.append(int(re.search(r"\(pid (\d+)", line).group(1)))
+            raise KeyboardInterrupt  # where Python raises it on Ctrl-C: in the driver, while it waits
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train_ensemble(
+            _on_ray(),
+            [0, 1],
+            run_dir=tmp_path,
+            manifest=MANIFEST,
+            trained_from={},
+            log=log,
+            **member_arguments(features),
+        )
+    assert logged[-1] == "stopped: cancelled the 2 unfinished task(s) of this run on the cluster"
+    # Both tasks stop and give their CPUs back (none is retried), the first one's worker process is gone.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (_running(workers[0]) or ray.available_resources().get("CPU") != 2.0):
+        time.sleep(0.2)
+    assert not _running(workers[0]) and ray.available_resources().get("CPU") == 2.0
+    assert not (tmp_path / "members" / "seed-00.keras").exists()
+    assert [files.read_json(tmp_path / "members" / f"seed-0{seed}.json")["state"] for seed in (0, 1)] == [
+        "training",
+        "training",
+    ]  # the same command again resumes them
 
 
 def test_a_member_asking_for_more_than_any_node_has_is_refused_before_anything_runs(ray_instance, tmp_path):
