@@ -64,16 +64,8 @@ def write_person(
 
 
 def _store(persons, tmp_path, name="t", end_frame_inclusive=False, log=print):
-    return maic.token_store(
-        persons,
-        mel_bins=128,
-        drop_skipped=True,
-        end_frame_inclusive=end_frame_inclusive,
-        cache_dir=tmp_path / "cache",
-        name=name,
-        progress=False,
-        log=log,
-    )
+    data = {"mel_bins": 128, "drop_skipped": True, "end_frame_inclusive": end_frame_inclusive}
+    return maic.token_store(persons, data, cache_dir=tmp_path / "cache", name=name, progress=False, log=log)
 
 
 # --- loader --------------------------------------------------------------------------------------

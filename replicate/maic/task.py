@@ -57,11 +57,23 @@ class Tokens:
     subclass: np.ndarray  # per training token, its person's sub-class
     train_rows: np.ndarray
     validation_rows: np.ndarray
+    validation_masks: np.ndarray  # per validation token, the sub-classes its person's group allows
 
     @property
     def labels(self) -> np.ndarray:
         """One-hot sub-class targets per training token."""
         return np.eye(len(self.table.entries), dtype=np.float32)[self.subclass]
+
+    def validation_f1(self, probabilities: np.ndarray, masks: np.ndarray | None) -> tuple[float, float]:
+        """Token-level macro F1 on the validation tokens over the sub-classes (argmax) and over the diagnoses
+        (after `masks`, or none): sklearn's macro F1 over the classes present on either side, most likely
+        what the source's 0.7346 is."""
+        targets = self.subclass[self.validation_rows]
+        diagnoses = diagnosis_probabilities(probabilities, self.table, masks).argmax(axis=1)
+        return (
+            metrics.macro_f1(targets, probabilities.argmax(axis=1)),
+            metrics.macro_f1(self.table.diagnosis_index[targets], diagnoses),
+        )
 
 
 class MaicTask(Task):
@@ -114,29 +126,32 @@ class MaicTask(Task):
         """The token stores (from the cache), the sub-class table, the split, the token mean and std."""
         recipe = run.recipe
         run.log(f"data: {len(data.train)} training persons, {len(data.test)} test persons")
-        train_store = _store(run, data.train, "maic-train")
-        test_store = _store(run, data.test, "maic-test") if data.test else None
+        cache = {"cache_dir": recipe["run"]["cache_dir"], "progress": run.progress, "log": run.log}
+        train_store = token_store(data.train, recipe["data"], name="maic-train", **cache)
+        test_store = token_store(data.test, recipe["data"], name="maic-test", **cache) if data.test else None
         table = SubclassTable.from_persons(data.train, recipe["labels"]["age_threshold"], recipe["labels"]["subdivide"])
         subclass = np.array([table.subclass_of(person) for person in data.train])[train_store.person]
         train_rows, validation_rows = split_rows(train_store, data.train, recipe)
         features = recipe["features"]
         mean, std = fit_normalization(train_store, train_rows, features["normalization"])
         inputs = Inputs(features["frames"], mean, std, features["age_scale"])
-        tokens = Tokens(train_store, test_store, table, inputs, subclass, train_rows, validation_rows)
+        masks = table.masks(data.train)[train_store.person[validation_rows]]
+        tokens = Tokens(train_store, test_store, table, inputs, subclass, train_rows, validation_rows, masks)
+        splits = {
+            "train": len(train_rows),
+            "validation": len(validation_rows),
+            "test": 0 if test_store is None else len(test_store),
+        }
         run.log(
-            f"tokens: {len(train_rows)} training, {len(validation_rows)} validation ({recipe['split']['by']} split), "
-            f"{len(test_store) if test_store else 0} test; {len(table.entries)} sub-classes"
+            f"tokens: {splits['train']} training, {splits['validation']} validation ({recipe['split']['by']} split), "
+            f"{splits['test']} test; {len(table.entries)} sub-classes"
         )
         validation_persons = sorted({data.train[p].person_id for p in train_store.person[validation_rows]})
         return Prepared(
             class_names=table.labels,
             inputs={"mel": [recipe["data"]["mel_bins"], inputs.frames, 1], "aux": [2]},
             unit="tokens",
-            splits={
-                "train": len(train_rows),
-                "validation": len(validation_rows),
-                "test": len(test_store) if test_store else 0,
-            },
+            splits=splits,
             preprocessing={
                 "inputs": inputs.to_config(),
                 "subclasses": table.to_config(),
@@ -177,7 +192,7 @@ class MaicTask(Task):
                 batch_size=VALIDATION_BATCH,
                 indices=tokens.validation_rows,
             )
-            score = validation_score(validation, tokens, data.train)
+            score = validation_score(validation, tokens)
 
             def member_callbacks(member_dir: Path, name: str) -> list:
                 return callbacks_of(recipe["train"], score)
@@ -217,10 +232,18 @@ class MaicTask(Task):
         validation = None
         if len(tokens.validation_rows):
             members = token_predictions(ensemble, tokens.train, data.train, tokens.validation_rows)
-            validation = validation_scores(members, tokens, data.train, run.recipe)
-            if run.recipe["split"]["by"] == "person":
-                evaluations["validation persons"] = validation_person_scores(
-                    members, tokens, data.train, train_diagnoses, run.recipe["inference"], majority
+            validation = validation_scores(members, tokens, run.recipe)
+            if run.recipe["split"]["by"] == "person":  # every token of a validation person votes
+                token_person = tokens.train.person[tokens.validation_rows]
+                persons = np.unique(token_person)
+                evaluations["validation persons"] = score_persons(
+                    members,
+                    np.searchsorted(persons, token_person),
+                    [data.train[index] for index in persons],
+                    train_diagnoses[persons],
+                    tokens.table,
+                    run.recipe["inference"],
+                    majority,
                 )
         scores = {"seeds": ensemble.seeds, "evaluations": evaluations, "validation": validation}
         scores["headline"] = report_lib.headline(scores, run.recipe["source"])
@@ -241,27 +264,12 @@ class MaicTask(Task):
             raise DataError(f"{', '.join(inputs)}: the folders share the persons {', '.join(repeated)}")
         with tempfile.TemporaryDirectory(prefix="maic-predict-") as cache_dir:
             settings = inference_settings(ensemble.manifest)
-            store = token_store(persons, **settings["data"], cache_dir=cache_dir, name="maic-predict", progress=False)
+            store = token_store(persons, settings["data"], cache_dir=cache_dir, name="maic-predict", progress=False)
             _, _, predicted, probabilities = diagnose(ensemble, store, persons)
         return submission_table(persons, predicted, probabilities)
 
     def benchmark_member(self, recipe: dict) -> BenchmarkMember:
         return BenchmarkMember(lambda: build_model(recipe, REAL_SUBCLASSES), recipe["train"])
-
-
-def _store(run: Run, persons: Sequence[Person], name: str) -> TokenStore:
-    """A split's token store in the recipe's cache folder."""
-    data = run.recipe["data"]
-    return token_store(
-        persons,
-        mel_bins=data["mel_bins"],
-        drop_skipped=data["drop_skipped"],
-        end_frame_inclusive=data["end_frame_inclusive"],
-        cache_dir=run.recipe["run"]["cache_dir"],
-        name=name,
-        progress=run.progress,
-        log=run.log,
-    )
 
 
 def split_rows(store: TokenStore, persons: Sequence[Person], recipe: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -298,21 +306,14 @@ def person_split(persons: Sequence[Person], fraction: float, seed: int) -> np.nd
 # --- training: the validation score and the members' callbacks -----------------------------------------
 
 
-def validation_score(validation, tokens: Tokens, persons: Sequence[Person]):
+def validation_score(validation, tokens: Tokens):
     """model → {"val_macro_f1": token macro F1 over sub-classes, "val_diagnosis_f1": over diagnoses after
     masking} on the validation tokens (`train.BestEpoch`'s score)."""
     inputs = validation.map(lambda features, _: features)
-    targets = tokens.subclass[tokens.validation_rows]
-    diagnoses = tokens.table.diagnosis_index[targets]
-    masks = tokens.table.masks(persons)[tokens.train.person[tokens.validation_rows]]
 
     def score(model) -> dict:
-        probabilities = model.predict(inputs, verbose=0)
-        diagnosis = diagnosis_probabilities(probabilities, tokens.table, masks).argmax(axis=1)
-        return {
-            "val_macro_f1": metrics.macro_f1(targets, probabilities.argmax(axis=1)),
-            "val_diagnosis_f1": metrics.macro_f1(diagnoses, diagnosis),
-        }
+        subclass_f1, diagnosis_f1 = tokens.validation_f1(model.predict(inputs, verbose=0), tokens.validation_masks)
+        return {"val_macro_f1": subclass_f1, "val_diagnosis_f1": diagnosis_f1}
 
     return score
 
@@ -410,46 +411,17 @@ def test_scores(run: Run, ensemble, data: MaicData, tokens: Tokens, majority: in
     return score_persons(members, token_person, data.test, targets, tokens.table, run.recipe["inference"], majority)
 
 
-def validation_scores(members: np.ndarray, tokens: Tokens, persons: Sequence[Person], recipe: dict) -> dict:
-    """Each member's token-level macro F1 on the validation tokens, over sub-classes (as `BestEpoch` chose
-    the epoch: sklearn's macro F1 over the classes present on either side) and over diagnoses."""
-    subclass = tokens.subclass[tokens.validation_rows]
-    masks = tokens.table.masks(persons)[tokens.train.person[tokens.validation_rows]]
-    masks = masks if recipe["inference"]["label_masking"] else None
+def validation_scores(members: np.ndarray, tokens: Tokens, recipe: dict) -> dict:
+    """Each member's token-level macro F1 on the validation tokens (`Tokens.validation_f1`), as at its best
+    epoch; over diagnoses with the recipe's masking."""
+    masks = tokens.validation_masks if recipe["inference"]["label_masking"] else None
+    scores = [tokens.validation_f1(member, masks) for member in members]
     return {
         "tokens": len(tokens.validation_rows),
         "split": recipe["split"]["by"],
-        "member_token_macro_f1": [metrics.macro_f1(subclass, member.argmax(axis=1)) for member in members],
-        "member_token_diagnosis_macro_f1": [
-            metrics.macro_f1(
-                tokens.table.diagnosis_index[subclass],
-                diagnosis_probabilities(member, tokens.table, masks).argmax(axis=1),
-            )
-            for member in members
-        ],
+        "member_token_macro_f1": [subclass_f1 for subclass_f1, _ in scores],
+        "member_token_diagnosis_macro_f1": [diagnosis_f1 for _, diagnosis_f1 in scores],
     }
-
-
-def validation_person_scores(
-    members: np.ndarray,
-    tokens: Tokens,
-    persons: Sequence[Person],
-    diagnoses: np.ndarray,
-    inference: dict,
-    majority: int,
-) -> dict:
-    """The person-level scores of the validation persons of a person split (every validation token votes)."""
-    validation_persons = np.unique(tokens.train.person[tokens.validation_rows])
-    token_person = np.searchsorted(validation_persons, tokens.train.person[tokens.validation_rows])
-    return score_persons(
-        members,
-        token_person,
-        [persons[index] for index in validation_persons],
-        diagnoses[validation_persons],
-        tokens.table,
-        inference,
-        majority,
-    )
 
 
 TASK = MaicTask()

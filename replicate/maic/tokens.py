@@ -77,10 +77,8 @@ def read_mel_csv(path: Path, mel_bins: int = 128) -> np.ndarray:
 
 def token_store(
     persons: Sequence[Person],
+    data: dict,
     *,
-    mel_bins: int,
-    drop_skipped: bool,
-    end_frame_inclusive: bool,
     cache_dir: str | os.PathLike,
     name: str,
     progress: bool = True,
@@ -88,18 +86,18 @@ def token_store(
 ) -> TokenStore:
     """The tokens of `persons`, parsed from their CSVs once and memory-mapped from the cache afterwards.
 
-    The cache is the engine's (`files.cached_folder`: `<cache_dir>/<name>-<key>/`, the key hashing the
-    parameters and every CSV/JSON file's path, size and modification time; built under a lock in a partial
-    folder and renamed into place; checked against its checksums when opened, and parsed again, said on
-    `log`, when damaged), so a second run reads no CSV.
+    The cache is the engine's (`files.cached_folder`: `<cache_dir>/<name>-<key>/`, the key hashing `data`
+    and every CSV/JSON file's path, size and modification time; built under a lock in a partial folder and
+    renamed into place; checked against its checksums when opened, and parsed again, said on `log`, when
+    damaged), so a second run reads no CSV.
 
     Args:
         persons: the split's persons.
-        mel_bins: the rows every CSV must have.
-        drop_skipped: leave out the tokens marked token_skip = "skip".
-        end_frame_inclusive: endFrame is the token's last CSV column (True) or one past it (False).
+        data: the recipe's `data` table: `mel_bins` (the rows of every CSV), `drop_skipped` (leave out the
+            tokens marked token_skip = "skip"), `end_frame_inclusive` (endFrame is a token's last column,
+            or one past it).
         cache_dir: the cache folder.
-        name: the cache's name (its folder is `<name>-<key>`), e.g. "maic-train".
+        name: the cache's name, e.g. "maic-train".
         progress: show a progress bar while parsing.
         log: where a damaged cache is said.
 
@@ -108,8 +106,7 @@ def token_store(
             its CSV.
         files.LockedError: another process is building the same cache.
     """
-    options = {"mel_bins": mel_bins, "drop_skipped": drop_skipped, "end_frame_inclusive": end_frame_inclusive}
-    params = {"kind": "maic-tokens", "version": CACHE_VERSION, **options}
+    params = {"kind": "maic-tokens", "version": CACHE_VERSION, **data}
     try:
         key = files.cache_key(params, [path for person in persons for path in (person.csv_path, *person.json_paths)])
     except OSError as error:
@@ -117,7 +114,7 @@ def token_store(
     final_dir = Path(cache_dir) / f"{name}-{key}"
     meta = files.cached_folder(
         final_dir,
-        lambda partial: _build_token_cache(persons, partial, name=name, progress=progress, **options),
+        lambda partial: _build_token_cache(persons, partial, data, name=name, progress=progress),
         what="token cache",
         log=log,
     )
@@ -133,62 +130,47 @@ def token_store(
     )
 
 
-def _token_spans(person: Person, width: int, end_frame_inclusive: bool) -> list[tuple[int, int]]:
-    """(start, stop) CSV columns of each of the person's tokens, checked against its CSV's `width`."""
-    spans = [(token.start, token.end + end_frame_inclusive) for token in person.tokens]
-    for token, (start, stop) in zip(person.tokens, spans, strict=True):
-        if stop <= start:
+def _check_frames(person: Person, width: int, inclusive: bool) -> None:
+    """Every token of the person has frames, inside its CSV of `width` columns (`inclusive`: endFrame is a
+    token's last column)."""
+    for token in person.tokens:
+        if token.end + inclusive <= token.start:
             raise DataError(
                 f"{person.annotation}: token {token.token_no} has no frames ({token.start}..{token.end} with "
-                f"data.end_frame_inclusive = {str(end_frame_inclusive).lower()})"
+                f"data.end_frame_inclusive = {str(inclusive).lower()})"
             )
-    outside = [(token, span) for token, span in zip(person.tokens, spans, strict=True) if span[1] > width]
+    outside = [token for token in person.tokens if token.end + inclusive > width]
     if outside:
-        token, (start, stop) = outside[0]
+        token = outside[0]
         raise DataError(
-            f"{person.csv_path}: token {token.token_no} spans frames {start}..{stop - 1} but the CSV has {width} "
-            f"columns ({len(outside)} token(s) outside; annotation {person.annotation.name})"
+            f"{person.csv_path}: token {token.token_no} spans frames {token.start}..{token.end + inclusive - 1} but "
+            f"the CSV has {width} columns ({len(outside)} token(s) outside; annotation {person.annotation.name})"
         )
-    return spans
 
 
-def _build_token_cache(
-    persons: Sequence[Person],
-    partial_dir: Path,
-    *,
-    mel_bins: int,
-    drop_skipped: bool,
-    end_frame_inclusive: bool,
-    name: str,
-    progress: bool,
-) -> dict:
+def _build_token_cache(persons: Sequence[Person], partial_dir: Path, data: dict, *, name: str, progress: bool) -> dict:
     """Parse every person's CSV into `partial_dir` (`files.cached_folder`'s): frames.npy, index.npz."""
-    kept = [[not (drop_skipped and token.skip) for token in person.tokens] for person in persons]
-    total = sum(
-        token.end + end_frame_inclusive - token.start
-        for person, keep in zip(persons, kept, strict=True)
-        for token, kept_token in zip(person.tokens, keep, strict=True)
-        if kept_token
-    )
+    inclusive = data["end_frame_inclusive"]
+    kept = [[token for token in person.tokens if not (data["drop_skipped"] and token.skip)] for person in persons]
+    total = sum(token.end + inclusive - token.start for tokens in kept for token in tokens)
     frames = np.lib.format.open_memmap(
-        partial_dir / "frames.npy", mode="w+", dtype=np.float32, shape=(max(total, 1), mel_bins)
+        partial_dir / "frames.npy", mode="w+", dtype=np.float32, shape=(max(total, 1), data["mel_bins"])
     )
     offsets, lengths, person_index, token_no = [], [], [], []
     position = 0
-    for index, (person, keep) in enumerate(
+    for index, (person, tokens) in enumerate(
         tqdm(list(zip(persons, kept, strict=True)), desc=f"tokens {name}", unit="person", disable=not progress)
     ):
-        mel = read_mel_csv(person.csv_path, mel_bins)
-        spans = _token_spans(person, mel.shape[1], end_frame_inclusive)
-        for token, (start, stop), kept_token in zip(person.tokens, spans, keep, strict=True):
-            if not kept_token:
-                continue
-            frames[position : position + stop - start] = mel[:, start:stop].T
+        mel = read_mel_csv(person.csv_path, data["mel_bins"])
+        _check_frames(person, mel.shape[1], inclusive)
+        for token in tokens:
+            length = token.end + inclusive - token.start
+            frames[position : position + length] = mel[:, token.start : token.start + length].T
             offsets.append(position)
-            lengths.append(stop - start)
+            lengths.append(length)
             person_index.append(index)
             token_no.append(token.token_no)
-            position += stop - start
+            position += length
     frames.flush()
     del frames
     np.savez(
@@ -198,25 +180,17 @@ def _build_token_cache(
         person=np.array(person_index, dtype=np.int64),
         token_no=np.array(token_no, dtype=np.int64),
     )
-    return {"name": name, "counts": _counts(persons, kept)}
-
-
-def _counts(persons: Sequence[Person], kept: Sequence[Sequence[bool]]) -> dict:
-    """What the store holds of the persons' annotated tokens, for the report."""
-    tokens = [token for person in persons for token in person.tokens]
-    flags = [flag for keep in kept for flag in keep]
-    return {
+    counts = {
         "persons": len(persons),
-        "tokens_annotated": len(tokens),
-        "tokens_kept": sum(flags),
-        "tokens_skipped": len(flags) - sum(flags),
-        "tokens_abnormal_pronounce": sum(
-            token.abnormal_pronounce for token, flag in zip(tokens, flags, strict=True) if flag
-        ),
+        "tokens_annotated": sum(len(person.tokens) for person in persons),
+        "tokens_kept": len(lengths),
+        "tokens_skipped": sum(len(person.tokens) - len(tokens) for person, tokens in zip(persons, kept, strict=True)),
+        "tokens_abnormal_pronounce": sum(token.abnormal_pronounce for tokens in kept for token in tokens),
         "persons_without_tokens": [
-            person.person_id for person, keep in zip(persons, kept, strict=True) if not any(keep)
+            person.person_id for person, tokens in zip(persons, kept, strict=True) if not tokens
         ],
     }
+    return {"name": name, "counts": counts}
 
 
 @dataclass(frozen=True)
