@@ -124,19 +124,10 @@ def person_predictions(
     masking: bool = True,
     tie_rule: str = "probability",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per person: the voted diagnosis index and the mean diagnosis probabilities of its tokens.
-
-    Args:
-        token_probabilities: (tokens, sub-classes) model outputs.
-        token_person: (tokens,) index of each token's person in `persons`.
-        persons: the persons (for sex and age).
-        table: the sub-class table.
-        masking: mask the sub-classes outside each person's sex/age group (the source's label masking).
-        tie_rule: see `vote`.
-
-    Returns:
-        (persons,) diagnosis indices (−1 for a person without tokens) and (persons, 6) probabilities.
-    """
+    """Per person, the voted diagnosis index (−1 for a person without tokens) and the mean diagnosis
+    probabilities of its tokens: (persons,) and (persons, 6). `token_probabilities` are the (tokens,
+    sub-classes) model outputs, `token_person` each token's index in `persons`; `masking` masks the
+    sub-classes outside each person's sex/age group (the source's label masking); `tie_rule`: see `vote`."""
     masks = table.masks(persons)[token_person] if masking else None
     diagnosis = diagnosis_probabilities(token_probabilities, table, masks)
     predicted = np.full(len(persons), -1)
@@ -160,15 +151,9 @@ def score_persons(
 ) -> dict:
     """Person-level scores (the competition's macro F1) of each member and the first-k ensembles, with and
     without label masking, plus per-class F1, the confusion matrix and token-level numbers.
-
-    Args:
-        member_probabilities: (members, tokens, sub-classes) the members' outputs for the voting tokens.
-        token_person: (tokens,) index of each token's person in `persons`.
-        persons: the scored persons; `targets` their diagnosis indices.
-        table: the sub-class table.
-        inference: the recipe's `inference` table (label_masking, tie_rule).
-        majority: the training persons' most frequent diagnosis (the baseline).
-    """
+    `member_probabilities` are the members' (members, tokens, sub-classes) outputs for the voting tokens,
+    `token_person` each token's index in `persons`, `targets` the persons' diagnosis indices, `inference`
+    the recipe's table (label_masking, tie_rule), `majority` the training persons' most frequent diagnosis."""
     from replicate.ensemble import score_members
 
     labels = list(range(len(DIAGNOSES)))

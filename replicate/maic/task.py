@@ -30,20 +30,8 @@ def build_model(recipe: dict, num_classes: int):
     """The recipe's mini-ResNet for `num_classes` sub-classes (21 on the real data), uncompiled."""
     from models.maic import build_maic_model
 
-    model = recipe["model"]
-    return build_maic_model(
-        mel_bins=recipe["data"]["mel_bins"],
-        frames=recipe["features"]["frames"],
-        num_classes=num_classes,
-        resized_mel_bins=model["resized_mel_bins"],
-        stem_filters=model["stem_filters"],
-        stage_filters=tuple(model["stage_filters"]),
-        blocks_per_stage=model["blocks_per_stage"],
-        stage_strides=tuple(model["stage_strides"]),
-        batch_norm=model["batch_norm"],
-        dropout=model["dropout"],
-        dense_units=tuple(model["dense_units"]),
-    )
+    data, frames = recipe["data"], recipe["features"]["frames"]
+    return build_maic_model(mel_bins=data["mel_bins"], frames=frames, num_classes=num_classes, **recipe["model"])
 
 
 @dataclass

@@ -84,22 +84,17 @@ def token_store(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TokenStore:
-    """The tokens of `persons`, parsed from their CSVs once and memory-mapped from the cache afterwards.
-
-    The cache is the engine's (`files.cached_folder`: `<cache_dir>/<name>-<key>/`, the key hashing `data`
-    and every CSV/JSON file's path, size and modification time; built under a lock in a partial folder and
-    renamed into place; checked against its checksums when opened, and parsed again, said on `log`, when
-    damaged), so a second run reads no CSV.
+    """The tokens of `persons`, parsed from their CSVs once and memory-mapped from the cache afterwards
+    (`files.cached_folder`: `<cache_dir>/<name>-<key>/`, the key hashing `data` and every CSV/JSON file's
+    path, size and modification time), so a second run reads no CSV.
 
     Args:
         persons: the split's persons.
         data: the recipe's `data` table: `mel_bins` (the rows of every CSV), `drop_skipped` (leave out the
             tokens marked token_skip = "skip"), `end_frame_inclusive` (endFrame is a token's last column,
             or one past it).
-        cache_dir: the cache folder.
-        name: the cache's name, e.g. "maic-train".
-        progress: show a progress bar while parsing.
-        log: where a damaged cache is said.
+        cache_dir, name: the cache folder and the cache's name in it, e.g. "maic-train".
+        progress, log: a progress bar while parsing; where a damaged cache is said.
 
     Raises:
         DataError: a CSV with the wrong shape or bad cells, or a token whose frames are empty or fall outside
