@@ -145,31 +145,25 @@ def split_section(run: Run, split: str, evaluation: dict) -> list[str]:
         np.array(evaluation["confusion_matrix"]),
         list(DIAGNOSES),
         run.run_dir / f"confusion_{slug}.png",
-        title=f"Persons, {split}: ensemble, {'label masking' if evaluation['label_masking'] else 'no masking'}",
+        title=f"Persons, {split}: ensemble, {masking}",
     )
     size = str(len(evaluation["member_macro_f1"]))
     per_diagnosis = [
         (name, evaluation["per_class_f1"][name], int(np.sum(evaluation["confusion_matrix"][i])))
         for i, name in enumerate(DIAGNOSES)
     ]
-    token = evaluation["token"]
+    token, kinds = evaluation["token"], ("masked", "unmasked")
     masking_rows = [
         (
             f"person macro F1, {size}-member ensemble",
-            evaluation["ensemble_macro_f1_by_size_masked"][size],
-            evaluation["ensemble_macro_f1_by_size_unmasked"][size],
+            *(evaluation[f"ensemble_macro_f1_by_size_{kind}"][size] for kind in kinds),
         ),
         (
             "person macro F1, single member mean",
-            float(np.mean(evaluation["member_macro_f1_masked"])),
-            float(np.mean(evaluation["member_macro_f1_unmasked"])),
+            *(float(np.mean(evaluation[f"member_macro_f1_{kind}"])) for kind in kinds),
         ),
-        (
-            "token accuracy (diagnosis of the argmax sub-class)",
-            token["masked"]["accuracy"],
-            token["unmasked"]["accuracy"],
-        ),
-        ("token macro F1 (diagnoses)", token["masked"]["macro_f1"], token["unmasked"]["macro_f1"]),
+        ("token accuracy (diagnosis of the argmax sub-class)", *(token[kind]["accuracy"] for kind in kinds)),
+        ("token macro F1 (diagnoses)", *(token[kind]["macro_f1"] for kind in kinds)),
     ]
     return [
         f"### {split}: per diagnosis (ensemble of {size}, {masking})",
