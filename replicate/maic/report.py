@@ -62,10 +62,7 @@ def results(run: Run) -> ResultsTable:
         rows.append(
             (f"ours: majority class ({evaluation['majority_class']})", where, f"{evaluation['majority_macro_f1']:.4f}")
         )
-        rows.append(("ours: single member, mean ± std", where, report.mean_std(evaluation["member_macro_f1"])))
-        for size in report.ensemble_sizes(len(evaluation["member_macro_f1"])):
-            value = evaluation["ensemble_macro_f1_by_size"][str(size)]
-            rows.append((f"ours: {size}-member ensemble", where, f"{value:.4f}"))
+        rows += report.member_rows(where, evaluation["member_macro_f1"], evaluation["ensemble_macro_f1_by_size"])
     return ResultsTable(
         headers=("model", "data", "macro F1"),
         rows=rows,
