@@ -648,6 +648,19 @@ def test_the_predict_command_diagnoses_persons_and_names_a_bad_file_in_one_line(
     assert not (tmp_path / "none.csv").exists()
 
 
+def test_predicting_the_same_person_from_two_folders_is_refused(tiny_run, synthetic, tmp_path):
+    from replicate.ensemble import Ensemble
+
+    run_dir, _, _ = tiny_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in (synthetic / "test").glob("test_0000*"):
+        (copy / path.name).write_bytes(path.read_bytes())
+    folders = [str(synthetic / "test"), str(copy)]
+    with pytest.raises(DataError, match=re.escape(f"{', '.join(folders)}: the folders share the persons test_0000")):
+        Ensemble.load(run_dir).predict_table(folders)
+
+
 def test_a_bad_data_folder_is_one_line_on_stderr(tmp_path, capsys):
     write_person(tmp_path / "train", "a")
     _rewrite_csv(tmp_path / "train" / "a.csv", rows=100)
