@@ -3,7 +3,7 @@ a string the data supply). The engine finds a run's hooks here from its manifest
 
 Adding a source: its package's `TASK` goes into `TASKS` below.
 
-MAIC, DCASE and AI CUP are still single modules with their own run (`run`, `write_report`); until each is
+DCASE and AI CUP are still single modules with their own run (`run`, `write_report`); until each is
 ported to the protocol, an `Unported` adapter gives the engine what it needs of them: the README's results
 block, model inputs for audio files where the module has them, and the benchmark member.
 """
@@ -68,11 +68,6 @@ def _aicup_member(recipe: dict) -> BenchmarkMember:
     )
 
 
-def _maic_member(recipe: dict) -> BenchmarkMember:
-    # 21 sub-classes occur in the real data (the recipe derives them from the data)
-    return BenchmarkMember(functools.partial(maic.build_model, recipe, 21), recipe["train"])
-
-
 def _dcase_member(recipe: dict) -> BenchmarkMember:
     """The integrated ArcFace model (41 IDs) on whole 10-s clips, its warm-restart schedule and logits loss."""
     data, features = recipe["data"], recipe["features"]
@@ -89,7 +84,7 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         dacon.TASK,
-        Unported(maic, _maic_member),
+        maic.TASK,
         Unported(dcase, _dcase_member),
         Unported(aicup, _aicup_member),
     )

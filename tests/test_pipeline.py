@@ -204,26 +204,6 @@ def test_from_columns_refuses_misaligned_columns_and_random_draws_without_a_seed
         pipeline.from_columns(FEATURES, batch_size=0)
 
 
-def test_from_columns_gives_maics_token_batches():
-    """What the MAIC port relies on: its token pipeline (random crops, aux input, labels) is `from_columns`."""
-    from replicate import maic
-
-    store = maic.TokenStore(VALUES, OFFSETS, LENGTHS, np.arange(7), np.arange(7), {}, {})
-    aux = np.random.default_rng(0).random((7, 2), dtype=np.float32)
-    labels = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2, 0]]
-    inputs = maic.Inputs(frames=6, mean=2.5, std=3.0, age_scale=100.0)
-    rows = np.array([6, 0, 3, 1, 5])
-    expected = maic.token_dataset(store, rows, aux, inputs, batch_size=2, labels=labels, shuffle=True, seed=3, epoch=1)
-    mel = pipeline.CropColumn(VALUES, OFFSETS, LENGTHS, 6, transform=lambda v: (v - inputs.mean) / inputs.std)
-    actual = pipeline.from_columns(
-        {"mel": mel, "aux": aux}, labels, batch_size=2, indices=rows, shuffle=True, seed=3, epoch=1
-    )
-    for (x, y), (expected_x, expected_y) in zip(actual, expected, strict=True):
-        for name in ("mel", "aux"):
-            np.testing.assert_array_equal(x[name].numpy(), expected_x[name].numpy())
-        np.testing.assert_array_equal(y.numpy(), expected_y.numpy())
-
-
 def test_from_columns_gives_ai_cups_weighted_batches():
     """What the AI CUP port relies on: named inputs, one-hot labels and class weights, the last batch dropped."""
     from replicate import aicup
