@@ -4,8 +4,6 @@ pieces (class weights, split, loss wiring), metrics, and the whole recipe end to
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from dataclasses import asdict
 
 import keras
@@ -17,13 +15,15 @@ import soundfile as sf
 from sklearn import metrics as sk_metrics
 
 from replicate import aicup, files, predict, runner, tasks, train
+from replicate.aicup import data as layout
+from replicate.aicup import scoring, splits
 from replicate.aicup.task import Arrays
 from replicate.features import FeatureCacheError
 from replicate.losses import DoubleSoftmaxCrossentropy
 from replicate.recipe import RecipeError
 from replicate.synth import aicup as synth
 from replicate.task import Prepared, Run
-from tests.conftest import ROOT, run_python
+from tests.conftest import run_predict, run_python
 
 TRAIN_CSV = "Training_Dataset/training_datalist.csv"
 
@@ -58,9 +58,9 @@ def test_columns_are_matched_after_normalisation(data):
     table = _table(data).rename(columns={"Onset of dysphonia ": "onset  of Dysphonia", "PND": " PND"})
     _write(data, table)
     clinical, labels, _ = aicup.read_table(data / TRAIN_CSV, labelled=True)
-    assert list(clinical.columns) == ["ID", *aicup.FIELD_NAMES]
+    assert list(clinical.columns) == ["ID", *layout.FIELD_NAMES]
     assert "Onset of dysphonia" in clinical.columns and labels.min() >= 1 and labels.max() <= 5
-    assert aicup.normalize_column("Onset of dysphonia ") == aicup.normalize_column("onset_of_dysphonia")
+    assert layout.normalize_column("Onset of dysphonia ") == layout.normalize_column("onset_of_dysphonia")
 
 
 def test_unknown_and_missing_columns_are_named(data):
@@ -157,19 +157,18 @@ def test_a_training_split_without_a_class_is_one_line(data, tmp_path, capsys):
 
 def test_every_variants_split_must_hold_every_class(aicup_data):
     """Each variant trains on its own split: one that lacks a class cannot weight it by 1 / its count."""
-    from replicate.aicup.splits import check_training_classes
 
     loaded = aicup.load_data(aicup_data)
     labels, rows = loaded.train.labels, np.arange(len(loaded.train.labels))
-    folds = {13: aicup.Fold(13, rows, rows[:5]), 17: aicup.Fold(17, rows[labels != 4], rows[labels == 4])}
+    folds = {13: splits.Fold(13, rows, rows[:5]), 17: splits.Fold(17, rows[labels != 4], rows[labels == 4])}
     data_recipe = aicup.load_recipe()["data"]
     with pytest.raises(
         aicup.DataError,
         match=rf"the training persons of n_mfcc 17 \(all but validation fold 0 of 4, split seed 17\) have no person "
         rf"of class 4 Neoplasm \({np.sum(labels == 4)} in the table\)",
     ):
-        check_training_classes(loaded.train, folds, data_recipe)
-    check_training_classes(loaded.train, {13: folds[13]}, data_recipe)  # every class among its training rows
+        splits.check_training_classes(loaded.train, folds, data_recipe)
+    splits.check_training_classes(loaded.train, {13: folds[13]}, data_recipe)  # every class among its training rows
 
 
 def test_non_finite_predictions_write_no_submission(aicup_data, tmp_path):
@@ -196,7 +195,7 @@ def test_non_finite_predictions_write_no_submission(aicup_data, tmp_path):
     files.write_json(tmp_path / "manifest.json", {"class_names": list(aicup.CLASS_NAMES), "members": []})
     recipe = aicup.load_recipe(overrides=["model.clinical=false", "features.n_mfcc=[13]"])
     rows = np.arange(len(data.train.ids))
-    prepared = Prepared([], {}, "persons", {}, state=Arrays(inputs, {13: aicup.Fold(0, rows[5:], rows[:5])}))
+    prepared = Prepared([], {}, "persons", {}, state=Arrays(inputs, {13: splits.Fold(0, rows[5:], rows[:5])}))
     with pytest.raises(
         PredictionError,
         match=rf"^audio_only/mfcc13, the validation persons: {tmp_path}: the member\(s\) of seed\(s\) 1 predict NaN",
@@ -217,7 +216,7 @@ def test_extra_wavs_are_counted_not_fatal(data):
 def test_clinical_encoder_has_the_specs_44_inputs_and_values(aicup_data):
     loaded = aicup.load_data(aicup_data)
     encoder = aicup.ClinicalEncoder.fit(loaded.train.clinical)
-    assert encoder.width == 44 and len(encoder.input_names) == 44
+    assert encoder.width == 44
     row = loaded.train.clinical.iloc[[0]].copy()
     row[["Sex", "Age", "Voice handicap index - 10", "Smoking", "frequency"]] = [2, 25.0, 10.0, 2, 0]
     row[["Onset of dysphonia", "Noise at work", "Diurnal pattern", "Occupational vocal demand"]] = [5, 1, 3, 4]
@@ -226,16 +225,9 @@ def test_clinical_encoder_has_the_specs_44_inputs_and_values(aicup_data):
     assert encoded[0] == 1.0 and encoded[1] == 0.5 and encoded[19] == 0.25  # Sex - 1, Age / 50, VHI-10 / 40
     one_hot = encoded[20:]
     assert one_hot.sum() == 6  # one code per categorical field
-    expected_hot = [
-        2,
-        4 + 0,
-        8 + 4,
-        13 + 0,
-        16 + 2,
-        20 + 3,
-    ]  # Smoking=2, frequency=0, Onset=5, Noise=1, Diurnal=3, Demand=4
+    # Smoking = 2, frequency = 0, Onset = 5, Noise = 1, Diurnal = 3, Demand = 4, each field's codes in turn
+    expected_hot = [2, 4 + 0, 8 + 4, 13 + 0, 16 + 2, 20 + 3]
     assert np.flatnonzero(one_hot).tolist() == expected_hot
-    assert encoder.input_names[20 + 2] == "Smoking = 2" and encoder.input_names[1] == "(Age - 0) / 50"
 
 
 def test_clinical_encoder_is_deterministic_and_travels_as_json(aicup_data, tmp_path):
@@ -296,9 +288,9 @@ def test_unreadable_wav_names_the_file(data, tmp_path):
 
 def test_class_weights_are_inverse_counts():
     labels = np.array([1] * 6 + [2] * 3 + [3] * 2 + [4] + [5] * 4)
-    np.testing.assert_allclose(aicup.class_weights(labels), [1 / 6, 1 / 3, 1 / 2, 1, 1 / 4])
+    np.testing.assert_allclose(splits.class_weights(labels), [1 / 6, 1 / 3, 1 / 2, 1, 1 / 4])
     with pytest.raises(ValueError, match=r"no person of class Neoplasm"):
-        aicup.class_weights(np.array([1, 2, 3, 5]))
+        splits.class_weights(np.array([1, 2, 3, 5]))
 
 
 def test_the_recipes_loss_is_the_sources_and_the_plain_cross_entropy_an_option():
@@ -311,7 +303,7 @@ def test_the_recipes_loss_is_the_sources_and_the_plain_cross_entropy_an_option()
     plain = train.compile_model(model, aicup.load_recipe(overrides=["train.loss='CategoricalCrossentropy'"])["train"])
     assert plain.loss.get_config()["from_logits"] is False and plain.loss.reduction == "mean_with_sample_weight"
     one_hot = np.eye(5, dtype=np.float32)[[0, 1, 2, 3, 4, 4]]
-    weights = aicup.class_weights(np.array([1, 1, 1, 2, 2, 3, 4, 5]))[[0, 1, 2, 3, 4, 4]]
+    weights = splits.class_weights(np.array([1, 1, 1, 2, 2, 3, 4, 5]))[[0, 1, 2, 3, 4, 4]]
     # Sure, right answers: 0 for the plain cross-entropy; log(1 + 4/e) ≈ 0.905 through a second softmax.
     assert float(plain.loss(one_hot, one_hot, sample_weight=weights)) < 1e-6
     # float32: log-sum-exp of 5 terms, a subtraction, a weighted mean of 6: at most ~20 roundings of 2⁻²⁴.
@@ -321,12 +313,12 @@ def test_the_recipes_loss_is_the_sources_and_the_plain_cross_entropy_an_option()
 
 def test_fold_zero_of_a_seeded_stratified_four_fold_split():
     labels = np.repeat([1, 2, 3, 4, 5], [40, 20, 12, 4, 4])
-    train_rows, validation_rows = aicup.fold_split(labels, folds=4, fold=0, seed=0)
+    train_rows, validation_rows = splits.fold_split(labels, folds=4, fold=0, seed=0)
     assert len(validation_rows) == 20 and not set(train_rows) & set(validation_rows)
     assert np.bincount(labels[validation_rows])[1:].tolist() == [10, 5, 3, 1, 1]
-    again = aicup.fold_split(labels, folds=4, fold=0, seed=0)
+    again = splits.fold_split(labels, folds=4, fold=0, seed=0)
     np.testing.assert_array_equal(again[1], validation_rows)
-    assert not np.array_equal(aicup.fold_split(labels, 4, 0, seed=1)[1], validation_rows)
+    assert not np.array_equal(splits.fold_split(labels, 4, 0, seed=1)[1], validation_rows)
 
 
 def test_each_variant_draws_its_own_split_as_the_sources_notebooks_did():
@@ -336,7 +328,7 @@ def test_each_variant_draws_its_own_split_as_the_sources_notebooks_did():
     labels = np.repeat([1, 2, 3, 4, 5], [40, 20, 12, 4, 4])
     data_recipe = aicup.load_recipe()["data"]
     assert data_recipe["split_per_variant"] is True  # the default
-    folds = aicup.variant_folds(labels, data_recipe, [13, 17, 21, 30, 50])
+    folds = splits.variant_folds(labels, data_recipe, [13, 17, 21, 30, 50])
     assert [fold.seed for fold in folds.values()] == [13, 17, 21, 30, 50]
     for fold in folds.values():
         splitter = StratifiedKFold(n_splits=4, shuffle=True, random_state=fold.seed)
@@ -345,9 +337,9 @@ def test_each_variant_draws_its_own_split_as_the_sources_notebooks_did():
         np.testing.assert_array_equal(fold.train_rows, np.sort(train_rows))
     assert len({tuple(fold.validation_rows) for fold in folds.values()}) == 5  # five different splits
     # a variant's split does not depend on which other variants are trained (the quick profile's three)
-    alone = aicup.variant_folds(labels, data_recipe, [17])[17]
+    alone = splits.variant_folds(labels, data_recipe, [17])[17]
     np.testing.assert_array_equal(alone.validation_rows, folds[17].validation_rows)
-    summary = aicup.split_summary(labels, data_recipe, folds)
+    summary = splits.split_summary(labels, data_recipe, folds)
     assert summary["per_variant"] is True and summary["variants"]["21"]["seed"] == 21
     assert summary["variants"]["13"]["validation_persons"] == 20
     assert summary["variants"]["13"]["class_counts"]["validation"] == [10, 5, 3, 1, 1]
@@ -357,17 +349,17 @@ def test_each_variant_draws_its_own_split_as_the_sources_notebooks_did():
 def test_one_shared_split_is_an_option():
     labels = np.repeat([1, 2, 3, 4, 5], [40, 20, 12, 4, 4])
     data_recipe = aicup.load_recipe(overrides=["data.split_per_variant=false", "data.split_seed=3"])["data"]
-    folds = aicup.variant_folds(labels, data_recipe, [13, 17, 21])
+    folds = splits.variant_folds(labels, data_recipe, [13, 17, 21])
     assert {fold.seed for fold in folds.values()} == {3}
-    expected = aicup.fold_split(labels, 4, 0, seed=3)[1]
+    expected = splits.fold_split(labels, 4, 0, seed=3)[1]
     assert all(np.array_equal(fold.validation_rows, expected) for fold in folds.values())
-    assert aicup.split_summary(labels, data_recipe, folds)["per_variant"] is False
+    assert splits.split_summary(labels, data_recipe, folds)["per_variant"] is False
 
 
 def test_uar_is_balanced_accuracy_and_scores_have_recall_and_confusion():
     rng = np.random.default_rng(3)
     labels, predicted = rng.integers(1, 6, 60), rng.integers(1, 6, 60)
-    scores = aicup.classification_scores(labels, predicted)
+    scores = scoring.classification_scores(labels, predicted)
     assert scores["uar"] == pytest.approx(sk_metrics.balanced_accuracy_score(labels, predicted))
     assert scores["uar"] == pytest.approx(np.mean(scores["recall"]))
     assert scores["macro_f1"] == pytest.approx(sk_metrics.f1_score(labels, predicted, average="macro"))
@@ -501,6 +493,22 @@ def test_with_one_shared_split_the_ensemble_is_scored_on_the_validation_fold(tin
     assert "2 variants × 1 seed(s) | our synthetic data, validation fold" in runner.results_table(run)
 
 
+def test_unlabelled_test_lists_are_voted_on_and_not_scored(tiny_run, aicup_data, tmp_path):
+    """The real data: the test lists have no answers; the submission is written, only validation is scored."""
+    run_dir, recipe, _ = tiny_run
+    run_dir = shutil.copytree(run_dir, tmp_path / "run")
+    data = aicup.load_data(aicup_data)
+    for split in data.tests:
+        split.labels = None
+    run = Run(aicup.TASK, recipe, run_dir, aicup_data, progress=False, log=lambda _: None)
+    run.scores = aicup.TASK.evaluate(run, data, aicup.TASK.prepare(run, data))
+    assert list(run.scores["modalities"]["multimodal"]["splits"]) == ["validation"]
+    assert list(run.scores["majority_uar"]) == ["validation"] and run.scores["headline"] == "not scored"
+    assert (run_dir / "submission.csv").read_text() == (tiny_run[0] / "submission.csv").read_text()
+    run.manifest = files.read_json(run_dir / "manifest.json")
+    assert "public test list" not in runner.results_table(run)
+
+
 def test_saved_ensemble_predicts_new_persons_with_its_manifest(tiny_run, aicup_data):
     from replicate.ensemble import Ensemble
 
@@ -524,12 +532,9 @@ def test_the_predict_command_votes_per_person_and_names_a_bad_file_in_one_line(t
     run_dir, _, _ = tiny_run
     public = aicup.load_data(aicup_data).tests[0]
     out = tmp_path / "predictions.csv"
-    predict_command = [sys.executable, "-m", "replicate.predict", str(run_dir)]
     # The wav files in the list's order: the batch the run predicted, so the probabilities are the same bits.
     wavs = [str(path) for path in public.paths]
-    result = subprocess.run(
-        [*predict_command, str(public.table), *wavs, "--out", str(out)], cwd=ROOT, capture_output=True, text=True
-    )
+    result = run_predict(run_dir, public.table, *wavs, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == f"predictions: {out} (8 rows, 2 members)\n"
     table = pd.read_csv(out, dtype=str)
@@ -545,12 +550,7 @@ def test_the_predict_command_votes_per_person_and_names_a_bad_file_in_one_line(t
 
     bad = tmp_path / f"{public.ids[0]}.wav"
     bad.write_bytes(b"RIFF....WAVEgarbage")
-    result = subprocess.run(
-        [*predict_command, str(public.table), str(bad), "--out", str(tmp_path / "none.csv")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    result = run_predict(run_dir, public.table, bad, "--out", tmp_path / "none.csv")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: 1 of 1 audio files cannot be used: {bad}: ")

@@ -235,6 +235,10 @@ def test_from_columns_gives_ai_cups_weighted_batches():
     options = dict(batch_size=4, shuffle=True, seed=2, epoch=3, drop_remainder=True)
     actual = pipeline.from_columns(inputs, one_hot, weights=class_weights[labels - 1], **options)
     order = pipeline.shuffled(tf.range(11, dtype=tf.int64), 2, 3).numpy()
+    # whole batches have a static size, as tf.data's own: the training step is traced for it
+    assert actual.element_spec[0]["mfcc_13"].shape == (4, 13, 4, 1) and actual.element_spec[2].shape == (4,)
+    ragged = pipeline.from_columns(inputs, one_hot, batch_size=4)
+    assert ragged.element_spec[0]["mfcc_13"].shape == (None, 13, 4, 1)
     batches = list(actual)
     assert len(batches) == 2  # 11 rows: two batches of 4, the last 3 rows dropped
     for index, (x, y, w) in enumerate(batches):

@@ -64,15 +64,6 @@ class ClinicalEncoder:
     def width(self) -> int:
         return len(self.numeric) + sum(len(codes) for _, codes in self.categories)
 
-    @property
-    def input_names(self) -> list[str]:
-        """A readable name per input column, e.g. "Age / 50", "Smoking = 2"."""
-        names = [
-            name if (offset, scale) == (0.0, 1.0) else f"({name} - {offset:g}) / {scale:g}"
-            for name, offset, scale in self.numeric
-        ]
-        return names + [f"{name} = {code}" for name, codes in self.categories for code in codes]
-
     def __call__(self, table: pd.DataFrame) -> np.ndarray:
         """(rows, 44) float32 inputs of a checked table (training or test list)."""
         columns = [

@@ -141,25 +141,15 @@ def _find(root: Path, normalized: str, *, directory: bool, near: Path | None = N
 
 
 def read_table(path: Path, *, labelled: bool) -> tuple[pd.DataFrame, np.ndarray | None, dict[str, int]]:
-    """Read a datalist CSV and check every cell.
-
-    Args:
-        path: the CSV (`training_datalist.csv` or a test list).
-        labelled: the table must have the `Disease category` column (the training list).
-
-    Returns:
-        (table with `ID` and the 26 clinical columns under their canonical names, labels 1-5 or None,
-        number of empty PPD / VHI-10 cells).
+    """A datalist CSV, every cell checked: (`ID` and the 26 clinical columns under their canonical names,
+    labels 1-5 if `labelled` (the training list) else None, the number of empty PPD / VHI-10 cells).
 
     Raises:
         DataError: unreadable file; missing, unknown or repeated columns (by name); duplicated or empty IDs;
             an empty cell outside PPD / VHI-10, a non-number, a non-integer code or a value out of range,
             naming the line, the ID and the column.
     """
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
-        raise DataError(f"{path}: not a readable CSV ({error})") from error
+    raw = _read_csv(path)
     table = raw.rename(columns=_canonical_columns(path, raw.columns, labelled))
     table = table.apply(lambda column: column.str.strip())
     if len(table) == 0:
@@ -180,6 +170,14 @@ def read_table(path: Path, *, labelled: bool) -> tuple[pd.DataFrame, np.ndarray 
             empty_cells[spec.name] = empty
     labels = clean.pop(LABEL_COLUMN).to_numpy(dtype=np.int64) if labelled else None
     return clean, labels, empty_cells
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """Every cell as text, empty cells as "" (not NaN): each is checked by its column's rule."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
+        raise DataError(f"{path}: not a readable CSV ({error})") from error
 
 
 def _canonical_columns(path: Path, columns: Sequence[str], labelled: bool) -> dict[str, str]:
@@ -270,10 +268,7 @@ def load_split(root: Path, name: str, *, required: bool) -> Split | None:
 
 def read_answers(path: Path, ids: Sequence[str]) -> np.ndarray:
     """Labels of a test list from synthetic data's `ID,Disease category` answers, in the list's order."""
-    try:
-        answers = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not a readable CSV ({error})") from error
+    answers = _read_csv(path)
     answers.columns = [normalize_column(c) for c in answers.columns]
     if [normalize_column(ID_COLUMN), normalize_column(LABEL_COLUMN)] != list(answers.columns):
         raise DataError(f"{path}: columns must be {ID_COLUMN!r}, {LABEL_COLUMN!r}")

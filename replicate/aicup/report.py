@@ -64,7 +64,8 @@ def results(run: Run) -> ResultsTable:
                 model = f"ours: {MODALITY_WHAT[modality]}, {len(variants)} variants × {seeds} seed(s)"
                 rows.append((model, where, f"{ensemble['uar']:.4f}", f"{ensemble['macro_f1']:.4f}"))
     chance = sorted({round(value, 4) for value in run.scores["majority_uar"].values()})
-    rows.append(("ours: always the majority class", "our synthetic data, every split above", _values(chance), ""))
+    chance_uar = ", ".join(f"{value:.4f}" for value in chance)
+    rows.append(("ours: always the majority class", "our synthetic data, every split above", chance_uar, ""))
     split = run.manifest["data"]["split"]
     training_persons = sorted({variant["train_persons"] for variant in split["variants"].values()})
     return ResultsTable(
@@ -198,10 +199,6 @@ def _splits_table(split: Mapping) -> str:
     ]
     headers = ("n_mfcc", "split seed", "training", "validation", "class counts 1-5 (training; validation)", "weights")
     return report.markdown_table(headers, rows)
-
-
-def _values(values) -> str:
-    return ", ".join(f"{value:.4f}" for value in values)
 
 
 def _empty_cells_line(empty: Mapping[str, Mapping[str, int]]) -> str:

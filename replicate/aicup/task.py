@@ -63,13 +63,8 @@ def _variants_problem(value) -> str | None:
 
 @dataclass
 class Arrays:
-    """The prepared run: every list's model inputs and each variant's split of the training list.
-
-    Attributes:
-        inputs: list name ("train", "public", "private") → {"mfcc_<k>": (persons, k, 126, 1) per variant,
-            "clinical": (persons, 44)}.
-        folds: n_mfcc → its training and validation rows of the training list.
-    """
+    """The prepared run: list name ("train", "public", "private") → {"mfcc_<k>": (persons, k, 126, 1) per
+    variant, "clinical": (persons, 44)}, and n_mfcc → its split of the training list."""
 
     inputs: dict[str, dict[str, np.ndarray]]
     folds: dict[int, Fold]
@@ -182,41 +177,25 @@ class AicupTask(Task):
         """Every member's probabilities on its variant's validation fold and on the test lists
         (predictions.npz), the submission modality's vote on the test lists (submission.csv), and the scores
         where labels exist: members and variants on their own rows, the ensemble where the rows are shared."""
-        state: Arrays = prepared.state
-        held_out = {
-            "validation": (
-                state.inputs["train"],
-                data.train.labels,
-                {k: f.validation_rows for k, f in state.folds.items()},
-            )
-        }
-        for split in data.tests:
-            held_out[split.name] = (
-                state.inputs[split.name],
-                split.labels,
-                dict.fromkeys(state.folds, np.arange(len(split.ids))),
-            )
+        held_out = held_out_lists(data, prepared.state)
         main = MODALITIES[run.recipe["model"]["clinical"]]
         scores, saved = {"modalities": {}, "main": main}, {}
         for modality in modalities(run.recipe):
             members, probabilities = predict_held_out(run, modality, held_out)
-            scores["modalities"][modality] = {"members": members, "splits": {}}
+            splits = {}
             for name, (_, labels, rows) in held_out.items():
                 if scoring.shared_rows(rows):
                     saved[f"{modality}/{name}"] = np.concatenate(list(probabilities[name].values()))
                 else:  # each variant on its own persons
                     saved.update({f"{modality}/{name}_mfcc{k}": value for k, value in probabilities[name].items()})
                 if labels is not None:
-                    scores["modalities"][modality]["splits"][name] = scoring.list_scores(
-                        labels, rows, probabilities[name]
-                    )
+                    splits[name] = scoring.list_scores(labels, rows, probabilities[name])
+            scores["modalities"][modality] = {"members": members, "splits": splits}
         with files.atomic_path(run.run_dir / "predictions.npz", suffix=".npz") as temporary:
             np.savez(temporary, **{key.replace("/", "__"): value for key, value in saved.items()})
         if data.tests:
-            write_submission(
-                run.run_dir / "submission.csv", data.tests, {s.name: saved[f"{main}/{s.name}"] for s in data.tests}
-            )
-            run.log(f"submission: {run.run_dir / 'submission.csv'}")
+            votes = {split.name: saved[f"{main}/{split.name}"] for split in data.tests}
+            run.log(f"submission: {write_submission(run.run_dir / 'submission.csv', data.tests, votes)}")
         labelled = {
             name: labels[next(iter(rows.values()))]
             for name, (_, labels, rows) in held_out.items()
@@ -226,8 +205,7 @@ class AicupTask(Task):
         scores["headline"] = report_lib.headline(scores, run.recipe["source"])
         return scores
 
-    def results(self, run: Run):
-        return report_lib.results(run)
+    results = staticmethod(report_lib.results)
 
     def report(self, run: Run, data: data_lib.AicupData, prepared: Prepared):
         return report_lib.report_parts(run)
@@ -317,6 +295,17 @@ def variant_group(run: Run, labels: np.ndarray, state: Arrays, modality: str, n_
     )
 
 
+def held_out_lists(data: data_lib.AicupData, state: Arrays) -> dict[str, tuple]:
+    """List name → (its inputs, its labels or None, n_mfcc → the rows each variant predicts): each variant's own
+    validation fold of the training list, and every test list whole."""
+    validation_rows = {k: fold.validation_rows for k, fold in state.folds.items()}
+    held_out = {"validation": (state.inputs["train"], data.train.labels, validation_rows)}
+    for split in data.tests:
+        rows = dict.fromkeys(state.folds, np.arange(len(split.ids)))
+        held_out[split.name] = (state.inputs[split.name], split.labels, rows)
+    return held_out
+
+
 def predict_held_out(
     run: Run, modality: str, held_out: Mapping[str, tuple]
 ) -> tuple[list[dict], dict[str, dict[int, np.ndarray]]]:
@@ -362,13 +351,9 @@ def write_submission(path: Path, tests: Sequence[data_lib.Split], probabilities:
 def model_inputs(
     manifest: Mapping, paths: Sequence[str | os.PathLike], clinical: pd.DataFrame | None = None
 ) -> dict[str, np.ndarray]:
-    """A run's model inputs for new persons, computed as in training from its manifest: every variant's MFCCs
-    and, given the persons' clinical columns (`data.read_table`, a row per path), the encoded fields.
-
-    Returns:
-        {"mfcc_<k>": (persons, k, 126, 1) for every variant, "clinical": (persons, 44) when given (multimodal
-        members need it)}.
-    """
+    """A run's model inputs for new persons, computed as in training from its manifest: {"mfcc_<k>": (persons,
+    k, 126, 1) for every variant, and given the persons' clinical columns (`data.read_table`, a row per path)
+    "clinical": (persons, 44)}."""
     inputs = {
         name: feature_lib.FeatureSpec.from_manifest(entry).compute(paths)
         for name, entry in manifest["features"].items()
