@@ -526,6 +526,9 @@ def test_saved_ensemble_predicts_new_persons_with_its_manifest(tiny_run, aicup_d
     audio_only = Ensemble.load(run_dir, groups=["audio_only/mfcc13", "audio_only/mfcc17"])
     audio_inputs = aicup.model_inputs(audio_only.manifest, split.paths)
     np.testing.assert_array_equal(audio_only.predict_members(audio_inputs), saved["audio_only__public"])
+    # the audio-only groups of a multimodal run predict from the wav files alone (in the list's order: same bits)
+    table = audio_only.predict_table([str(path) for path in split.paths])
+    assert table["label"].tolist() == aicup.vote(saved["audio_only__public"]).tolist()
 
 
 def test_the_predict_command_votes_per_person_and_names_a_bad_file_in_one_line(tiny_run, aicup_data, tmp_path):

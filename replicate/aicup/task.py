@@ -366,9 +366,10 @@ def model_inputs(
 
 
 def require_clinical(manifest: Mapping, clinical: pd.DataFrame | None, run: str = "") -> None:
-    """Refuse to predict with a multimodal run's ensemble without the persons' clinical fields (`DataError`
-    naming the run folder `run`)."""
-    if clinical is None and CLINICAL in manifest["inputs"]:
+    """Refuse to predict with multimodal members (their group "multimodal/mfcc<k>") without the persons'
+    clinical fields (`DataError` naming the run folder `run`); the audio-only groups of any run need none."""
+    multimodal = any(entry["group"].split("/")[0] == MODALITIES[True] for entry in manifest["members"])
+    if clinical is None and multimodal:
         raise DataError(
             f"{run + ': ' if run else ''}the run is multimodal: its members also take each person's clinical "
             "fields; give the persons' clinical table (a CSV in the competition's columns) with the wav files"
