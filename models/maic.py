@@ -152,5 +152,8 @@ def build_maic_model(
     x = layers.Dense(dense_units[0], name="fc1")(x)  # the diagram draws no ReLU after FC 64
     x = layers.Concatenate(name="concat_aux")([x, aux])
     x = layers.Dense(dense_units[1], activation="relu", name="fc2")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="subclass")(x)
+    # The output in the variables' dtype (float32 under the mixed policies): the focal loss, the validation
+    # score and the saved predictions get full-precision probabilities, as Keras's mixed-precision guide asks.
+    output_dtype = keras.config.dtype_policy().variable_dtype
+    outputs = layers.Dense(num_classes, activation="softmax", dtype=output_dtype, name="subclass")(x)
     return keras.Model({"mel": mel, "aux": aux}, outputs, name="maic_mini_resnet")

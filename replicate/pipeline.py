@@ -329,7 +329,9 @@ def _read_column(column: Column, rows: tf.Tensor, seed, epoch, batch_index) -> t
         else:
             starts = tf.gather(tf.constant(column.starts, tf.int64), rows)
         batch = tf.numpy_function(column.read, [rows, starts], tf.float32, stateful=False)
-    batch.set_shape((None, *column.row_shape))
+    # The batch size is static where the batches are whole (drop_remainder), as tf.data's own batches are: the
+    # training step is then traced for that size, which changes float results in the last bits.
+    batch.set_shape((rows.shape[0], *column.row_shape))
     return batch
 
 

@@ -87,6 +87,15 @@ def ensemble_sizes(available: int) -> list[int]:
     return sorted({size for size in (1, 5, 10, 15) if size <= available} | {available})
 
 
+def member_rows(where: str, member_scores: Sequence[float], by_size: dict, ensemble: str = "member ensemble") -> list:
+    """A results table's rows of ours on one split: the single members' mean ± std, then the ensembles of the
+    first k members for `ensemble_sizes` (`by_size`: {"k": score}), e.g. "ours: 5-member ensemble"."""
+    rows = [("ours: single member, mean ± std", where, mean_std(member_scores))]
+    for size in ensemble_sizes(len(member_scores)):
+        rows.append((f"ours: {size}-{ensemble}", where, f"{by_size[str(size)]:.4f}"))
+    return rows
+
+
 def read_history(path: str | os.PathLike) -> dict[str, list[float]]:
     """A Keras CSVLogger file as column → values; columns that are all "NA" (CSVLogger writes val_*
     columns even without validation data) are left out."""

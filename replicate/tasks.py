@@ -3,7 +3,7 @@ a string the data supply). The engine finds a run's hooks here from its manifest
 
 Adding a source: its package's `TASK` goes into `TASKS` below.
 
-MAIC, DCASE and AI CUP are still single modules with their own run (`run`, `write_report`); until each is
+DCASE is still a single module with its own run (`run`, `write_report`); until it is
 ported to the protocol, an `Unported` adapter gives the engine what it needs of them: the README's results
 block, model inputs for audio files where the module has them, and the benchmark member.
 """
@@ -60,19 +60,6 @@ def _frames(clip_samples: int, hop_length: int) -> int:
     return 1 + clip_samples // hop_length
 
 
-def _aicup_member(recipe: dict) -> BenchmarkMember:
-    """The n_mfcc = 13 variant (the first of the five), multimodal as the recipe's default."""
-    n_mfcc = recipe["features"]["n_mfcc"][0]
-    return BenchmarkMember(
-        functools.partial(aicup.build_model, recipe, n_mfcc, recipe["model"]["clinical"]), recipe["train"]
-    )
-
-
-def _maic_member(recipe: dict) -> BenchmarkMember:
-    # 21 sub-classes occur in the real data (the recipe derives them from the data)
-    return BenchmarkMember(functools.partial(maic.build_model, recipe, 21), recipe["train"])
-
-
 def _dcase_member(recipe: dict) -> BenchmarkMember:
     """The integrated ArcFace model (41 IDs) on whole 10-s clips, its warm-restart schedule and logits loss."""
     data, features = recipe["data"], recipe["features"]
@@ -89,9 +76,9 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         dacon.TASK,
-        Unported(maic, _maic_member),
+        maic.TASK,
         Unported(dcase, _dcase_member),
-        Unported(aicup, _aicup_member),
+        aicup.TASK,
     )
 }
 

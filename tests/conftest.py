@@ -1,4 +1,4 @@
-"""Shared fixtures: quiet TensorFlow, a tiny synthetic DACON data set, and a fresh-process runner."""
+"""Shared fixtures: quiet TensorFlow, a tiny synthetic DACON data set, and fresh-process runners."""
 
 from __future__ import annotations
 
@@ -46,3 +46,10 @@ def run_python(code: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     if result.returncode != 0:
         raise AssertionError(f"fresh process failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def run_predict(*arguments) -> subprocess.CompletedProcess:
+    """`python -m replicate.predict ARGUMENTS...` in a fresh process, as a user runs it; its exit code is the
+    caller's to check."""
+    command = [sys.executable, "-m", "replicate.predict", *map(str, arguments)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from replicate.audio import AudioError, read_audio
+from replicate.audio import AudioError, read_audio, wav_files
 from tests.conftest import write_tone
 
 
@@ -84,3 +84,21 @@ def test_a_float_wav_a_few_db_over_full_scale_is_read(tmp_path):
     sf.write(tmp_path / "hot.wav", samples, 16000, subtype="FLOAT")
     read, _ = read_audio(tmp_path / "hot.wav", 16000)
     assert read[10] == np.float32(1.4) and read[20] == np.float32(-2.5)
+
+
+def test_wav_files_expands_folders_by_name_and_names_what_is_missing(tmp_path):
+    folder = tmp_path / "voices"
+    folder.mkdir()
+    for name in ("b.wav", "a.wav", "notes.txt"):
+        (folder / name).write_bytes(b"")
+    single = tmp_path / "c.wav"
+    single.write_bytes(b"")
+    assert wav_files([single, folder]) == [single, folder / "a.wav", folder / "b.wav"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(AudioError, match=rf"^{empty}: no .wav files in the folder$"):
+        wav_files([single, empty])
+    with pytest.raises(AudioError, match=rf"^{tmp_path / 'absent.wav'}: no such file or folder$"):
+        wav_files([tmp_path / "absent.wav"])
+    with pytest.raises(AudioError, match="^no audio files given$"):
+        wav_files([])

@@ -3,16 +3,23 @@ crops, splits, and the whole recipe end to end on a tiny data set."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from replicate import files, maic
+from replicate import files, maic, pipeline
+from replicate.maic import task as maic_task
+from replicate.maic import tokens as maic_tokens
 from replicate.task import DataError
+from tests.conftest import ROOT
 
 TOKENS = [(0, 10), (12, 40), (45, 120)]  # (start, end) columns, end exclusive
 
@@ -56,10 +63,9 @@ def write_person(
         (folder / f"{person_id}_annotation.json").write_text(json.dumps(annotation))
 
 
-def _store(persons, tmp_path, name="t"):
-    return maic.token_store(
-        persons, mel_bins=128, drop_skipped=True, cache_dir=tmp_path / "cache", name=name, progress=False
-    )
+def _store(persons, tmp_path, name="t", end_frame_inclusive=False, log=print):
+    data = {"mel_bins": 128, "drop_skipped": True, "end_frame_inclusive": end_frame_inclusive}
+    return maic.token_store(persons, data, cache_dir=tmp_path / "cache", name=name, progress=False, log=log)
 
 
 # --- loader --------------------------------------------------------------------------------------
@@ -73,7 +79,8 @@ def test_one_or_two_json_files_per_person(tmp_path):
     a, b = data.train
     assert (a.sex, a.age, a.diagnosis, len(a.json_paths)) == ("M", 60.0, "Normal", 2)
     assert (b.sex, b.age, b.diagnosis, len(b.json_paths)) == ("F", 40.5, "Nodules", 1)
-    assert [(t.start, t.stop, t.skip) for t in a.tokens] == [(0, 10, False), (12, 40, True), (45, 120, False)]
+    assert [(t.start, t.end, t.skip) for t in a.tokens] == [(0, 10, False), (12, 40, True), (45, 120, False)]
+    assert a.annotation == tmp_path / "train" / "a_annotation.json" and b.annotation == tmp_path / "train" / "b.json"
 
 
 def test_skipped_tokens_are_dropped_and_counted(tmp_path):
@@ -88,11 +95,28 @@ def test_skipped_tokens_are_dropped_and_counted(tmp_path):
     np.testing.assert_allclose(frames, mel[:, 45:120], rtol=np.finfo(np.float32).eps, atol=0)
 
 
+def test_the_end_frame_reading_cuts_the_tokens_and_keys_the_cache(tmp_path):
+    write_person(tmp_path / "train", "a", tokens=[(0, 10), (12, 12), (45, 129)])
+    persons = maic.load_data(tmp_path).train
+    inclusive = _store(persons, tmp_path, end_frame_inclusive=True)
+    assert inclusive.lengths.tolist() == [11, 1, 85]  # endFrame is the last column: 130 columns reach 129
+    with pytest.raises(DataError, match=r"a_annotation.json: token 2 has no frames \(12..12 with data.end_frame_incl"):
+        _store(persons, tmp_path)  # one past the last column: token 2 is empty (not the inclusive store's cache)
+    write_person(tmp_path / "train", "a", tokens=[(0, 10), (45, 131)])
+    with pytest.raises(DataError, match=r"a.csv: token 2 spans frames 45..130 but the CSV has 130 columns"):
+        _store(maic.load_data(tmp_path).train, tmp_path)
+    write_person(tmp_path / "train", "a", tokens=[(0, 10), (45, 44)])
+    with pytest.raises(DataError, match=r"a_annotation.json: token 2: frames 45..44 are negative or reversed"):
+        maic.load_data(tmp_path)
+
+
 def test_the_token_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     write_person(tmp_path / "train", "a")
     persons = maic.load_data(tmp_path).train
     first = _store(persons, tmp_path)
-    monkeypatch.setattr(maic, "read_mel_csv", lambda *a: (_ for _ in ()).throw(AssertionError("CSV parsed again")))
+    monkeypatch.setattr(
+        maic_tokens, "read_mel_csv", lambda *a: (_ for _ in ()).throw(AssertionError("CSV parsed again"))
+    )
     second = _store(persons, tmp_path)
     np.testing.assert_array_equal(np.asarray(first.frames), np.asarray(second.frames))
     write_person(tmp_path / "train", "a", seed=1)  # the file changed: parsed anew
@@ -111,15 +135,7 @@ def test_a_damaged_token_cache_is_detected_and_parsed_again(tmp_path, damaged):
     middle = len(content) // 2
     (cache / damaged).write_bytes(content[:middle] + bytes(16) + content[middle + 16 :])  # same size, other bytes
     logged = []
-    again = maic.token_store(
-        persons,
-        mel_bins=128,
-        drop_skipped=True,
-        cache_dir=tmp_path / "cache",
-        name="t",
-        progress=False,
-        log=logged.append,
-    )
+    again = _store(persons, tmp_path, log=logged.append)
     problem = (
         "meta.json is not valid JSON"
         if damaged == "meta.json"
@@ -232,7 +248,7 @@ def test_constant_training_tokens_are_a_data_error(tmp_path):
 def test_non_finite_token_predictions_name_the_seed(tmp_path):
     import keras
 
-    from replicate.ensemble import PredictionError
+    from replicate.ensemble import Ensemble, PredictionError
 
     write_person(tmp_path / "train", "a")
     persons = maic.load_data(tmp_path).train
@@ -241,16 +257,37 @@ def test_non_finite_token_predictions_name_the_seed(tmp_path):
     dense = keras.layers.Dense(3, activation="softmax")
     model = keras.Model({"mel": mel, "aux": aux}, dense(keras.layers.Concatenate()([keras.layers.Flatten()(mel), aux])))
     manifest = {
-        "inputs": maic.Inputs(8, 0.0, 1.0, 100.0).to_config(),
-        "recipe": {"inference": {"crop_seed": 0, "batch_size": 4}},
+        "schema_version": 1,
+        "preprocessing": {
+            "inputs": maic.Inputs(8, 0.0, 1.0, 100.0).to_config(),
+            "inference": {"crop_seed": 0, "batch_size": 4},
+        },
         "members": [{"seed": 5}, {"seed": 6}],
     }
     rows = np.arange(len(store))
-    assert np.isfinite(maic.predict_tokens([model, model], store, persons, rows, manifest)).all()
+    healthy = Ensemble(tmp_path / "run", manifest, [model, model])
+    assert np.isfinite(maic_task.token_predictions(healthy, store, persons, rows)).all()
     poisoned = keras.models.clone_model(model)
     poisoned.set_weights([np.full_like(weight, np.nan) for weight in model.get_weights()])
-    with pytest.raises(PredictionError, match=r"1 persons' tokens: the member\(s\) of seed\(s\) 6 predict NaN"):
-        maic.predict_tokens([model, poisoned], store, persons, rows, manifest)
+    with pytest.raises(PredictionError, match=r"run: the member\(s\) of seed\(s\) 6 predict NaN"):
+        maic_task.token_predictions(Ensemble(tmp_path / "run", manifest, [model, poisoned]), store, persons, rows)
+
+
+def test_runs_from_before_the_manifest_schema_keep_their_inference_settings():
+    """A run made before the schema kept the inputs and sub-classes at the top of its manifest and the recipe's
+    data and inference tables under "recipe"; inference reads them from there."""
+    inputs, subclasses = maic.Inputs(64, -52.7, 16.6, 100.0).to_config(), {"entries": [], "age_threshold": 55.0}
+    data, inference = {"mel_bins": 128, "end_frame_inclusive": False, "drop_skipped": True}, {"crop_seed": 0}
+    old = {"inputs": inputs, "subclasses": subclasses, "recipe": {"data": data, "inference": inference}}
+    settings = maic_task.inference_settings(old)
+    assert (settings["inputs"], settings["subclasses"], settings["data"], settings["inference"]) == (
+        inputs,
+        subclasses,
+        data,
+        inference,
+    )
+    new = {"schema_version": 1, "preprocessing": {"inputs": inputs}}
+    assert maic_task.inference_settings(new) == {"inputs": inputs}
 
 
 def _drop_field(path, key):
@@ -367,13 +404,11 @@ def _mel(dataset):
 
 def test_training_crops_differ_across_epochs_and_repeat_for_the_seed(long_tokens):
     store, persons, inputs = long_tokens
-    aux = inputs.aux(persons)[store.person]
     labels = np.eye(2, dtype=np.float32)[np.zeros(len(store), dtype=int)]
-    rows = np.arange(len(store))
 
     def epochs(seed):
         return [
-            _mel(maic.token_dataset(store, rows, aux, inputs, batch_size=3, labels=labels, seed=seed, epoch=epoch))
+            _mel(pipeline.from_columns(inputs.columns(store, persons), labels, batch_size=3, seed=seed, epoch=epoch))
             for epoch in (0, 1)
         ]
 
@@ -392,20 +427,29 @@ def test_training_crops_differ_across_epochs_and_repeat_for_the_seed(long_tokens
 
 def test_inference_crops_are_identical_for_the_seed(long_tokens):
     store, persons, inputs = long_tokens
-    aux = inputs.aux(persons)[store.person]
-    rows = np.arange(len(store))
     starts = maic.crop_offsets(store.lengths, 64, seed=0)
     assert starts[1] == 0 and 0 <= starts[0] <= 300 - 64 and 0 <= starts[2] <= 70 - 64
     assert np.array_equal(starts, maic.crop_offsets(store.lengths, 64, seed=0))
     assert not np.array_equal(maic.crop_offsets(np.full(50, 300), 64, 0), maic.crop_offsets(np.full(50, 300), 64, 1))
 
     def batches(batch_size):
-        dataset = maic.token_dataset(store, rows, aux, inputs, batch_size=batch_size, starts=starts)
+        dataset = pipeline.from_columns(inputs.columns(store, persons, crop_seed=0), batch_size=batch_size)
         return [np.concatenate([batch["mel"] for batch in dataset]) for _ in range(2)]
 
     one, two = batches(1)
     np.testing.assert_array_equal(one, two)
     np.testing.assert_array_equal(batches(3)[0], one)  # whatever the batching
+    np.testing.assert_array_equal(one[0, :, :, 0], store.frames[starts[0] : starts[0] + 64].T)  # crop_offsets' start
+
+
+def test_token_inputs_are_normalised_then_zero_padded_with_their_persons_aux(long_tokens):
+    store, persons, _ = long_tokens
+    inputs = maic.Inputs(frames=64, mean=-40.0, std=8.0, age_scale=100.0)
+    [batch] = pipeline.from_columns(inputs.columns(store, persons, crop_seed=0), batch_size=3)
+    token = np.asarray(store.frames[store.offsets[1] : store.offsets[1] + 30], dtype=np.float32)
+    np.testing.assert_array_equal(batch["mel"][1, :, :30, 0], ((token - np.float32(-40.0)) / np.float32(8.0)).T)
+    np.testing.assert_array_equal(batch["mel"][1, :, 30:], 0.0)  # the padding stays 0 (the mean level)
+    np.testing.assert_array_equal(batch["aux"], np.tile(np.float32([1.0, 0.6]), (3, 1)))  # a man of 60
 
 
 def test_person_split_has_no_person_on_both_sides(tmp_path):
@@ -502,65 +546,119 @@ def synthetic(tmp_path_factory):
     return out
 
 
-def test_recipe_end_to_end_and_resume(synthetic, tmp_path, capsys):
-    arguments = [
-        "--data",
-        str(synthetic),
-        "--run-dir",
-        str(tmp_path / "run"),
-        "--seeds",
-        "1",
-        "--epochs",
-        "2",
-        "--no-progress",
-        "--set",
-        f"run.cache_dir='{tmp_path / 'cache'}'",
-        *[argument for setting in TINY for argument in ("--set", setting)],
-    ]
-    assert maic.main(arguments) == 0
-    run_dir = tmp_path / "run"
-    f1 = files.read_json(run_dir / "scores.json")["evaluations"]["test (synthetic answers)"][
-        "ensemble_macro_f1_by_size"
-    ]
-    assert capsys.readouterr().out.splitlines()[-1] == (
+@pytest.fixture(scope="module")
+def tiny_run(synthetic, tmp_path_factory):
+    """One member, two epochs, the tiny network, a person split: (run folder, arguments, stdout)."""
+    folder = tmp_path_factory.mktemp("maic-run")
+    arguments = ["--data", str(synthetic), "--run-dir", str(folder / "run"), "--seeds", "1", "--epochs", "2"]
+    arguments += ["--no-progress", "--set", f"run.cache_dir='{folder / 'cache'}'"]
+    arguments += [argument for setting in TINY for argument in ("--set", setting)]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert maic.main(arguments) == 0
+    return folder / "run", arguments, stdout.getvalue()
+
+
+def test_recipe_end_to_end_and_resume(tiny_run, synthetic, tmp_path, capsys):
+    run_dir, arguments, stdout = tiny_run
+    scores = files.read_json(run_dir / "scores.json")
+    f1 = scores["evaluations"]["test (synthetic answers)"]["ensemble_macro_f1_by_size"]
+    assert stdout.splitlines()[-1] == (
         f"done: test persons macro F1 {f1['1']:.4f} (1-member ensemble; source: single model 0.5759 on the real "
         f"hidden test set) — report {run_dir / 'report.md'}, submission {run_dir / 'submission.csv'}"
     )
     submission = (run_dir / "submission.csv").read_text().splitlines()
     assert submission[0] == "wav_code,diagnosis," + ",".join(f"p_{name}" for name in maic.DIAGNOSES)
     assert len(submission) == 7
-    scores = files.read_json(run_dir / "scores.json")
     test = scores["evaluations"]["test (synthetic answers)"]
     assert test["persons"] == 6 and len(test["member_macro_f1"]) == 1 and 0 <= test["majority_macro_f1"] < 0.2
     assert set(scores["evaluations"]) == {"test (synthetic answers)", "validation persons"}
     report = (run_dir / "report.md").read_text()
     for heading in ("## Sub-classes", "## Label masking", "confusion matrix", "0.5759", "0.7346", "4× smaller"):
         assert heading in report
-    assert (run_dir / "confusion_test.png").is_file() and (run_dir / "validation_f1.png").is_file()
+    for plot in ("confusion_test.png", "val_macro_f1.png", "ensemble_size_test.png", "training_curves.png"):
+        assert (run_dir / plot).is_file()
     manifest = files.read_json(run_dir / "manifest.json")
+    assert manifest["schema_version"] == 1 and manifest["inputs"] == {"mel": [128, 64, 1], "aux": [2]}
+    assert manifest["data"]["unit"] == "tokens" and manifest["data"]["splits"]["test"] == 101
+    assert set(manifest["preprocessing"]) == {"inputs", "subclasses", "diagnoses", "inference", "data"}
     assert manifest["members"][0]["best_epoch"] in (1, 2)
     history = (run_dir / "members" / "seed-00.history.csv").read_text()
     assert "val_macro_f1" in history.splitlines()[0]
-
-    # New persons are diagnosed exactly as the test persons were.
-    predicted = maic.predict_persons(run_dir, synthetic / "test", cache_dir=str(tmp_path / "cache"))
-    written = pd.read_csv(run_dir / "submission.csv")
-    assert predicted["diagnosis"].tolist() == written["diagnosis"].tolist()
-    # The same members on the same tokens in the same batches: the same bits, so the same 6-decimal text.
-    assert predicted.to_csv(index=False, float_format="%.6f") == (run_dir / "submission.csv").read_text()
     from replicate.ensemble import Ensemble
 
-    with pytest.raises(NotImplementedError, match="predict_persons"):
+    with pytest.raises(NotImplementedError, match="the maic task predicts from train/ and test/ with <id>.csv"):
         Ensemble.load(run_dir).features([synthetic / "test" / "test_0000.csv"])
     # Again: the member is kept, the tokens come from the cache.
     assert maic.main(arguments) == 0
     assert "already trained, kept" in capsys.readouterr().out
     from replicate import report as report_lib
+    from replicate import tasks
 
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:maic -->\n<!-- /results:maic -->\n")
-    assert report_lib.update_readme(readme, "maic", maic.results_table(run_dir))
-    assert "ours: majority class (Normal)" in readme.read_text()
+    name, block = tasks.results_block(run_dir)
+    assert name == "maic" and report_lib.update_readme(readme, name, block)
+    assert "ours: majority class (Normal)" in readme.read_text() and "1 members, at most 2 epochs" in block
+
+
+def test_the_predict_command_diagnoses_persons_and_names_a_bad_file_in_one_line(tiny_run, synthetic, tmp_path):
+    run_dir, _, _ = tiny_run
+    out = tmp_path / "diagnoses.csv"
+    predict = [sys.executable, "-m", "replicate.predict", str(run_dir)]
+    result = subprocess.run(
+        [*predict, str(synthetic / "test"), "--out", str(out)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == f"predictions: {out} (6 rows, 1 members)\n"
+    table = pd.read_csv(out, dtype=str)
+    written = pd.read_csv(run_dir / "submission.csv", dtype=str)
+    assert (
+        table.columns.tolist() == written.columns.tolist()
+        and table["wav_code"].tolist() == written["wav_code"].tolist()
+    )
+    assert table["diagnosis"].tolist() == written["diagnosis"].tolist()
+    # The same members on the same tokens in the same batches: the run's own token probabilities, voted as the
+    # run voted, written with the same 8 decimals.
+    saved = np.load(run_dir / "test_predictions.npz")
+    preprocessing = files.read_json(run_dir / "manifest.json")["preprocessing"]
+    _, probabilities = maic.person_predictions(
+        saved["probabilities"].mean(axis=0),
+        saved["person"],
+        maic.load_data(synthetic).test,
+        maic.SubclassTable.from_config(preprocessing["subclasses"]),
+        masking=preprocessing["inference"]["label_masking"],
+        tie_rule=preprocessing["inference"]["tie_rule"],
+    )
+    assert table.iloc[:, 2:].to_numpy().tolist() == [[f"{value:.8f}" for value in row] for row in probabilities]
+
+    write_person(tmp_path / "persons", "x", diagnosis=None)
+    _rewrite_csv(tmp_path / "persons" / "x.csv", rows=100)
+    for bad in (tmp_path / "persons", synthetic / "test" / "test_0000.csv"):
+        result = subprocess.run(
+            [*predict, str(bad), "--out", str(tmp_path / "none.csv")], cwd=ROOT, capture_output=True, text=True
+        )
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, result.stderr[-3000:]
+        assert errors[0] == (
+            f"error: {tmp_path / 'persons' / 'x.csv'}: 100 rows, expected 128 (one per mel band)"
+            if bad.is_dir()
+            else f"error: {bad}: no such folder (expected a folder of <id>.csv + <id>.json per person)"
+        )
+    assert not (tmp_path / "none.csv").exists()
+
+
+def test_predicting_the_same_person_from_two_folders_is_refused(tiny_run, synthetic, tmp_path):
+    from replicate.ensemble import Ensemble
+
+    run_dir, _, _ = tiny_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in (synthetic / "test").glob("test_0000*"):
+        (copy / path.name).write_bytes(path.read_bytes())
+    folders = [str(synthetic / "test"), str(copy)]
+    with pytest.raises(DataError, match=re.escape(f"{', '.join(folders)}: the folders share the persons test_0000")):
+        Ensemble.load(run_dir).predict_table(folders)
 
 
 def test_a_bad_data_folder_is_one_line_on_stderr(tmp_path, capsys):

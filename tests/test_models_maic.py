@@ -240,6 +240,23 @@ def float64_layers():
         keras.config.set_dtype_policy(policy)
 
 
+def test_under_mixed_bfloat16_the_layers_compute_in_bfloat16_and_the_probabilities_are_float32():
+    import keras
+
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = build_maic_model(**SMALL)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    assert model.get_layer("stem_conv").compute_dtype == "bfloat16"
+    probabilities = model.predict(_inputs(), verbose=0)
+    assert probabilities.dtype == np.float32
+    # The output layer computes in float32 (its bfloat16 inputs are exact in float32): 21 probabilities, each
+    # rounded to float32 and summed in float32, are within 21 float32 epsilons of 1.
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=21 * np.finfo(np.float32).eps)
+
+
 def test_the_builder_computes_the_write_ups_model_diagram(float64_layers):
     """The package's defaults against an independent PyTorch port of the diagram: the same parameters, the
     same 64 × 16 map after the last residual block, and the same logits, bit for bit, on the same inputs and

@@ -57,6 +57,7 @@ def test_import_replicate_is_enough_to_load_a_model_with_the_packages_layers(tmp
 def test_reading_data_and_recipes_imports_neither_keras_nor_tensorflow():
     code = (
         "import sys, replicate.recipe, replicate.audio, replicate.features, replicate.synth.dacon, replicate.dacon\n"
+        "import replicate.synth.aicup, replicate.aicup\n"
         "print(sorted(name for name in ('keras', 'tensorflow') if name in sys.modules))\n"
     )
     result = _fresh(code)

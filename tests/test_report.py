@@ -15,6 +15,11 @@ def test_markdown_table_and_summaries():
     assert report.ensemble_sizes(3) == [1, 3]
     assert report.ensemble_sizes(15) == [1, 5, 10, 15]
     assert report.ensemble_sizes(12) == [1, 5, 10, 12]
+    assert report.member_rows("test", [0.5, 0.7], {"1": 0.5, "2": 0.75}, ensemble="model average") == [
+        ("ours: single member, mean ± std", "test", "0.6000 ± 0.1414"),
+        ("ours: 1-model average", "test", "0.5000"),
+        ("ours: 2-model average", "test", "0.7500"),
+    ]
     assert report.audio_changes({"train": {"mixed_to_mono": 2, "padded": 0}, "test": {"padded": 0}}) == (
         "train: 2 mixed to mono"
     )

@@ -221,7 +221,7 @@ def person_voice(category: int, sex: str, age: float, rng: np.random.Generator) 
 
 def clinical_row(category: int, rng: np.random.Generator) -> dict:
     """The 26 clinical fields of one person of this class (PPD / VHI-10 may be None: an empty cell)."""
-    from replicate.aicup import COMORBIDITIES, SYMPTOMS
+    from replicate.aicup.data import COMORBIDITIES, SYMPTOMS
 
     spec = CLINICAL[category]
     row: dict = {"Sex": 2 if rng.random() < spec.female else 1}
@@ -268,7 +268,7 @@ def _ids(count: int, rng: np.random.Generator, taken: set[str]) -> list[str]:
 def _write_split(
     table: Path, folder: Path, n: int, rng: np.random.Generator, taken: set[str], *, labelled: bool, progress: bool
 ) -> list[tuple[str, int]]:
-    from replicate.aicup import FIELD_NAMES, ID_COLUMN, LABEL_COLUMN
+    from replicate.aicup.data import FIELD_NAMES, ID_COLUMN, LABEL_COLUMN
 
     categories = np.repeat(np.arange(1, 6), class_counts(n))
     rng.shuffle(categories)

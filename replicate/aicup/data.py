@@ -1,0 +1,290 @@
+"""AI CUP 2023's data layout: the training list and the public and private test lists (each a CSV of IDs and
+26 clinical columns, and a folder of one wav per ID), found with spaces or underscores in their names; every
+cell checked, every problem a `DataError` naming the file, the line, the ID and the column."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from replicate.task import DataError, listing
+
+CLASS_NAMES = ("Phonotrauma", "Incomplete glottic closure", "Vocal palsy", "Neoplasm", "Normal")  # labels 1-5
+LABEL_COLUMN = "Disease category"
+ID_COLUMN = "ID"
+SYMPTOMS = (
+    "Narrow pitch range",
+    "Decreased volume",
+    "Fatigue",
+    "Dryness",
+    "Lumping",
+    "heartburn",
+    "Choking",
+    "Eye dryness",
+    "PND",
+)
+COMORBIDITIES = ("Diabetes", "Hypertension", "CAD", "Head and Neck Cancer", "Head injury", "CVA")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One clinical column: its allowed values and whether an empty cell is allowed (then filled)."""
+
+    name: str
+    low: float
+    high: float
+    integer: bool = True
+    empty_allowed: bool = False
+
+
+# The 26 clinical columns in the competition's order (docs/aicup.md, "Data layout"). Codes are integers in
+# [low, high]; Age and PPD are numbers. The real header spells "Onset of dysphonia " with a trailing space:
+# names are matched after normalisation (`normalize_column`), and written here without it.
+FIELDS: tuple[Field, ...] = (
+    Field("Sex", 1, 2),
+    Field("Age", 0, 120, integer=False),
+    *(Field(name, 0, 1) for name in SYMPTOMS),
+    Field("Smoking", 0, 3),
+    Field("PPD", 0, 20, integer=False, empty_allowed=True),
+    Field("Drinking", 0, 2),
+    Field("frequency", 0, 3),
+    Field("Diurnal pattern", 1, 4),
+    Field("Onset of dysphonia", 1, 5),
+    Field("Noise at work", 1, 3),
+    Field("Occupational vocal demand", 1, 4),
+    *(Field(name, 0, 1) for name in COMORBIDITIES),
+    Field("Voice handicap index - 10", 0, 40, empty_allowed=True),
+)
+FIELD_NAMES = tuple(f.name for f in FIELDS)
+LABEL_FIELD = Field(LABEL_COLUMN, 1, len(CLASS_NAMES))
+
+
+def normalize_column(name: str) -> str:
+    """Column names compared case-, space- and dash-insensitively: "Onset of dysphonia " → "onset of dysphonia"."""
+    return re.sub(r"[\s_]+", " ", str(name).replace("\ufeff", "")).strip().lower()
+
+
+def normalize_file_name(name: str) -> str:
+    """File and folder names with spaces or underscores alike: "Training Dataset" → "training_dataset"."""
+    return re.sub(r"[\s_-]+", "_", name.strip()).lower()
+
+
+@dataclass
+class Split:
+    """One list of persons (training, public or private test) with their audio files and clinical fields.
+
+    Attributes:
+        name: "train", "public" or "private".
+        table: the CSV the rows come from.
+        ids: person IDs, in the table's order.
+        paths: the wav file of every ID.
+        clinical: the 26 clinical columns (canonical names), PPD and VHI-10 still empty where they were.
+        labels: disease categories 1-5 (training; test lists only where synthetic answers exist), else None.
+        empty_cells: column → number of empty cells (PPD, VHI-10), filled with 0 by the encoder.
+        extra_wavs: wav files in the audio folder without a row (ignored, counted in the report).
+    """
+
+    name: str
+    table: Path
+    ids: list[str]
+    paths: list[Path]
+    clinical: pd.DataFrame
+    labels: np.ndarray | None
+    empty_cells: dict[str, int] = field(default_factory=dict)
+    extra_wavs: int = 0
+
+
+@dataclass
+class AicupData:
+    root: Path
+    train: Split
+    tests: list[Split]  # public and/or private, those present
+
+
+# (table, audio folder, answers of synthetic data) of each split, as normalised names.
+LAYOUT = {
+    "train": ("training_datalist.csv", "training_voice_data", None),
+    "public": ("test_datalist_public.csv", "test_data_public", "test_answer_public.csv"),
+    "private": ("test_datalist_private.csv", "test_data_private", "test_answer_private.csv"),
+}
+
+
+def _find(root: Path, normalized: str, *, directory: bool, near: Path | None = None) -> Path | None:
+    """The file (or folder) whose normalised name matches: beside `near` if it is there, else the one in `root`
+    or one level down. Two candidates in the same search are an error (the loader cannot tell which is the data)."""
+
+    def matches(place: Path) -> list[Path]:
+        return [
+            candidate
+            for candidate in sorted(place.iterdir())
+            if normalize_file_name(candidate.name) == normalized
+            and (candidate.is_dir() if directory else candidate.is_file())
+        ]
+
+    searches = ([[near]] if near is not None else []) + [[root, *sorted(p for p in root.iterdir() if p.is_dir())]]
+    for places in searches:
+        found = [candidate for place in places for candidate in matches(place)]
+        if len(found) > 1:
+            raise DataError(
+                f"{root}: {normalized} is there {len(found)} times ({listing(map(str, found))}); keep one (or use "
+                "a data folder that holds one)"
+            )
+        if found:
+            return found[0]
+    return None
+
+
+def read_table(path: Path, *, labelled: bool) -> tuple[pd.DataFrame, np.ndarray | None, dict[str, int]]:
+    """A datalist CSV, every cell checked: (`ID` and the 26 clinical columns under their canonical names,
+    labels 1-5 if `labelled` (the training list) else None, the number of empty PPD / VHI-10 cells).
+
+    Raises:
+        DataError: unreadable file; missing, unknown or repeated columns (by name); duplicated or empty IDs;
+            an empty cell outside PPD / VHI-10, a non-number, a non-integer code or a value out of range,
+            naming the line, the ID and the column.
+    """
+    raw = _read_csv(path)
+    table = raw.rename(columns=_canonical_columns(path, raw.columns, labelled))
+    table = table.apply(lambda column: column.str.strip())
+    if len(table) == 0:
+        raise DataError(f"{path}: no rows")
+    ids = table[ID_COLUMN]
+    if (ids == "").any():
+        raise DataError(f"{path}: empty ID on line {_lines(table.index[ids == ''])}")
+    duplicated = ids[ids.duplicated()].unique().tolist()
+    if duplicated:
+        raise DataError(f"{path}: duplicated IDs {listing(duplicated)}")
+
+    clean = pd.DataFrame({ID_COLUMN: ids})
+    empty_cells = {}
+    for spec in FIELDS + ((LABEL_FIELD,) if labelled else ()):
+        values, empty = _check_column(path, table, spec)
+        clean[spec.name] = values
+        if spec.empty_allowed:
+            empty_cells[spec.name] = empty
+    labels = clean.pop(LABEL_COLUMN).to_numpy(dtype=np.int64) if labelled else None
+    return clean, labels, empty_cells
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """Every cell as text, empty cells as "" (not NaN): each is checked by its column's rule."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
+        raise DataError(f"{path}: not a readable CSV ({error})") from error
+
+
+def _canonical_columns(path: Path, columns: Sequence[str], labelled: bool) -> dict[str, str]:
+    """Each column of the file → its canonical name; missing, unknown or repeated columns are a `DataError`."""
+    expected = [ID_COLUMN, *FIELD_NAMES] + ([LABEL_COLUMN] if labelled else [])
+    by_normalized = {normalize_column(name): name for name in expected}
+    if not labelled:  # a test list may carry no label column; one that does is not an error
+        by_normalized.setdefault(normalize_column(LABEL_COLUMN), LABEL_COLUMN)
+    renames, unknown, seen = {}, [], {}
+    for column in columns:
+        canonical = by_normalized.get(normalize_column(column))
+        if canonical is None:
+            unknown.append(repr(column))
+        elif canonical in seen:
+            raise DataError(f"{path}: columns {seen[canonical]!r} and {column!r} are the same column {canonical!r}")
+        else:
+            seen[canonical] = column
+            renames[column] = canonical
+    missing = [name for name in expected if name not in seen]
+    problems = ([f"missing columns {', '.join(map(repr, missing))}"] if missing else []) + (
+        [f"unknown columns {', '.join(unknown)}"] if unknown else []
+    )
+    if problems:
+        raise DataError(f"{path}: {'; '.join(problems)} (expected the competition's {len(expected)} columns)")
+    return renames
+
+
+def _check_column(path: Path, table: pd.DataFrame, spec: Field) -> tuple[pd.Series, int]:
+    text = table[spec.name]
+    empty = text == ""
+    if empty.any() and not spec.empty_allowed:
+        raise DataError(f"{path}: empty {spec.name!r} on {_where(table, empty)}")
+    values = pd.to_numeric(text.where(~empty), errors="coerce")
+    bad = values.isna() & ~empty
+    if bad.any():
+        raise DataError(f"{path}: {spec.name!r} is not a number on {_where(table, bad)}")
+    if spec.integer:
+        fractional = (values % 1 != 0) & ~empty
+        if fractional.any():
+            raise DataError(f"{path}: {spec.name!r} must be a whole-number code on {_where(table, fractional)}")
+    out = ((values < spec.low) | (values > spec.high)) & ~empty
+    if out.any():
+        low, high = (int(spec.low), int(spec.high)) if spec.integer else (spec.low, spec.high)
+        raise DataError(
+            f"{path}: {spec.name!r} must be in {low}..{high}; {_where(table, out)} ({listing(text[out].tolist())})"
+        )
+    return values.astype(np.float64), int(empty.sum())
+
+
+def _lines(index) -> str:
+    return listing([int(row) + 2 for row in index])  # line 1 is the header
+
+
+def _where(table: pd.DataFrame, mask: pd.Series) -> str:
+    rows = table.index[mask]
+    return f"line {_lines(rows)} (ID {listing(table.loc[rows, ID_COLUMN].tolist())})"
+
+
+def match_files(folder: Path, ids: Sequence[str], table: Path) -> tuple[list[Path], int]:
+    """The wav file of every ID (IDs without one are an error listing them) and the number of extra wavs."""
+    on_disk = {path.stem: path for path in folder.iterdir() if path.suffix.lower() == ".wav"}
+    missing = [identifier for identifier in ids if identifier not in on_disk]
+    if missing:
+        raise DataError(f"{len(missing)} IDs of {table} have no {folder}/<ID>.wav: {listing(missing)}")
+    return [on_disk[identifier] for identifier in ids], len(set(on_disk) - set(ids))
+
+
+def load_split(root: Path, name: str, *, required: bool) -> Split | None:
+    """Find and read one split's table, audio folder and (synthetic data only) answers."""
+    table_name, folder_name, answers_name = LAYOUT[name]
+    table = _find(root, table_name, directory=False)
+    if table is None:
+        if required:
+            raise DataError(f"{root}: no {table_name} (also looked one folder down, spaces or underscores alike)")
+        return None
+    folder = _find(root, folder_name, directory=True, near=table.parent)
+    if folder is None:
+        raise DataError(f"{table}: its audio folder {folder_name}/ is not beside it nor in {root}")
+    clinical, labels, empty = read_table(table, labelled=name == "train")
+    ids = clinical[ID_COLUMN].tolist()
+    paths, extra = match_files(folder, ids, table)
+    if answers_name is not None:
+        answers_path = _find(root, answers_name, directory=False, near=table.parent)
+        if answers_path is not None:
+            labels = read_answers(answers_path, ids)
+    return Split(name, table, ids, paths, clinical, labels, empty, extra)
+
+
+def read_answers(path: Path, ids: Sequence[str]) -> np.ndarray:
+    """Labels of a test list from synthetic data's `ID,Disease category` answers, in the list's order."""
+    answers = _read_csv(path)
+    answers.columns = [normalize_column(c) for c in answers.columns]
+    if [normalize_column(ID_COLUMN), normalize_column(LABEL_COLUMN)] != list(answers.columns):
+        raise DataError(f"{path}: columns must be {ID_COLUMN!r}, {LABEL_COLUMN!r}")
+    answers = answers.rename(columns={"id": ID_COLUMN, "disease category": LABEL_COLUMN})
+    if sorted(answers[ID_COLUMN]) != sorted(ids):
+        raise DataError(f"{path}: IDs differ from those of its test list")
+    values, _ = _check_column(path, answers, LABEL_FIELD)
+    return values.set_axis(answers[ID_COLUMN]).loc[list(ids)].to_numpy(dtype=np.int64)
+
+
+def load_data(root: str | os.PathLike) -> AicupData:
+    """Read and check an AI CUP 2023 data folder: the training list and voices, and the public and private
+    test lists and voices where present (folders with spaces instead of underscores alike)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    train = load_split(root, "train", required=True)
+    tests = [split for name in ("public", "private") if (split := load_split(root, name, required=False))]
+    return AicupData(root, train, tests)
