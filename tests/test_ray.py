@@ -368,6 +368,44 @@ def test_arguments_travel_with_memory_maps_by_file_or_by_content_and_datasets_by
         ray_executor.pack_arguments({"validation_data": tf.data.Dataset.range(3).repeat()}, share_files=True)
 
 
+@pytest.mark.parametrize(
+    "name, generate",
+    [
+        ("maic", {"n_train": 14, "n_test": 6}),
+        ("aicup", {"n_train": 60, "n_public": 4, "n_private": 0}),  # a full batch of 32 after the split
+    ],
+)
+def test_every_tasks_groups_travel_to_the_workers(name, generate, tmp_path):
+    """What the runner gives `train_ensemble` for each group of MAIC and AI CUP (DACON's: the tests above)
+    packs, unpacks and reads a training batch as the workers do."""
+    import importlib
+
+    from replicate.task import Run
+
+    module = importlib.import_module(f"replicate.{name}")
+    importlib.import_module(f"replicate.synth.{name}").generate(tmp_path / "data", seed=2, progress=False, **generate)
+    task = module.TASK
+    recipe = task.load_recipe("quick", [f"run.cache_dir={str(tmp_path / 'cache')!r}"])
+    data = task.load(tmp_path / "data")
+    run = Run(task, recipe, tmp_path / "run", tmp_path / "data", progress=False, log=lambda line: None)
+    prepared = task.prepare(run, data)
+    groups = task.groups(run, data, prepared)
+    assert groups
+    for group in groups:
+        arguments = {
+            "build_model": group.build_model,
+            "train_data": group.train_data,
+            "validation_data": group.validation_data,
+            "member_callbacks": group.member_callbacks,
+            "metrics": group.metrics,
+        }
+        expected = next(iter(group.train_data(0, 1)))
+        unpacked = ray_executor.unpack_arguments(ray_executor.pack_arguments(arguments, share_files=True)[0])
+        batch = next(iter(unpacked["train_data"](0, 1)))  # the same batch, bit for bit
+        for part, expected_part in zip(keras.tree.flatten(batch), keras.tree.flatten(expected), strict=True):
+            np.testing.assert_array_equal(np.asarray(part), np.asarray(expected_part))
+
+
 def test_the_progress_bar_counts_every_members_finished_epochs():
     lines = []
     progress = ray_executor._Progress(3, 4, lines.append, show_bar=True)
