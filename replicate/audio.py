@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -97,3 +99,22 @@ def read_audio(
         padded, cropped = samples.shape[0] < num_samples, samples.shape[0] > num_samples
         samples = np.pad(samples[:num_samples], (0, max(0, num_samples - samples.shape[0])))
     return samples, AudioNotes(mixed, resampled, padded, cropped)
+
+
+def wav_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The files named, a folder standing for its .wav files (sorted by name); `AudioError` naming what is
+    not there."""
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(item.glob("*.wav"))
+            if not found:
+                raise AudioError(f"{item}: no .wav files in the folder")
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise AudioError(f"{item}: no such file or folder")
+    if not paths:
+        raise AudioError("no audio files given")
+    return paths

@@ -3,7 +3,7 @@ a string the data supply). The engine finds a run's hooks here from its manifest
 
 Adding a source: its package's `TASK` goes into `TASKS` below.
 
-MAIC, DCASE and AI CUP are still single modules with their own run (`run`, `write_report`); until each is
+MAIC and AI CUP are still single modules with their own run (`run`, `write_report`); until each is
 ported to the protocol, an `Unported` adapter gives the engine what it needs of them: the README's results
 block, model inputs for audio files where the module has them, and the benchmark member.
 """
@@ -55,11 +55,6 @@ class Unported(Task):
         return self._benchmark(recipe)
 
 
-def _frames(clip_samples: int, hop_length: int) -> int:
-    """Frames of a clip in librosa's centred STFT (what the recipes' features have)."""
-    return 1 + clip_samples // hop_length
-
-
 def _aicup_member(recipe: dict) -> BenchmarkMember:
     """The n_mfcc = 13 variant (the first of the five), multimodal as the recipe's default."""
     n_mfcc = recipe["features"]["n_mfcc"][0]
@@ -73,24 +68,12 @@ def _maic_member(recipe: dict) -> BenchmarkMember:
     return BenchmarkMember(functools.partial(maic.build_model, recipe, 21), recipe["train"])
 
 
-def _dcase_member(recipe: dict) -> BenchmarkMember:
-    """The integrated ArcFace model (41 IDs) on whole 10-s clips, its warm-restart schedule and logits loss."""
-    data, features = recipe["data"], recipe["features"]
-    frames = features["input_frames"] or _frames(data["clip_samples"], features["hop_length"])
-    margin = recipe["model"]["head"] != "softmax"
-    # 41 machine IDs in all (the integrated model classifies them all)
-    build = functools.partial(dcase.build_model, recipe, (features["n_mels"], frames, 1), 41)
-    # steps per epoch only set the schedule's period; any count gives the same step time
-    train = dcase.train_recipe_for(recipe, 100, finetune=False, margin=margin)["train"]
-    return BenchmarkMember(build, train, label_input="labels" if margin else "")
-
-
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         dacon.TASK,
         Unported(maic, _maic_member),
-        Unported(dcase, _dcase_member),
+        dcase.TASK,
         Unported(aicup, _aicup_member),
     )
 }

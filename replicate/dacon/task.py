@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from replicate import audio, files, metrics
 from replicate import features as feature_lib
-from replicate import files, metrics
 from replicate import recipe as recipe_lib
 from replicate.dacon import data as data_lib
 from replicate.dacon import report as report_lib
-from replicate.task import BenchmarkMember, DataError, Group, Prepared, Run, Task
+from replicate.task import BenchmarkMember, Group, Prepared, Run, Task
 
 INPUT = "log_mel"  # the model's input (models.dacon)
 EVALUATION_BATCH = 256  # rows per prediction batch
@@ -197,7 +197,7 @@ class DaconTask(Task):
 
     def predict(self, ensemble, inputs: Sequence[str]) -> pd.DataFrame:
         """Word shares of wav files (a folder stands for its wav files): `file` and one column per word."""
-        paths = wav_files(inputs)
+        paths = audio.wav_files(inputs)
         table = pd.DataFrame(
             ensemble.predict(self.inference_inputs(ensemble.manifest, paths)), columns=ensemble.class_names
         )
@@ -254,24 +254,6 @@ def inference_transform(manifest: dict) -> tuple[feature_lib.FeatureSpec, featur
     saved = manifest["recipe"]
     spec = feature_spec({"data": saved["data"], "features": {"pad_mode": "constant", **saved["features"]}})
     return spec, feature_lib.Normalizer.from_config(manifest["normalization"])
-
-
-def wav_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """The files named, a folder standing for its .wav files (sorted by name)."""
-    paths = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(item.glob("*.wav"))
-            if not found:
-                raise DataError(f"{item}: no .wav files in the folder")
-            paths += found
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise DataError(f"{item}: no such file or folder")
-    if not paths:
-        raise DataError("no audio files given")
-    return paths
 
 
 TASK = DaconTask()

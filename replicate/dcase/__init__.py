@@ -1,0 +1,59 @@
+"""DCASE 2020 Task 2 (anomalous machine sounds) by machine-ID classification: the task package.
+
+    python -m replicate.dcase --data /path/to/dcase2020                 # integrated ArcFace model, source recipe
+    python -m replicate.dcase --data ... --set model.head=cosface       # or model.head=softmax (bottleneck CE)
+    python -m replicate.dcase --data ... --set setup=per_machine        # six individual models
+    python -m replicate.dcase --data ... --set setup=finetune           # integrated + per-machine classifier
+    python -m replicate.dcase --data data/synth/dcase --profile quick   # the synthetic demo
+
+`data` reads and checks the official layout, `task` holds the hooks (`DcaseTask`: features, normalisation,
+the set-up's seed ensembles, the official files, inference), `members` what a member is (its data,
+schedule, selection, export and clip-level outputs), `scoring` the anomaly scores, AUC/pAUC and the
+official CSVs, `report` the report's parts; the engine (`replicate.runner`) runs them. docs/dcase.md
+describes the source and the recipe.
+"""
+
+from replicate.dcase.data import Clip, DcaseData, clip_to_score, load_data, parse_name, read_ground_truth
+from replicate.dcase.members import to_windows, window_starts
+from replicate.dcase.scoring import (
+    SCORE_METHODS,
+    evaluate_scores,
+    fit_reference,
+    read_result_csv,
+    reference_scores,
+    softmax_scores,
+    write_result_csv,
+    write_score_files,
+)
+from replicate.dcase.task import TASK, DcaseTask, build_model, feature_spec, mel_resolution
+from replicate.task import DataError
+
+load_recipe, run, main = TASK.load_recipe, TASK.run, TASK.main
+
+__all__ = [
+    "SCORE_METHODS",
+    "TASK",
+    "Clip",
+    "DataError",
+    "DcaseData",
+    "DcaseTask",
+    "build_model",
+    "clip_to_score",
+    "evaluate_scores",
+    "feature_spec",
+    "fit_reference",
+    "load_data",
+    "load_recipe",
+    "main",
+    "mel_resolution",
+    "parse_name",
+    "read_ground_truth",
+    "read_result_csv",
+    "reference_scores",
+    "run",
+    "softmax_scores",
+    "to_windows",
+    "window_starts",
+    "write_result_csv",
+    "write_score_files",
+]
