@@ -14,7 +14,7 @@ describes the source and the recipe.
 """
 
 from replicate.dcase.data import Clip, DcaseData, clip_to_score, load_data, parse_name, read_ground_truth
-from replicate.dcase.members import to_windows, window_starts
+from replicate.dcase.members import ensemble_scores, to_windows, window_starts
 from replicate.dcase.scoring import (
     SCORE_METHODS,
     evaluate_scores,
@@ -25,12 +25,13 @@ from replicate.dcase.scoring import (
     write_result_csv,
     write_score_files,
 )
-from replicate.dcase.task import TASK, DcaseTask, build_model, feature_spec, mel_resolution
+from replicate.dcase.task import LIBROSA_DEFINITION, TASK, DcaseTask, build_model, feature_spec, mel_resolution
 from replicate.task import DataError
 
 load_recipe, run, main = TASK.load_recipe, TASK.run, TASK.main
 
 __all__ = [
+    "LIBROSA_DEFINITION",
     "SCORE_METHODS",
     "TASK",
     "Clip",
@@ -39,6 +40,7 @@ __all__ = [
     "DcaseTask",
     "build_model",
     "clip_to_score",
+    "ensemble_scores",
     "evaluate_scores",
     "feature_spec",
     "fit_reference",
