@@ -231,6 +231,32 @@ def _clip(machine_type, machine_id, label, index):
     )
 
 
+def read_result_csv(path: Path) -> dict[str, dict[str, tuple[float, float]]]:
+    """Parse an official `result.csv` back: {machine type: {ID or "Average": (AUC, pAUC)}}, failing on any line
+    out of the format (per type its name, `id,AUC,pAUC`, one row per ID, `Average`, a blank line)."""
+    result: dict[str, dict[str, tuple[float, float]]] = {}
+    current = None
+    expect_header = False
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        cells = line.split(",")
+        if not line:
+            current = None
+        elif current is None:
+            if len(cells) != 1:
+                raise AssertionError(f"{path}, line {number}: expected a machine type, found {line!r}")
+            current, expect_header = cells[0], True
+            result[current] = {}
+        elif expect_header:
+            if cells != ["id", "AUC", "pAUC"]:
+                raise AssertionError(f"{path}, line {number}: expected the header id,AUC,pAUC, found {line!r}")
+            expect_header = False
+        else:
+            if len(cells) != 3:
+                raise AssertionError(f"{path}, line {number}: expected id,AUC,pAUC values, found {line!r}")
+            result[current][cells[0]] = (float(cells[1]), float(cells[2]))
+    return result
+
+
 def test_evaluation_result_csv_and_score_files_have_the_official_format(tmp_path):
     clips = [
         _clip(t, i, label, k) for t in ("fan", "pump") for i in ("00", "02") for k, label in enumerate([0, 0, 1, 1])
@@ -245,7 +271,7 @@ def test_evaluation_result_csv_and_score_files_have_the_official_format(tmp_path
     pauc = sk_metrics.roc_auc_score([0, 0, 1, 1], [0.1, 0.4, 0.3, 0.9], max_fpr=0.1)
     assert lines[:5] == ["fan", "id,AUC,pAUC", f"00,0.75,{pauc}", f"02,0.75,{pauc}", f"Average,0.75,{pauc}"]
     assert lines[5] == "" and lines[6] == "pump"
-    assert dcase.read_result_csv(tmp_path / "result.csv")["pump"]["Average"] == (0.75, pytest.approx(pauc))
+    assert read_result_csv(tmp_path / "result.csv")["pump"]["Average"] == (0.75, pytest.approx(pauc))
     written = dcase.write_score_files(tmp_path / "dev", clips, scores)
     assert sorted(path.name for path in written) == [
         "anomaly_score_fan_id_00.csv",
@@ -261,8 +287,8 @@ def test_evaluation_result_csv_and_score_files_have_the_official_format(tmp_path
         "anomaly_id_00_00000003.wav,0.90000000",
     ]
     (tmp_path / "bad.csv").write_text("fan\nid,AUC\n")
-    with pytest.raises(DataError, match=r"bad\.csv, line 2: expected the header id,AUC,pAUC"):
-        dcase.read_result_csv(tmp_path / "bad.csv")
+    with pytest.raises(AssertionError, match=r"bad\.csv, line 2: expected the header id,AUC,pAUC"):
+        read_result_csv(tmp_path / "bad.csv")
 
 
 def test_windows_cover_the_clip_and_scores_rank_outliers():
@@ -311,6 +337,7 @@ def test_recipe_is_the_source_by_default_and_setup_is_an_alias():
         dcase.load_recipe(overrides=["features.mel_scale=mel"])
     assert dcase.load_recipe(overrides=["setup=per_machine"])["train"]["setup"] == "per_machine"
     assert dcase.load_recipe(overrides=["model.head=cosface"])["model"]["head"] == "cosface"
+    assert dcase.load_recipe(overrides=["train.precision=mixed_bfloat16"])["train"]["precision"] == "mixed_bfloat16"
     with pytest.raises(RecipeError, match=r"train.setup = 'both': must be one of"):
         dcase.load_recipe(overrides=["setup=both"])
     with pytest.raises(RecipeError, match=r"model.head = 'sphere': must be one of"):
@@ -412,7 +439,7 @@ def test_tiny_run_writes_official_files_and_members_that_load_alone(one_type_dat
         "result.csv",
     ]
     assert len((run_dir / "eval" / "anomaly_score_valve_id_01.csv").read_text().splitlines()) == 6
-    parsed = dcase.read_result_csv(run_dir / "dev" / "result.csv")
+    parsed = read_result_csv(run_dir / "dev" / "result.csv")
     assert sorted(parsed) == ["valve"] and sorted(parsed["valve"]) == ["00", "Average"]
     assert scores["final_group"] == setup and sorted(scores["groups"][setup]["dev"]) == sorted(dcase.SCORE_METHODS)
     for name in ("report.md", "roc_dev.png", "embeddings_dev.png", "training_curves.png"):

@@ -62,41 +62,43 @@ class DcaseData:
         return [name for name in self.class_names if name.split("/")[0] in machine_types]
 
 
-def parse_name(path: Path, *, labelled: bool) -> tuple[int | None, str]:
+EXPECTED_NAMES = {
+    True: "normal_id_<ID>_<index>.wav or anomaly_id_…",
+    False: "id_<ID>_<index>.wav (evaluation test files)",
+    None: "normal_id_<ID>_<index>.wav, anomaly_id_… or id_<ID>_<index>.wav",
+}
+
+
+def parse_name(path: Path, *, labelled: bool | None) -> tuple[int | None, str]:
     """(label, machine ID) from a file name alone: `normal_id_00_00000012.wav` → (0, "00").
 
     Args:
         path: the file; only its name is parsed (directories such as `id_03/` are ignored).
-        labelled: the name must carry `normal_`/`anomaly_` (train and dev test); else `id_XX_n.wav` (eval test).
+        labelled: the name must carry `normal_`/`anomaly_` (train and dev test); False: `id_XX_n.wav` (eval
+            test); None: either (a clip given for scoring).
 
     Raises:
         DataError: the name does not have the official form (a two-digit ID among them).
     """
     name = Path(path).name
-    if labelled:
-        match = LABELLED_NAME.match(name)
-        if not match:
-            raise DataError(f"{path}: file name does not parse; expected normal_id_<ID>_<index>.wav or anomaly_id_…")
+    match = LABELLED_NAME.match(name) if labelled is not False else None
+    if match:
         label, machine_id = (1 if match.group(1) == "anomaly" else 0), match.group(2)
-    else:
-        match = EVAL_TEST_NAME.match(name)
-        if not match:
-            raise DataError(f"{path}: file name does not parse; evaluation test files are named id_<ID>_<index>.wav")
+    elif labelled is not True and (match := EVAL_TEST_NAME.match(name)):
         label, machine_id = None, match.group(1)
+    else:
+        raise DataError(f"{path}: file name does not parse; expected {EXPECTED_NAMES[labelled]}")
     if len(machine_id) != 2:  # "id_0" beside "id_00" would be two IDs of one machine
         raise DataError(f"{path}: machine ID {machine_id!r} must have two digits, as in the official layout (id_00)")
     return label, machine_id
 
 
 def clip_to_score(path: Path, machine_types: Sequence[str]) -> Clip:
-    """A clip given for scoring: its machine ID from its file name (`normal_id_00_…`, `anomaly_id_00_…` or
-    `id_00_…`), its machine type from the nearest of the two folders above it that names one of
-    `machine_types` (`<type>/test/<file>` in the official layout, or `<type>/<file>`)."""
+    """A clip given for scoring: its machine ID from its file name, its machine type from the nearest of the
+    two folders above it that names one of `machine_types` (`<type>/test/<file>` in the official layout, or
+    `<type>/<file>`)."""
     path = Path(path)
-    if not (LABELLED_NAME.match(path.name) or EVAL_TEST_NAME.match(path.name)):
-        expected = "normal_id_<ID>_<index>.wav, anomaly_id_… or id_<ID>_<index>.wav"
-        raise DataError(f"{path}: file name does not parse; expected {expected}")
-    label, machine_id = parse_name(path, labelled=bool(LABELLED_NAME.match(path.name)))
+    label, machine_id = parse_name(path, labelled=None)
     machine_type = next((folder.name for folder in path.parents[:2] if folder.name in machine_types), None)
     if machine_type is None:
         raise DataError(

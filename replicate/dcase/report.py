@@ -4,8 +4,6 @@ and score method, and the features' facts."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 from replicate import report
@@ -45,51 +43,28 @@ def headline(scores: dict, recipe: dict) -> str:
     )
 
 
-def _mean_std_percent(values: Sequence[float]) -> str:
-    values = 100 * np.asarray(values, dtype=np.float64)
-    return f"{values[0]:.2f}" if values.size == 1 else f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
-
-
 def results(run: Run) -> ResultsTable:
     """The source's reported numbers (and the official baseline's) beside ours: single members and the
     ensemble, by the run's score method and the source's softmax score, on each labelled test split."""
     recipe, scores = run.recipe, run.scores
-    baseline = recipe["source"]["baseline_dev"]
+    baseline = np.array(list(recipe["source"]["baseline_dev"].values()))
     rows = [
-        (
-            "source: official baseline (autoencoder)",
-            "real data, development",
-            f"{np.mean([v[0] for v in baseline.values()]):.2f}",
-            f"{np.mean([v[1] for v in baseline.values()]):.2f}",
-        )
+        ("source: official baseline (autoencoder)", "real data, development", *(f"{v:.2f}" for v in baseline.mean(0)))
     ]
     for entry in recipe["source"]["reported"]:
-        for split in ("dev", "eval"):
-            where = f"real data, {SPLIT_NAMES[split]}"
-            rows.append(
-                (f"source: {entry['what']}", where, f"{entry[f'{split}_auc']:.2f}", f"{entry[f'{split}_pauc']:.2f}")
-            )
+        for split, name in SPLIT_NAMES.items():
+            values = (entry[f"{split}_auc"], entry[f"{split}_pauc"])
+            rows.append((f"source: {entry['what']}", f"real data, {name}", *(f"{v:.2f}" for v in values)))
     shown = [scores["method"]] + (["softmax"] if scores["method"] != "softmax" else [])  # the source's score too
     for group, group_scores in scores["groups"].items():
-        for split, method in ((split, method) for split in ("dev", "eval") for method in shown):
-            if split not in group_scores:
-                continue
+        for split, method in ((split, method) for split in SPLIT_NAMES for method in shown if split in group_scores):
             result, where = group_scores[split][method], f"our synthetic data, {SPLIT_NAMES[split]} test"
             label = f"ours: {GROUP_TITLES[group]} ({recipe['model']['head']}, {method} score)"
-            members = result["members"]
-            rows.append(
-                (
-                    f"{label}, single member",
-                    where,
-                    _mean_std_percent([m["mean_auc"] for m in members]),
-                    _mean_std_percent([m["mean_pauc"] for m in members]),
-                )
-            )
-            ensemble = result["ensemble"]
-            rows.append(
-                (f"{label}, {len(members)}-member average", where)
-                + (f"{100 * ensemble['mean_auc']:.2f}", f"{100 * ensemble['mean_pauc']:.2f}")
-            )
+            members, ensemble = result["members"], result["ensemble"]
+            single = [report.mean_std([100 * m[key] for m in members], digits=2) for key in ("mean_auc", "mean_pauc")]
+            rows.append((f"{label}, single member", where, *single))
+            average = (f"{100 * ensemble['mean_auc']:.2f}", f"{100 * ensemble['mean_pauc']:.2f}")
+            rows.append((f"{label}, {len(members)}-member average", where, *average))
     final = scores["groups"][scores["final_group"]]
     return ResultsTable(
         headers=("model", "data", "AUC", "pAUC"),

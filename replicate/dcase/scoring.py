@@ -197,28 +197,3 @@ def write_result_csv(path: Path, evaluation: dict) -> Path:
         lines += [f"{machine_id},{item['auc']},{item['pauc']}" for machine_id, item in values["ids"].items()]
         lines += [f"Average,{values['auc']},{values['pauc']}", ""]
     return files.write_text(path, "\n".join(lines) + "\n")
-
-
-def read_result_csv(path: Path) -> dict[str, dict[str, tuple[float, float]]]:
-    """Parse a `result.csv` back: {machine type: {ID or "Average": (AUC, pAUC)}}; a malformed file is an error."""
-    result: dict[str, dict[str, tuple[float, float]]] = {}
-    current = None
-    expect_header = False
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        cells = line.split(",")
-        if not line:
-            current = None
-        elif current is None:
-            if len(cells) != 1:
-                raise DataError(f"{path}, line {number}: expected a machine type, found {line!r}")
-            current, expect_header = cells[0], True
-            result[current] = {}
-        elif expect_header:
-            if cells != ["id", "AUC", "pAUC"]:
-                raise DataError(f"{path}, line {number}: expected the header id,AUC,pAUC, found {line!r}")
-            expect_header = False
-        else:
-            if len(cells) != 3:
-                raise DataError(f"{path}, line {number}: expected id,AUC,pAUC values, found {line!r}")
-            result[current][cells[0]] = (float(cells[1]), float(cells[2]))
-    return result
