@@ -61,15 +61,8 @@ class DaconTask(Task):
     description = "DACON overlapping-speech 3rd-place solution: features, seed ensemble, submission, report."
     data_help = "train/, test/, train_answer.csv, submission.csv"
     rules = {
-        "data.sample_rate": recipe_lib.positive,
-        "data.clip_samples": recipe_lib.positive,
-        "features.n_fft": recipe_lib.positive,
+        **feature_lib.MEL_POWER_RULES,
         "features.win_length": recipe_lib.positive,
-        "features.hop_length": recipe_lib.positive,
-        "features.n_mels": recipe_lib.positive,
-        "features.pad_mode": recipe_lib.one_of(*feature_lib.PAD_MODES),
-        "features.top_db": recipe_lib.positive,
-        "features.db_reference": recipe_lib.one_of("global", "per_clip"),
         "features.normalization": recipe_lib.one_of("train_test", "train"),
         "model.dropout": recipe_lib.fraction,
         "model.dense_units": recipe_lib.positive,

@@ -102,17 +102,10 @@ class DcaseTask(Task):
     description = "DCASE 2020 Task 2 machine-ID classifier (ResNet-50 + ArcFace): scores, official CSVs, report."
     data_help = "dev_data/<type>/{train,test}/ and optionally eval_data/<type>/{train,test}/"
     rules = {
-        "data.sample_rate": recipe_lib.positive,
-        "data.clip_samples": recipe_lib.positive,
-        "features.n_fft": recipe_lib.positive,
-        "features.hop_length": recipe_lib.positive,
-        "features.n_mels": recipe_lib.positive,
-        "features.pad_mode": recipe_lib.one_of(*feature_lib.PAD_MODES),
+        **feature_lib.MEL_POWER_RULES,
         "features.mel_scale": recipe_lib.one_of(*feature_lib.MEL_SCALES),
         "features.mel_norm": recipe_lib.one_of(*feature_lib.MEL_NORMS),
         "features.input_frames": recipe_lib.non_negative,
-        "features.top_db": recipe_lib.positive,
-        "features.db_reference": recipe_lib.one_of("global", "per_clip"),
         "model.head": recipe_lib.one_of(*HEADS),
         "model.scale": recipe_lib.positive,
         "model.margin": recipe_lib.non_negative,
