@@ -1,19 +1,12 @@
 """DCASE 2020 Task 2 (anomalous machine sounds) by machine-ID classification: the task package.
 
-    python -m replicate.dcase --data /path/to/dcase2020                 # integrated ArcFace model, source recipe
-    python -m replicate.dcase --data ... --set model.head=cosface       # or model.head=softmax (bottleneck CE)
-    python -m replicate.dcase --data ... --set setup=per_machine        # six individual models
-    python -m replicate.dcase --data ... --set setup=finetune           # integrated + per-machine classifier
-    python -m replicate.dcase --data data/synth/dcase --profile quick   # the synthetic demo
-
-`data` reads and checks the official layout, `task` holds the hooks (`DcaseTask`: features, normalisation,
-the set-up's seed ensembles, the official files, inference), `members` what a member is (its data,
-schedule, selection, export and clip-level outputs), `scoring` the anomaly scores, AUC/pAUC and the
-official CSVs, `report` the report's parts; the engine (`replicate.runner`) runs them. docs/dcase.md
-describes the source and the recipe.
+`data` reads and checks the official layout, `task` holds the hooks (`DcaseTask`), `members` what a member
+is (its data, schedule, selection, export and clip-level outputs), `scoring` the anomaly scores, AUC/pAUC and
+the official CSVs, `report` the report's parts; the engine (`replicate.runner`) runs them. docs/dcase.md
+describes the source, the recipe and the command line (`python -m replicate.dcase`).
 """
 
-from replicate.dcase.data import Clip, DcaseData, clip_to_score, load_data, parse_name, read_ground_truth
+from replicate.dcase.data import Clip, DcaseData, load_data, parse_name
 from replicate.dcase.members import ensemble_scores, to_windows, window_starts
 from replicate.dcase.scoring import (
     SCORE_METHODS,
@@ -38,7 +31,6 @@ __all__ = [
     "DcaseData",
     "DcaseTask",
     "build_model",
-    "clip_to_score",
     "ensemble_scores",
     "evaluate_scores",
     "feature_spec",
@@ -48,7 +40,6 @@ __all__ = [
     "main",
     "mel_resolution",
     "parse_name",
-    "read_ground_truth",
     "reference_scores",
     "run",
     "softmax_scores",

@@ -58,19 +58,10 @@ def clip_outputs(
     rows: np.ndarray | None = None,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """Clip-level outputs: the mean over each clip's windows of what `predict` gives for them.
-
-    Args:
-        predict: windows → a list of arrays whose second-to-last axis runs over the windows: (windows, width)
-            of one model, or (members, windows, width) of an ensemble.
-        inputs: (clips, mels, T, 1) model inputs, or mel power with `transform` (a memmap is read in chunks).
-        frames: the models' input frames.
-        rows: the clips to use, default all.
-        transform: applied to each chunk of clips (the run's `Normalizer`), or None.
-
-    Returns:
-        `predict`'s arrays with the clips in place of the windows: (..., clips, width).
-    """
+    """Clip-level outputs: the mean over each clip's windows of what `predict` (windows → a list of arrays,
+    (windows, width) of one model or (members, windows, width) of an ensemble) gives for them, as (..., clips,
+    width). `inputs` (clips, mels, T, 1) are read in chunks (a memmap), the clips `rows` (default all), each
+    chunk through `transform` (the run's `Normalizer`) if given."""
     rows = np.arange(len(inputs)) if rows is None else rows
     chunks = []
     for start in range(0, len(rows), CLIP_CHUNK):
@@ -100,17 +91,9 @@ def ensemble_scores(
     references: Mapping[str, Sequence[dict]],
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Each member's anomaly scores of the clips `rows` of `inputs` by every method of `references`.
-
-    Args:
-        ensemble: the members (an `Ensemble` of one group, whose classes `class_indices` index).
-        inputs, frames, rows, transform: as for `clip_outputs`.
-        class_indices: each clip's class (machine ID) in the group's classes.
-        references: score method → one `scoring.fit_reference` per member ("softmax": anything).
-
-    Returns:
-        ({method: (members, clips) scores}, the members' clip embeddings (members, clips, width) or None).
-    """
+    """({method: (members, clips) scores} of the clips `rows` of `inputs`, the members' clip embeddings or
+    None) of a group's members by every method of `references` (method → one `scoring.fit_reference` per
+    member), each clip scored against its class `class_indices` (machine ID, in the group's classes)."""
     names = ["probabilities"] * ("softmax" in references) + ["embedding"] * bool(set(references) - {"softmax"})
     arrays = clip_outputs(ensemble_outputs(ensemble, names), inputs, frames, rows, transform)
     outputs = dict(zip(names, arrays, strict=True))
@@ -128,33 +111,27 @@ def ensemble_scores(
     return scores, outputs.get("embedding")
 
 
-class LiveOutputs:
-    """Class probabilities and embeddings of a model being trained (its current weights, no labels input)."""
+class LiveProbabilities:
+    """Class probabilities of a model being trained, from its current weights: a margin model's are the
+    softmax of its plain cosine logits (the margin needs the labels, which scoring does not have)."""
 
     def __init__(self, model):
         import keras
 
-        self.model = model
-        inputs = model.get_layer("log_mel").output
-        embedding = model.get_layer("embedding").output
-        self.margin = is_margin_model(model)
-        outputs = [embedding] if self.margin else [model.get_layer("probabilities").output, embedding]
-        self.network = keras.Model(inputs, outputs)
+        self.margin = any(layer.name == "labels" for layer in model.layers)
+        output = model.get_layer("embedding" if self.margin else "probabilities").output
+        self.network = keras.Model(model.get_layer("log_mel").output, output)
+        self.classifier = model.get_layer("classifier") if self.margin else None
 
     def __call__(self, inputs: np.ndarray) -> list[np.ndarray]:
         import keras
 
         outputs = self.network.predict(inputs, batch_size=PREDICT_BATCH, verbose=0)
         if not self.margin:
-            return [outputs[0], outputs[1]]
-        embedding = outputs[0] if isinstance(outputs, list) else outputs
-        logits = keras.ops.convert_to_numpy(self.model.get_layer("classifier")(embedding))
+            return [outputs]
+        logits = keras.ops.convert_to_numpy(self.classifier(outputs))
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return [shifted / shifted.sum(axis=1, keepdims=True), embedding]
-
-
-def is_margin_model(model) -> bool:
-    return any(layer.name == "labels" for layer in model.layers)
+        return [shifted / shifted.sum(axis=1, keepdims=True)]
 
 
 def dev_score_callback(clips, labels, class_indices, power, normalizer, frames, max_fpr, every):
@@ -162,7 +139,7 @@ def dev_score_callback(clips, labels, class_indices, power, normalizer, frames, 
     from replicate import train
 
     def score(model):
-        probabilities, _ = clip_outputs(LiveOutputs(model), power, frames, transform=normalizer)
+        [probabilities] = clip_outputs(LiveProbabilities(model), power, frames, transform=normalizer)
         result = scoring.evaluate_scores(clips, labels, scoring.softmax_scores(probabilities, class_indices), max_fpr)
         total = sum(value["auc"] + value["pauc"] for value in result["types"].values())
         return {"dev_auc": result["mean_auc"], "dev_pauc": result["mean_pauc"], "dev_score": total}

@@ -35,20 +35,11 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
 def fit_reference(
     method: str, embeddings: np.ndarray, class_indices: np.ndarray, score_recipe: Mapping, seed: int = 0
 ) -> dict[int, dict[str, np.ndarray]]:
-    """What `method` keeps of the normal training embeddings, per class (machine ID).
-
-    Args:
-        method: "softmax" (keeps nothing), "centroid" (the normalised mean of the unit embeddings),
-            "gmm" (a diagonal GaussianMixture of `score_recipe["gmm_components"]` components: its weights,
-            means, covariances and precisions' Cholesky factors) or "lof" (the embeddings themselves, which
-            LocalOutlierFactor compares new ones with, and its neighbour count).
-        embeddings, class_indices: the training clips' embeddings and their classes.
-        score_recipe: the recipe's `score` table (gmm_components, lof_neighbors).
-        seed: the GaussianMixture's random_state (the member's seed).
-
-    Raises:
-        DataError: LOF with a class of fewer than two training clips.
-    """
+    """What `method` keeps of the training clips' embeddings, per class (machine ID): nothing ("softmax"), the
+    normalised mean of the unit embeddings ("centroid"), a diagonal GaussianMixture's fitted arrays ("gmm",
+    `score_recipe["gmm_components"]` components, random_state `seed`) or the embeddings themselves and the
+    neighbour count that LocalOutlierFactor compares new ones with ("lof"; `DataError` for a class of fewer
+    than two clips)."""
     from sklearn.mixture import GaussianMixture
 
     if method not in SCORE_METHODS:

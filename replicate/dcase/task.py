@@ -90,8 +90,9 @@ def model_groups(setup: str, machine_types: Sequence[str]) -> dict[str, list[tup
     return {"integrated": integrated, setup: per_type} if setup == "finetune" else {setup: per_type}
 
 
-def rows_of(clips: Sequence[data_lib.Clip], index_of: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(the rows of the clips of these classes, each one's class index)."""
+def rows_of(clips: Sequence[data_lib.Clip], class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(the rows of the clips of these classes, each one's index in `class_names`)."""
+    index_of = {name: index for index, name in enumerate(class_names)}
     rows = np.array([i for i, clip in enumerate(clips) if clip.class_name in index_of], dtype=np.int64)
     return rows, np.array([index_of[clips[i].class_name] for i in rows], dtype=np.int64)
 
@@ -209,9 +210,8 @@ class DcaseTask(Task):
 
     def _group(self, run: Run, data, arrays: Arrays, name: str, types: list[str], family: str) -> Group:
         recipe, class_names = run.recipe, data.class_names_of(types)
-        index_of = {class_name: index for index, class_name in enumerate(class_names)}
-        rows, class_indices = rows_of(data.train, index_of)
-        dev_rows, dev_indices = rows_of(data.dev_test, index_of)
+        rows, class_indices = rows_of(data.train, class_names)
+        dev_rows, dev_indices = rows_of(data.dev_test, class_names)
         dev_clips = [data.dev_test[i] for i in dev_rows]
         dev_labels = np.array([clip.label for clip in dev_clips])
         dev_power = arrays.dev_power if name == "integrated" else arrays.dev_power[dev_rows]
@@ -336,8 +336,7 @@ class DcaseTask(Task):
 
         ensemble = Ensemble.load(run.run_dir, groups=[name])
         class_names = data.class_names_of(types)
-        index_of = {class_name: index for index, class_name in enumerate(class_names)}
-        rows, class_indices = rows_of(data.train, index_of)
+        rows, class_indices = rows_of(data.train, class_names)
         [train_embeddings] = clip_outputs(
             ensemble_outputs(ensemble, ["embedding"]), arrays.train_power, arrays.frames, rows, arrays.normalizer
         )
@@ -359,7 +358,7 @@ class DcaseTask(Task):
             ("dev", data.dev_test, arrays.dev_power),
             ("eval", data.eval_test, arrays.eval_power),
         ):
-            rows, class_indices = rows_of(clips, index_of)
+            rows, class_indices = rows_of(clips, class_names)
             if len(rows):  # a machine type may have no evaluation test clips
                 splits[split] = (
                     rows,
@@ -407,7 +406,7 @@ class DcaseTask(Task):
         features = self.inference_inputs(manifest, [clip.path for clip in clips])
         method, scores = manifest["preprocessing"]["score"]["method"], np.full(len(clips), np.nan)
         for name, group in manifest["groups"].items():
-            rows, class_indices = rows_of(clips, {n: index for index, n in enumerate(group["class_names"])})
+            rows, class_indices = rows_of(clips, group["class_names"])
             loaded = [k for k, entry in enumerate(manifest["members"]) if entry["group"] == name]
             if not len(rows):
                 continue
