@@ -13,7 +13,7 @@ drift, missing or extra harmonics.
     ToyCar       motor whine (harmonic) whose pitch follows load changes, plus gear noise
     ToyConveyor  belt rumble (low-passed noise), belt-joint thumps and motor hum
 
-Layout written (the official names; see docs/dcase.md, "Data layout")::
+Layout written (the official DCASE 2020 Task 2 names; docs/dcase.md describes the layout)::
 
     out_dir/dev_data/<type>/train/normal_id_<ID>_<8 digits>.wav
     out_dir/dev_data/<type>/test/normal_id_<ID>_<8 digits>.wav, anomaly_id_<ID>_<8 digits>.wav
