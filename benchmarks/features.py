@@ -1,6 +1,6 @@
 """Features benchmark: DACON wav files → features, the source's way against ours, on the same files.
 
-The source's way (its blog post, ../shared/seeds/dacon_overlap_3rd_place.md, "Preprocessing"): load every
+The source's way (its blog post's "Preprocessing" section; docs/dacon.md): load every
 file with librosa, then for each of the 4 resolutions compute one clip's mel spectrogram at a time in one
 process, stack, and convert the whole array to dB with `ref=np.max`. Ours: `features.cached_features`
 (`features.melspectrogram` on chunks of clips in worker threads, written to the on-disk cache), then the
