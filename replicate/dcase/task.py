@@ -67,17 +67,8 @@ def build_model(recipe: dict, input_shape: tuple[int, int, int], num_classes: in
     model = recipe["model"]
     if model["head"] == "softmax":
         return dcase_models.build_resnet50_softmax(input_shape, num_classes, model["blocks"], model["width"])
-    return dcase_models.build_ir_resnet50_margin(
-        input_shape,
-        num_classes,
-        margin_type=model["head"],
-        scale=model["scale"],
-        margin=model["margin"],
-        embedding_dim=model["embedding_dim"],
-        dropout=model["dropout"],
-        blocks=model["blocks"],
-        width=model["width"],
-    )
+    options = {key: model[key] for key in ("scale", "margin", "embedding_dim", "dropout", "blocks", "width")}
+    return dcase_models.build_ir_resnet50_margin(input_shape, num_classes, margin_type=model["head"], **options)
 
 
 def model_groups(setup: str, machine_types: Sequence[str]) -> dict[str, list[tuple[str, list[str]]]]:
