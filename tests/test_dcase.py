@@ -17,6 +17,18 @@ from threadpoolctl import threadpool_limits
 
 from replicate import dcase, files, metrics
 from replicate.audio import read_audio
+from replicate.dcase.data import Clip, parse_name
+from replicate.dcase.members import ensemble_scores, to_windows, window_starts
+from replicate.dcase.scoring import (
+    SCORE_METHODS,
+    evaluate_scores,
+    fit_reference,
+    reference_scores,
+    softmax_scores,
+    write_result_csv,
+    write_score_files,
+)
+from replicate.dcase.task import LIBROSA_DEFINITION, feature_spec, mel_resolution
 from replicate.features import FeatureCacheError, MelResolution, Normalizer, melspectrogram
 from replicate.recipe import RecipeError
 from replicate.task import DataError
@@ -60,9 +72,9 @@ def _copy(tiny_data: Path, tmp_path: Path) -> Path:
 
 def test_ids_and_labels_come_from_the_file_name_only():
     tricky = Path("/data/id_03/normal_id_05/dev_data/fan/test/anomaly_id_02_00000001.wav")
-    assert dcase.parse_name(tricky, labelled=True) == (1, "02")
-    assert dcase.parse_name(Path("/x/anomaly_id_07/normal_id_00_00000123.wav"), labelled=True) == (0, "00")
-    assert dcase.parse_name(Path("/normal_id_01/id_05_00000003.wav"), labelled=False) == (None, "05")
+    assert parse_name(tricky, labelled=True) == (1, "02")
+    assert parse_name(Path("/x/anomaly_id_07/normal_id_00_00000123.wav"), labelled=True) == (0, "00")
+    assert parse_name(Path("/normal_id_01/id_05_00000003.wav"), labelled=False) == (None, "05")
     for name, labelled in (
         ("normal_00_00000001.wav", True),
         ("id_05_00000003.wav", True),
@@ -70,13 +82,13 @@ def test_ids_and_labels_come_from_the_file_name_only():
         ("normal_id_05_00000003.wav", False),
     ):
         with pytest.raises(DataError, match="does not parse"):
-            dcase.parse_name(Path("/d") / name, labelled=labelled)
+            parse_name(Path("/d") / name, labelled=labelled)
 
 
 def test_machine_ids_have_two_digits(tiny_data, tmp_path):
     for name, labelled in (("normal_id_0_00000003.wav", True), ("id_123_00000003.wav", False)):
         with pytest.raises(DataError, match=r"machine ID '(0|123)' must have two digits, as in the official layout"):
-            dcase.parse_name(Path("/d") / name, labelled=labelled)
+            parse_name(Path("/d") / name, labelled=labelled)
     root = _copy(tiny_data, tmp_path)
     shutil.copy(root / "dev_data/fan/train/normal_id_00_00000000.wav", root / "dev_data/fan/train/normal_id_0_3.wav")
     with pytest.raises(DataError, match=r"fan/train/normal_id_0_3\.wav: machine ID '0' must have two digits"):
@@ -126,7 +138,7 @@ def test_non_finite_member_outputs_name_the_seed_before_any_score(one_type_data,
     with pytest.raises(
         PredictionError, match=rf"{re.escape(str(tmp_path))}: the member\(s\) of seed\(s\) 9 predict NaN"
     ):
-        dcase.ensemble_scores(ensemble, power, 6, rows, classes, {"softmax": [{}], "centroid": [{}]})
+        ensemble_scores(ensemble, power, 6, rows, classes, {"softmax": [{}], "centroid": [{}]})
 
 
 def test_layout_is_read_with_types_ids_labels_and_ground_truth(tiny_data):
@@ -199,7 +211,7 @@ def test_unreadable_or_wrongly_sampled_audio_stops_the_run_with_its_name(tiny_da
         "quick", [f"run.cache_dir='{tmp_path / 'cache'}'", "data.clip_samples=8000", "run.workers=1"]
     )
     with pytest.raises(FeatureCacheError, match=message):
-        dcase.feature_spec(recipe).cached(
+        feature_spec(recipe).cached(
             [clip.path for clip in data.train], cache_dir=tmp_path / "cache", name="train", workers=1, progress=False
         )
 
@@ -226,9 +238,7 @@ def test_pauc_equals_sklearn_and_the_mcclish_formula():
 
 def _clip(machine_type, machine_id, label, index):
     prefix = {0: "normal_", 1: "anomaly_", None: ""}[label]
-    return dcase.Clip(
-        Path(f"/d/{prefix}id_{machine_id}_{index:08d}.wav"), machine_type, machine_id, label, "dev", "test"
-    )
+    return Clip(Path(f"/d/{prefix}id_{machine_id}_{index:08d}.wav"), machine_type, machine_id, label, "dev", "test")
 
 
 def read_result_csv(path: Path) -> dict[str, dict[str, tuple[float, float]]]:
@@ -263,16 +273,16 @@ def test_evaluation_result_csv_and_score_files_have_the_official_format(tmp_path
     ]
     labels = np.array([clip.label for clip in clips])
     scores = np.array([0.1, 0.4, 0.3, 0.9] * 4)
-    evaluation = dcase.evaluate_scores(clips, labels, scores, 0.1)
+    evaluation = evaluate_scores(clips, labels, scores, 0.1)
     assert evaluation["types"]["fan"]["ids"]["00"]["auc"] == pytest.approx(0.75)
     assert evaluation["mean_auc"] == pytest.approx(0.75)
-    dcase.write_result_csv(tmp_path / "result.csv", evaluation)
+    write_result_csv(tmp_path / "result.csv", evaluation)
     lines = (tmp_path / "result.csv").read_text().splitlines()
     pauc = sk_metrics.roc_auc_score([0, 0, 1, 1], [0.1, 0.4, 0.3, 0.9], max_fpr=0.1)
     assert lines[:5] == ["fan", "id,AUC,pAUC", f"00,0.75,{pauc}", f"02,0.75,{pauc}", f"Average,0.75,{pauc}"]
     assert lines[5] == "" and lines[6] == "pump"
     assert read_result_csv(tmp_path / "result.csv")["pump"]["Average"] == (0.75, pytest.approx(pauc))
-    written = dcase.write_score_files(tmp_path / "dev", clips, scores)
+    written = write_score_files(tmp_path / "dev", clips, scores)
     assert sorted(path.name for path in written) == [
         "anomaly_score_fan_id_00.csv",
         "anomaly_score_fan_id_02.csv",
@@ -292,22 +302,22 @@ def test_evaluation_result_csv_and_score_files_have_the_official_format(tmp_path
 
 
 def test_windows_cover_the_clip_and_scores_rank_outliers():
-    assert dcase.window_starts(313, 313) == [0]
-    assert dcase.window_starts(313, 100) == [0, 100, 200, 213]
+    assert window_starts(313, 313) == [0]
+    assert window_starts(313, 100) == [0, 100, 200, 213]
     batch = np.arange(2 * 3 * 10, dtype=np.float32).reshape(2, 3, 10, 1)
-    windows = dcase.to_windows(batch, 4)
+    windows = to_windows(batch, 4)
     assert windows.shape == (2 * 3, 3, 4, 1)
     np.testing.assert_array_equal(windows[2], batch[0, :, 6:10])
-    assert dcase.to_windows(batch, 12).shape == (2, 3, 12, 1)  # shorter clips are zero-padded
+    assert to_windows(batch, 12).shape == (2, 3, 12, 1)  # shorter clips are zero-padded
     probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
-    np.testing.assert_allclose(dcase.softmax_scores(probabilities, np.array([0, 1, 1])), [0.1, 0.2, 0.6])
+    np.testing.assert_allclose(softmax_scores(probabilities, np.array([0, 1, 1])), [0.1, 0.2, 0.6])
     rng = np.random.default_rng(0)
     centre = rng.normal(size=8)
     train = centre + 0.1 * rng.normal(size=(40, 8))
     test = np.concatenate([centre + 0.1 * rng.normal(size=(10, 8)), -centre + 0.1 * rng.normal(size=(10, 8))])
     for method in ("centroid", "gmm", "lof"):
-        reference = dcase.fit_reference(method, train, np.zeros(40, int), {"gmm_components": 1, "lof_neighbors": 5})
-        scores = dcase.reference_scores(method, reference, test, np.zeros(20, int))
+        reference = fit_reference(method, train, np.zeros(40, int), {"gmm_components": 1, "lof_neighbors": 5})
+        scores = reference_scores(method, reference, test, np.zeros(20, int))
         assert sk_metrics.roc_auc_score(np.repeat([0, 1], 10), scores) == 1.0, method
 
 
@@ -332,7 +342,7 @@ def test_recipe_is_the_source_by_default_and_setup_is_an_alias():
         128,
     )
     # torchaudio.transforms.MelSpectrogram's defaults, where the write-up is silent
-    assert dcase.mel_resolution(recipe["features"]) == MelResolution(1024, 1024, 512, 128, "reflect", "htk", "none")
+    assert mel_resolution(recipe["features"]) == MelResolution(1024, 1024, 512, 128, "reflect", "htk", "none")
     with pytest.raises(RecipeError, match=r"features.mel_scale = 'mel': must be one of 'slaney', 'htk'"):
         dcase.load_recipe(overrides=["features.mel_scale=mel"])
     assert dcase.load_recipe(overrides=["setup=per_machine"])["train"]["setup"] == "per_machine"
@@ -356,7 +366,7 @@ def test_features_are_torchaudios_definition_keyed_by_it_and_recomputed_so_at_in
     )
 
     def cached(recipe):
-        return dcase.feature_spec(recipe).cached(paths, cache_dir=tmp_path / "cache", name="t", progress=False)
+        return feature_spec(recipe).cached(paths, cache_dir=tmp_path / "cache", name="t", progress=False)
 
     power, meta = cached(source)
     audio = np.stack([read_audio(path, 16000, num_samples=8000, fix_length=True)[0] for path in paths])
@@ -375,7 +385,7 @@ def test_features_are_torchaudios_definition_keyed_by_it_and_recomputed_so_at_in
         normalizer = Normalizer.fit([power_of_recipe], recipe["features"]["db_reference"], recipe["features"]["top_db"])
         manifest = {  # what the run records
             "schema_version": 1,
-            "features": {"log_mel": dcase.feature_spec(recipe).to_manifest()},
+            "features": {"log_mel": feature_spec(recipe).to_manifest()},
             "preprocessing": {"normalization": normalizer.to_config()},
         }
         inputs = dcase.TASK.inference_inputs(manifest, paths)
@@ -387,7 +397,7 @@ def test_features_are_torchaudios_definition_keyed_by_it_and_recomputed_so_at_in
         "recipe": {
             "data": librosa_defaults["data"],
             "features": {
-                key: value for key, value in librosa_defaults["features"].items() if key not in dcase.LIBROSA_DEFINITION
+                key: value for key, value in librosa_defaults["features"].items() if key not in LIBROSA_DEFINITION
             },
         },
     }
@@ -441,7 +451,7 @@ def test_tiny_run_writes_official_files_and_members_that_load_alone(one_type_dat
     assert len((run_dir / "eval" / "anomaly_score_valve_id_01.csv").read_text().splitlines()) == 6
     parsed = read_result_csv(run_dir / "dev" / "result.csv")
     assert sorted(parsed) == ["valve"] and sorted(parsed["valve"]) == ["00", "Average"]
-    assert scores["final_group"] == setup and sorted(scores["groups"][setup]["dev"]) == sorted(dcase.SCORE_METHODS)
+    assert scores["final_group"] == setup and sorted(scores["groups"][setup]["dev"]) == sorted(SCORE_METHODS)
     for name in ("report.md", "roc_dev.png", "embeddings_dev.png", "training_curves.png"):
         assert (run_dir / name).is_file(), name
     member = run_dir / (setup if setup == "integrated" else f"{setup}/valve") / "members" / "seed-00.keras"

@@ -263,11 +263,8 @@ class DcaseTask(Task):
         by `score.method` goes into the official files (dev/ and eval/), every member's scores of every
         method into test_scores.npz, and what each method needs of the training clips beside its members
         (`scoring.REFERENCE_FILE`), for `predict`."""
-        setup, method, max_fpr = (
-            run.recipe["train"]["setup"],
-            run.recipe["score"]["method"],
-            run.recipe["score"]["max_fpr"],
-        )
+        setup, score = run.recipe["train"]["setup"], run.recipe["score"]
+        method, max_fpr = score["method"], score["max_fpr"]
         dev_labels = np.array([clip.label for clip in data.dev_test])
         tests = {"dev": (data.dev_test, dev_labels), "eval": (data.eval_test, data.eval_labels)}
         tests = {split: test for split, test in tests.items() if test[0]}
@@ -281,11 +278,7 @@ class DcaseTask(Task):
                 for split, (clips, labels) in tests.items()
                 if labels is not None
             }
-            saved |= {
-                f"{family}_{split}_{m}": values
-                for split, by_method in scores.items()
-                for m, values in by_method.items()
-            }
+            saved |= {f"{family}_{split}_{m}": v for split, by_method in scores.items() for m, v in by_method.items()}
             saved |= {f"{family}_dev_embeddings": embeddings, f"{family}_dev_embedding_rows": embedding_rows}
         for split, (clips, labels) in tests.items():
             scoring.write_score_files(run.run_dir / split, clips, saved[f"{setup}_{split}_{method}"].mean(axis=0))
