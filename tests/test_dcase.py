@@ -133,12 +133,10 @@ def test_non_finite_member_outputs_name_the_seed_before_any_score(one_type_data,
     model = keras.Model(inputs, {"probabilities": probabilities, "embedding": embedding})
     model.get_layer("embedding").kernel.assign(np.full((24, 3), np.nan, np.float32))
     ensemble = Ensemble(tmp_path, {"class_names": data.class_names, "members": [{"seed": 9}]}, [model])
-    rows = np.arange(len(data.dev_test))
-    classes = np.array([data.class_names.index(clip.class_name) for clip in data.dev_test])
     with pytest.raises(
         PredictionError, match=rf"{re.escape(str(tmp_path))}: the member\(s\) of seed\(s\) 9 predict NaN"
     ):
-        ensemble_scores(ensemble, power, 6, rows, classes, {"softmax": [{}], "centroid": [{}]})
+        ensemble_scores(ensemble, data.dev_test, data.class_names, power, 6, {"softmax": [{}], "centroid": [{}]})
 
 
 def test_layout_is_read_with_types_ids_labels_and_ground_truth(tiny_data):

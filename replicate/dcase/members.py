@@ -13,6 +13,7 @@ import numpy as np
 from replicate import features as feature_lib
 from replicate import files
 from replicate.dcase import scoring
+from replicate.dcase.data import Clip
 
 PREDICT_BATCH = 256  # windows per predict step
 CLIP_CHUNK = 128  # clips normalised and predicted at a time (a memmap is read in chunks)
@@ -82,18 +83,29 @@ def ensemble_outputs(ensemble, names: Sequence[str]) -> Callable[[np.ndarray], l
     return lambda windows: [ensemble.predict_members(windows, PREDICT_BATCH, output=name) for name in names]
 
 
+def rows_of(clips: Sequence[Clip], class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(the rows of the clips of these classes, each one's index in `class_names`)."""
+    index_of = {name: index for index, name in enumerate(class_names)}
+    rows = np.array([i for i, clip in enumerate(clips) if clip.class_name in index_of], dtype=np.int64)
+    return rows, np.array([index_of[clips[i].class_name] for i in rows], dtype=np.int64)
+
+
 def ensemble_scores(
     ensemble,
+    clips: Sequence[Clip],
+    class_names: Sequence[str],
     inputs: np.ndarray,
     frames: int,
-    rows: np.ndarray,
-    class_indices: np.ndarray,
     references: Mapping[str, Sequence[dict]],
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """({method: (members, clips) scores} of the clips `rows` of `inputs`, the members' clip embeddings or
-    None) of a group's members by every method of `references` (method → one `scoring.fit_reference` per
-    member), each clip scored against its class `class_indices` (machine ID, in the group's classes)."""
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
+    """Each member's anomaly scores of the clips of a group's machine IDs (`class_names`, the group's classes)
+    by every method of `references` (method → one `scoring.fit_reference` per member), each clip against its
+    own ID: (their rows in `clips` and `inputs`, {method: (members, rows) scores}, the members' clip
+    embeddings or None); no clip of these IDs: nothing is predicted."""
+    rows, class_indices = rows_of(clips, class_names)
+    if not len(rows):
+        return rows, {}, None
     names = ["probabilities"] * ("softmax" in references) + ["embedding"] * bool(set(references) - {"softmax"})
     arrays = clip_outputs(ensemble_outputs(ensemble, names), inputs, frames, rows, transform)
     outputs = dict(zip(names, arrays, strict=True))
@@ -108,7 +120,7 @@ def ensemble_scores(
                     for reference, embeddings in zip(by_member, outputs["embedding"], strict=True)
                 ]
             )
-    return scores, outputs.get("embedding")
+    return rows, scores, outputs.get("embedding")
 
 
 class LiveProbabilities:

@@ -27,6 +27,7 @@ from replicate.dcase.members import (
     ensemble_outputs,
     ensemble_scores,
     export_members,
+    rows_of,
     train_recipe_for,
     training_dataset,
 )
@@ -79,13 +80,6 @@ def model_groups(setup: str, machine_types: Sequence[str]) -> dict[str, list[tup
         return {"integrated": integrated}
     per_type = [(f"{setup}/{machine_type}", [machine_type]) for machine_type in machine_types]
     return {"integrated": integrated, setup: per_type} if setup == "finetune" else {setup: per_type}
-
-
-def rows_of(clips: Sequence[data_lib.Clip], class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(the rows of the clips of these classes, each one's index in `class_names`)."""
-    index_of = {name: index for index, name in enumerate(class_names)}
-    rows = np.array([i for i, clip in enumerate(clips) if clip.class_name in index_of], dtype=np.int64)
-    return rows, np.array([index_of[clips[i].class_name] for i in rows], dtype=np.int64)
 
 
 class DcaseTask(Task):
@@ -342,14 +336,9 @@ class DcaseTask(Task):
             ("dev", data.dev_test, arrays.dev_power),
             ("eval", data.eval_test, arrays.eval_power),
         ):
-            rows, class_indices = rows_of(clips, class_names)
-            if len(rows):  # a machine type may have no evaluation test clips
-                splits[split] = (
-                    rows,
-                    *ensemble_scores(
-                        ensemble, power, arrays.frames, rows, class_indices, references, arrays.normalizer
-                    ),
-                )
+            scored = ensemble_scores(ensemble, clips, class_names, power, arrays.frames, references, arrays.normalizer)
+            if len(scored[0]):  # a machine type may have no evaluation test clips
+                splits[split] = scored
         run.log(f"{name}: {len(ensemble.members)} members scored by {', '.join(scoring.SCORE_METHODS)}")
         return splits
 
@@ -390,26 +379,21 @@ class DcaseTask(Task):
         features = self.inference_inputs(manifest, [clip.path for clip in clips])
         method, scores = manifest["preprocessing"]["score"]["method"], np.full(len(clips), np.nan)
         for name, group in manifest["groups"].items():
-            rows, class_indices = rows_of(clips, group["class_names"])
             loaded = [k for k, entry in enumerate(manifest["members"]) if entry["group"] == name]
-            if not len(rows):
+            first = next((clip for clip in clips if clip.class_name in group["class_names"]), None)
+            if first is None:
                 continue
             if not loaded:
-                raise DataError(f"{ensemble.run_dir}: no member of {name} is loaded to score {clips[rows[0]].path}")
+                raise DataError(f"{ensemble.run_dir}: no member of {name} is loaded to score {first.path}")
+            entries = [manifest["members"][k] for k in loaded]
             members = Ensemble(
-                ensemble.run_dir,
-                {**manifest, "members": [manifest["members"][k] for k in loaded]},
-                [ensemble.members[k] for k in loaded],
+                ensemble.run_dir, {**manifest, "members": entries}, [ensemble.members[k] for k in loaded]
             )
             path = ensemble.run_dir / name / manifest["preprocessing"]["score"]["reference"]
-            references = scoring.load_reference(path, method, members.seeds, group["class_names"])
-            by_method, _ = ensemble_scores(
-                members,
-                features,
-                manifest["inputs"][INPUT][1],
-                rows,
-                class_indices,
-                {method: list(references.values())},
+            by_member = list(scoring.load_reference(path, method, members.seeds, group["class_names"]).values())
+            frames = manifest["inputs"][INPUT][1]
+            rows, by_method, _ = ensemble_scores(
+                members, clips, group["class_names"], features, frames, {method: by_member}
             )
             scores[rows] = by_method[method].mean(axis=0)
         return pd.DataFrame(
