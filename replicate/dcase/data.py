@@ -32,12 +32,8 @@ class Clip:
 
     @property
     def class_name(self) -> str:
-        return class_name(self.machine_type, self.machine_id)
-
-
-def class_name(machine_type: str, machine_id: str) -> str:
-    """A machine ID's class, e.g. "fan/id_00": what the models classify."""
-    return f"{machine_type}/id_{machine_id}"
+        """Its machine ID's class, e.g. "fan/id_00": what the models classify."""
+        return f"{self.machine_type}/id_{self.machine_id}"
 
 
 @dataclass
