@@ -55,10 +55,10 @@ WORKLOADS = {
     },
     "dcase": {
         "what": "DCASE (integrated ArcFace): per 1,000 training clips × 70 epochs × 15 seeds",
-        # spec/dcase.md gives no count of training clips (41 IDs, "The task"), so this row is per 1,000 clips.
-        # One sample per clip per epoch: the whole 10-s clip (spec/dcase.md, "Features"; recipes/dcase.toml
-        # features.input_frames = 0), as replicate/dcase.py trains; 70 epochs: recipes/dcase.toml train.epochs
-        # (not in the source: the end of the third warm-restart cycle); 15 seeds: recipes/dcase.toml (DESIGN.md)
+        # docs/dcase.md gives no count of training clips (41 IDs, "The task"), so this row is per 1,000 clips.
+        # One sample per clip per epoch: the whole 10-s clip (docs/dcase.md, "Features"; recipes/dcase.toml
+        # features.input_frames = 0), as replicate/dcase/ trains; 70 epochs: recipes/dcase.toml train.epochs
+        # (not in the source: the end of the third warm-restart cycle); 15 seeds: recipes/dcase.toml
         "samples": 1_000 * 70 * 15,
         "source": "not reported",
     },

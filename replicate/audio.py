@@ -102,8 +102,8 @@ def read_audio(
 
 
 def wav_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """The files named, a folder standing for its .wav files (sorted by name): what the inference command
-    takes as audio input."""
+    """The files named, a folder standing for its .wav files (sorted by name); `AudioError` naming what is
+    not there."""
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():

@@ -23,11 +23,23 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from replicate import files
+from replicate import recipe as recipe_lib
 from replicate.audio import AudioError, read_audio
 
 PAD_MODES = ("constant", "reflect")  # frames' ends: zeros (librosa >= 0.9), a mirror (librosa <= 0.8, torchaudio)
 MEL_SCALES = ("slaney", "htk")  # librosa's default scale, and HTK's 2595·log10(1 + f/700) (torchaudio's default)
 MEL_NORMS = ("slaney", "none")  # filters of equal area (librosa's default), or peaks of 1 (torchaudio's default)
+# The recipe rules (`Task.rules`) of the keys every mel-power recipe has: its audio, STFT, mel and dB settings.
+MEL_POWER_RULES = {
+    "data.sample_rate": recipe_lib.positive,
+    "data.clip_samples": recipe_lib.positive,
+    "features.n_fft": recipe_lib.positive,
+    "features.hop_length": recipe_lib.positive,
+    "features.n_mels": recipe_lib.positive,
+    "features.pad_mode": recipe_lib.one_of(*PAD_MODES),
+    "features.top_db": recipe_lib.positive,
+    "features.db_reference": recipe_lib.one_of("global", "per_clip"),
+}
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,12 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
-def mean_std(values: Sequence[float]) -> str:
+def mean_std(values: Sequence[float], digits: int = 4) -> str:
     """ "m ± s" with the sample standard deviation (n − 1), or just the value for one member."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 1:
-        return f"{values[0]:.4f}"
-    return f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
 def audio_changes(changes_by_split: dict[str, dict[str, int]]) -> str:

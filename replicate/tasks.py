@@ -2,85 +2,17 @@
 a string the data supply). The engine finds a run's hooks here from its manifest's "task".
 
 Adding a source: its package's `TASK` goes into `TASKS` below.
-
-DCASE is still a single module with its own run (`run`, `write_report`); until it is
-ported to the protocol, an `Unported` adapter gives the engine what it needs of them: the README's results
-block, model inputs for audio files where the module has them, and the benchmark member.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 
 from replicate import aicup, dacon, dcase, files, maic, runner
-from replicate.task import BenchmarkMember, Run, Task
+from replicate.task import Run, Task
 
-
-class UnportedError(ValueError):
-    """What a task not yet ported to the protocol cannot do; the message names the task."""
-
-
-class Unported(Task):
-    """A source not yet ported to the protocol: its module keeps its own command line and run; the engine
-    uses its `results_table(run_dir)`, its `inference_features(paths, manifest)` and `benchmark`.
-
-    Args:
-        module: the task module.
-        benchmark: recipe → its `BenchmarkMember`.
-    """
-
-    def __init__(self, module: ModuleType, benchmark: Callable[[dict], BenchmarkMember]):
-        self.module = module
-        self.name = module.__name__.rpartition(".")[2]
-        self.rules = module.RULES
-        self._benchmark = benchmark
-
-    def load_recipe(self, profile: str | None = None, overrides: Sequence[str] = (), path: str | None = None) -> dict:
-        return self.module.load_recipe(profile, overrides, path)
-
-    def inference_inputs(self, manifest: dict, paths: Sequence[str | os.PathLike]):
-        return self.module.inference_features(paths, manifest)
-
-    def predict(self, ensemble, inputs: Sequence[str]):
-        raise UnportedError(
-            f"{ensemble.run_dir}: predicting from a {self.name} run is not available until the {self.name} task "
-            "is ported to the task protocol (replicate.task)"
-        )
-
-    def benchmark_member(self, recipe: dict) -> BenchmarkMember:
-        return self._benchmark(recipe)
-
-
-def _frames(clip_samples: int, hop_length: int) -> int:
-    """Frames of a clip in librosa's centred STFT (what the recipes' features have)."""
-    return 1 + clip_samples // hop_length
-
-
-def _dcase_member(recipe: dict) -> BenchmarkMember:
-    """The integrated ArcFace model (41 IDs) on whole 10-s clips, its warm-restart schedule and logits loss."""
-    data, features = recipe["data"], recipe["features"]
-    frames = features["input_frames"] or _frames(data["clip_samples"], features["hop_length"])
-    margin = recipe["model"]["head"] != "softmax"
-    # 41 machine IDs in all (the integrated model classifies them all)
-    build = functools.partial(dcase.build_model, recipe, (features["n_mels"], frames, 1), 41)
-    # steps per epoch only set the schedule's period; any count gives the same step time
-    train = dcase.train_recipe_for(recipe, 100, finetune=False, margin=margin)["train"]
-    return BenchmarkMember(build, train, label_input="labels" if margin else "")
-
-
-TASKS: dict[str, Task] = {
-    task.name: task
-    for task in (
-        dacon.TASK,
-        maic.TASK,
-        Unported(dcase, _dcase_member),
-        aicup.TASK,
-    )
-}
+TASKS: dict[str, Task] = {task.name: task for task in (dacon.TASK, maic.TASK, dcase.TASK, aicup.TASK)}
 
 
 def get(name: str) -> Task:
@@ -94,7 +26,4 @@ def results_block(run_dir: str | os.PathLike) -> tuple[str, str]:
     """(task name, the README's results block) of a finished run folder."""
     run_dir = Path(run_dir)
     name = files.read_json(run_dir / runner.MANIFEST)["task"]
-    task = get(name)
-    if isinstance(task, Unported):
-        return name, task.module.results_table(run_dir)
-    return name, runner.results_table(Run.read(run_dir, task))
+    return name, runner.results_table(Run.read(run_dir, get(name)))

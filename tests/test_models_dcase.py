@@ -124,7 +124,7 @@ def test_finetune_model_trains_only_a_classifier_started_from_the_integrated_col
 
 def test_ir_depths_have_the_documented_parameter_counts():
     """The default (torchvision's resnet50 stages 3-4-6-3 of IR units) and the ArcFace paper's IR-50 (3-4-14-3),
-    at the default input and 41 IDs: the counts the module docstring, the recipe and the README give."""
+    at the default input and 41 IDs: the counts the module docstring, the recipe and docs/dcase.md give."""
     counts = {}
     for blocks in ((3, 4, 6, 3), (3, 4, 14, 3)):
         model = build_ir_resnet50_margin(blocks=blocks)

@@ -373,10 +373,21 @@ def test_arguments_travel_with_memory_maps_by_file_or_by_content_and_datasets_by
     [
         ("maic", {"n_train": 14, "n_test": 6}),
         ("aicup", {"n_train": 60, "n_public": 4, "n_private": 0}),  # a full batch of 32 after the split
+        (
+            "dcase",
+            {
+                "machine_types": ["valve"],
+                "dev_ids": 1,
+                "eval_ids": 1,
+                "train_per_id": 8,
+                "test_per_id": 3,
+                "seconds": 0.5,
+            },
+        ),
     ],
 )
 def test_every_tasks_groups_travel_to_the_workers(name, generate, tmp_path):
-    """What the runner gives `train_ensemble` for each group of MAIC and AI CUP (DACON's: the tests above)
+    """What the runner gives `train_ensemble` for each group of MAIC, AI CUP and DCASE (DACON's: the tests above)
     packs, unpacks and reads a training batch as the workers do."""
     import importlib
 

@@ -7,8 +7,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from replicate import dcase, files
+from replicate import files
 from tests.conftest import ROOT
+from tests.test_dcase import read_result_csv
 
 
 def make_recipe(name: str, tmp_path) -> tuple:
@@ -71,6 +72,6 @@ def test_dcase_quick_recipe_beats_chance_on_every_machine_type(tmp_path):
     assert len(evaluation["types"]) == 6
     for machine_type, values in evaluation["types"].items():
         assert values["auc"] > 0.6, (machine_type, values)
-    parsed = dcase.read_result_csv(run_dir / "dev" / "result.csv")
+    parsed = read_result_csv(run_dir / "dev" / "result.csv")
     assert sorted(parsed) == sorted(evaluation["types"])
     assert len(list((run_dir / "eval").glob("anomaly_score_*_id_*.csv"))) == 6

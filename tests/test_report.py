@@ -12,6 +12,7 @@ def test_markdown_table_and_summaries():
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.1235 |", "| x | y |"]
     assert report.mean_std([1.0, 2.0, 3.0]) == "2.0000 ± 1.0000"
     assert report.mean_std([0.5]) == "0.5000"
+    assert report.mean_std([84.0, 86.0], digits=2) == "85.00 ± 1.41"
     assert report.ensemble_sizes(3) == [1, 3]
     assert report.ensemble_sizes(15) == [1, 5, 10, 15]
     assert report.ensemble_sizes(12) == [1, 5, 10, 12]

@@ -45,9 +45,8 @@ def test_layout_names_and_audio(tmp_path):
     assert len(names) == 4 * 2 + 2 * 4 + 2 * 4
     audio, rate = sf.read(tmp_path / names[0])
     assert rate == 16000 and audio.shape == (4000,) and sf.info(tmp_path / names[0]).subtype == "PCM_16"
-    data = dcase.load_data(tmp_path)  # the package's own loader accepts it
-    truth = dcase.read_ground_truth(tmp_path, data.eval_test)
-    assert sorted(truth.tolist()) == [0, 0, 0, 0, 1, 1, 1, 1]
+    data = dcase.load_data(tmp_path)  # the package's own loader accepts it, ground truth included
+    assert sorted(data.eval_labels.tolist()) == [0, 0, 0, 0, 1, 1, 1, 1]
     with pytest.raises(ValueError, match="unknown machine types"):
         synth.generate(tmp_path, machine_types=["drill"], progress=False)
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from replicate import audio, files, metrics
 from replicate import features as feature_lib
-from replicate import files, metrics
 from replicate import recipe as recipe_lib
-from replicate.audio import wav_files
 from replicate.dacon import data as data_lib
 from replicate.dacon import report as report_lib
 from replicate.task import BenchmarkMember, Group, Prepared, Run, Task
@@ -62,15 +61,8 @@ class DaconTask(Task):
     description = "DACON overlapping-speech 3rd-place solution: features, seed ensemble, submission, report."
     data_help = "train/, test/, train_answer.csv, submission.csv"
     rules = {
-        "data.sample_rate": recipe_lib.positive,
-        "data.clip_samples": recipe_lib.positive,
-        "features.n_fft": recipe_lib.positive,
+        **feature_lib.MEL_POWER_RULES,
         "features.win_length": recipe_lib.positive,
-        "features.hop_length": recipe_lib.positive,
-        "features.n_mels": recipe_lib.positive,
-        "features.pad_mode": recipe_lib.one_of(*feature_lib.PAD_MODES),
-        "features.top_db": recipe_lib.positive,
-        "features.db_reference": recipe_lib.one_of("global", "per_clip"),
         "features.normalization": recipe_lib.one_of("train_test", "train"),
         "model.dropout": recipe_lib.fraction,
         "model.dense_units": recipe_lib.positive,
@@ -198,7 +190,7 @@ class DaconTask(Task):
 
     def predict(self, ensemble, inputs: Sequence[str]) -> pd.DataFrame:
         """Word shares of wav files (a folder stands for its wav files): `file` and one column per word."""
-        paths = wav_files(inputs)
+        paths = audio.wav_files(inputs)
         table = pd.DataFrame(
             ensemble.predict(self.inference_inputs(ensemble.manifest, paths)), columns=ensemble.class_names
         )
