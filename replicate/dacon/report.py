@@ -30,9 +30,7 @@ def results(run: Run) -> ResultsTable:
     for split, evaluation in run.scores["evaluations"].items():
         where = f"our synthetic data, {split}, {evaluation['clips']} clips"
         rows.append(("ours: predict the training prior", where, f"{evaluation['prior_kl']:.4f}"))
-        rows.append(("ours: single member, mean ± std", where, report.mean_std(evaluation["member_kl"])))
-        for size in report.ensemble_sizes(len(evaluation["member_kl"])):
-            rows.append((f"ours: {size}-model average", where, f"{evaluation['ensemble_kl_by_size'][str(size)]:.4f}"))
+        rows += report.member_rows(where, evaluation["member_kl"], evaluation["ensemble_kl_by_size"], "model average")
     return ResultsTable(
         headers=("model", "data", "KL"),
         rows=rows,
