@@ -415,18 +415,22 @@ TINY_RUN = [
 
 
 @pytest.mark.parametrize(
-    ("setup", "head"),
+    ("setup", "head", "precision"),
     [
-        ("finetune", "arcface"),
-        pytest.param("per_machine", "cosface", marks=pytest.mark.slow),
-        pytest.param("integrated", "softmax", marks=pytest.mark.slow),
+        # the default suite's run is the source's set-up in mixed precision: training, fine-tuning, the export
+        # to built-in layers and predict all take bfloat16 members (float32: the slow runs and test_resume)
+        ("finetune", "arcface", "mixed_bfloat16"),
+        pytest.param("per_machine", "cosface", "float32", marks=pytest.mark.slow),
+        pytest.param("integrated", "softmax", "float32", marks=pytest.mark.slow),
     ],
 )
-def test_tiny_run_writes_official_files_and_members_that_load_alone(one_type_data, tmp_path, capsys, setup, head):
+def test_tiny_run_writes_official_files_and_members_that_load_alone(
+    one_type_data, tmp_path, capsys, setup, head, precision
+):
     run_dir = tmp_path / "run"
     arguments = ["--data", str(one_type_data), "--profile", "quick", "--seeds", "1", "--run-dir", str(run_dir)]
     arguments += ["--no-progress", "--set", f"setup={setup}", "--set", f"run.cache_dir='{tmp_path / 'cache'}'"]
-    arguments += ["--set", f"model.head={head}"]
+    arguments += ["--set", f"model.head={head}", "--set", f"train.precision={precision}"]
     for item in TINY_RUN:
         arguments += ["--set", item]
     assert dcase.main(arguments) == 0
@@ -458,7 +462,10 @@ def test_tiny_run_writes_official_files_and_members_that_load_alone(one_type_dat
     run_python(
         "import keras\n"
         f"member = keras.models.load_model({str(member)!r}, safe_mode=True)\n"
-        "assert sorted(member.output.keys()) == ['embedding', 'probabilities'], member.output\n",
+        "assert sorted(member.output.keys()) == ['embedding', 'probabilities'], member.output\n"
+        "walk = lambda layer: [layer] + [inner for sub in getattr(layer, 'layers', []) for inner in walk(sub)]\n"
+        "policies = {layer.dtype_policy.name for layer in walk(member) if isinstance(layer, keras.layers.Conv2D)}\n"
+        f"assert policies == {{{precision!r}}}, policies\n",
         cwd=tmp_path,
     )
     assert dcase.main(arguments) == 0  # again: everything is kept
