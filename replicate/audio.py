@@ -59,23 +59,7 @@ def read_audio(
         AudioError: unreadable or corrupt file, no samples, non-finite samples, a sample beyond ±`PEAK_LIMIT`,
             wrong rate or length.
     """
-    import soundfile as sf  # imported here: the models and benchmarks run where no audio is read (a GPU box)
-
-    try:
-        samples, file_rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError) as error:
-        raise AudioError(f"{path}: cannot read audio ({error})") from error
-    if samples.shape[0] == 0:
-        raise AudioError(f"{path}: the file has no samples (zero-length audio)")
-    if not np.isfinite(samples).all():
-        raise AudioError(f"{path}: the audio contains NaN or infinite samples")
-    peak = float(np.abs(samples).max())
-    if peak > PEAK_LIMIT:
-        raise AudioError(
-            f"{path}: a sample of magnitude {peak:.3g} is {20 * np.log10(peak):.0f} dB above full scale; audio "
-            f"must lie within [-1, 1] (a float file may go a little over, up to ±{PEAK_LIMIT:g})"
-        )
-
+    samples, file_rate = _read_valid(path)
     mixed = samples.shape[1] > 1
     samples = samples.mean(axis=1) if mixed else samples[:, 0]
     resampled = file_rate != sample_rate
@@ -99,6 +83,28 @@ def read_audio(
         padded, cropped = samples.shape[0] < num_samples, samples.shape[0] > num_samples
         samples = np.pad(samples[:num_samples], (0, max(0, num_samples - samples.shape[0])))
     return samples, AudioNotes(mixed, resampled, padded, cropped)
+
+
+def _read_valid(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """The file's float32 samples (samples, channels) and its rate; `AudioError` for an unreadable file, no
+    samples, non-finite samples or a sample beyond ±`PEAK_LIMIT`."""
+    import soundfile as sf  # imported here: the models and benchmarks run where no audio is read (a GPU box)
+
+    try:
+        samples, file_rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as error:
+        raise AudioError(f"{path}: cannot read audio ({error})") from error
+    if samples.shape[0] == 0:
+        raise AudioError(f"{path}: the file has no samples (zero-length audio)")
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{path}: the audio contains NaN or infinite samples")
+    peak = float(np.abs(samples).max())
+    if peak > PEAK_LIMIT:
+        raise AudioError(
+            f"{path}: a sample of magnitude {peak:.3g} is {20 * np.log10(peak):.0f} dB above full scale; audio "
+            f"must lie within [-1, 1] (a float file may go a little over, up to ±{PEAK_LIMIT:g})"
+        )
+    return samples, file_rate
 
 
 def wav_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:

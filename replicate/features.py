@@ -3,6 +3,41 @@
 The cache stores what does not depend on the data set as a whole (e.g. mel *power*); transforms that
 need data-set statistics (the DACON global dB reference and z-score) are applied per batch by
 `Normalizer`, so one cache serves every normalisation option and nothing is held in memory twice.
+
+Same bits as librosa. `melspectrogram` does librosa's arithmetic step for step: a periodic Hann window
+of `win_length` zero-padded to `n_fft`, centred frames over the signal padded by n_fft // 2 at each end with
+`np.pad(mode=pad_mode)` (librosa pads only the ends, with the same samples), the window applied in float64,
+the FFT of librosa's FFT library (`librosa.get_fftlib()`) rounded to complex64, `abs(.) ** 2` in float32,
+then the float32 product with `librosa.filters.mel` (its `htk` and `norm` from `mel_scale` and `mel_norm`).
+What differs is the bookkeeping: librosa builds the mel filters anew on every call and walks the frames in
+blocks of 256 KiB, about 50 FFT calls per second of audio at n_fft 2048. Here the filters and the window are
+built once and each FFT call takes whole clips (about `FFT_BLOCK_VALUES` samples). The work is then a few
+large numpy calls that release the GIL, so threads use every core (`cached_features`). tests/test_features.py
+checks that the result has the same bits as librosa's, clip by clip, at the same number of BLAS threads (a
+different number changes the mel product's last bit): the mel product is handed to BLAS exactly as librosa
+hands it (same shapes, strides and transpose flags), as OpenBLAS's kernels round differently for a
+transposed product on some CPUs. With pad_mode "reflect", mel_scale "htk", mel_norm "none" and an even n_fft
+it is `torchaudio.transforms.MelSpectrogram`'s definition (its other defaults are these too: f_min 0, f_max
+sr / 2, centred frames, periodic Hann window, power 2, one-sided spectrum); tests/test_features.py compares
+it with `torch.stft`.
+
+The feature cache (`cached_features`): the cache key (`files.cache_key`) hashes the feature parameters
+(everything that changes the numbers) and the file list with each file's size and modification time, so a
+changed file or parameter computes anew and a second run with the same inputs reads the cache. Work is
+resumable: an interrupted extraction continues from the last finished chunk. The finished cache is renamed
+into place atomically (`files.cached_folder`, the package's one cache mechanism).
+
+A finished cache records the SHA-256 of every 16 MiB block of its array (`files.checksums`), and is checked
+against them each time it is opened: a cache damaged on disk (garbage written into it, a truncated file) is
+computed again, said on the log, never read as features. Checking reads the whole array once (in the worker
+threads), which a run does anyway, twice, to fit its normalisation statistics; checking only sizes and
+headers would miss garbage inside. While a cache is built, it is locked (`files.folder_lock`): another
+process that needs it stops at once with `files.LockedError`.
+
+Chunks are read and extracted in worker threads: reading (libsndfile) and the extractors' numpy, FFT and
+BLAS calls release the GIL, so threads use every core without the start-up, imports and pickling of worker
+processes. BLAS is held to one thread meanwhile: the workers do not oversubscribe the cores, and the numbers
+do not depend on the worker count (BLAS threads change the round-off of a matrix product).
 """
 
 from __future__ import annotations
@@ -95,19 +130,8 @@ def melspectrogram(
 ) -> np.ndarray:
     """`librosa.feature.melspectrogram` of a batch of equal-length clips: the same numbers, several times faster.
 
-    The arithmetic is librosa's, step for step: a periodic Hann window of `win_length` zero-padded to `n_fft`,
-    centred frames over the signal padded by n_fft // 2 at each end with `np.pad(mode=pad_mode)` (librosa pads
-    only the ends, with the same samples), the window applied in float64, the FFT of librosa's FFT library
-    (`librosa.get_fftlib()`) rounded to complex64, `abs(.) ** 2` in float32, then the float32 product with
-    `librosa.filters.mel` (its `htk` and `norm` from `mel_scale` and `mel_norm`). What differs is the
-    bookkeeping: librosa builds the mel filters anew on every call and walks the frames in blocks of 256 KiB,
-    about 50 FFT calls per second of audio at n_fft 2048. Here the filters and the window are built once and
-    each FFT call takes whole clips (about `FFT_BLOCK_VALUES` samples). The work is then a few large numpy
-    calls that release the GIL, so threads use every core (`cached_features`). tests/test_features.py checks
-    that the result has the same bits as librosa's, clip by clip, at the same number of BLAS threads (a
-    different number changes the mel product's last bit): the mel product is handed to BLAS exactly as librosa
-    hands it (same shapes, strides and transpose flags), as OpenBLAS's kernels round differently for a
-    transposed product on some CPUs.
+    The arithmetic is librosa's, step for step; only the bookkeeping differs (the module docstring says how,
+    and how the bits are kept equal).
 
     Args:
         audio: float32 array (clips, samples); other dtypes are converted to float32, as `read_audio` gives.
@@ -117,9 +141,7 @@ def melspectrogram(
         pad_mode: "constant" (librosa's default) or "reflect" (`pad_mode` of librosa and torchaudio).
         mel_scale: "slaney" (librosa's default) or "htk" (torchaudio's default; librosa's `htk=True`).
         mel_norm: "slaney" (librosa's default) or "none" (torchaudio's default; librosa's `norm=None`).
-        With "reflect", "htk" and "none" and an even n_fft this is `torchaudio.transforms.MelSpectrogram`'s
-        definition (its other defaults are these too: f_min 0, f_max sr / 2, centred frames, periodic Hann
-        window, power 2, one-sided spectrum); tests/test_features.py compares it with `torch.stft`.
+        With "reflect", "htk" and "none" and an even n_fft this is torchaudio's `MelSpectrogram`.
 
     Returns:
         float32 array (clips, n_mels, 1 + samples // hop_length).
@@ -133,13 +155,7 @@ def melspectrogram(
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim != 2:
         raise ValueError(f"audio must be (clips, samples), got shape {audio.shape}")
-    for name, value, allowed in (
-        ("pad_mode", pad_mode, PAD_MODES),
-        ("mel_scale", mel_scale, MEL_SCALES),
-        ("mel_norm", mel_norm, MEL_NORMS),
-    ):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    _check_mel_options(pad_mode=pad_mode, mel_scale=mel_scale, mel_norm=mel_norm)
     window = _hann_window(n_fft, win_length or n_fft)
     filters = _mel_filters(sample_rate, n_fft, n_mels, mel_scale, mel_norm)
     # As librosa <= 0.8 did: the whole signal extended, np.pad(y, n_fft // 2, mode=pad_mode), then framed.
@@ -157,6 +173,17 @@ def melspectrogram(
         # gets the same shapes, strides and transpose flags (other orientations change the last bit on some CPUs)
         np.matmul(filters, (np.abs(spectrum) ** 2).transpose(0, 2, 1), out=mel[start : start + step])
     return mel
+
+
+def _check_mel_options(pad_mode: str, mel_scale: str, mel_norm: str) -> None:
+    """Raise `ValueError` naming the first option that is not one of its allowed values."""
+    for name, value, allowed in (
+        ("pad_mode", pad_mode, PAD_MODES),
+        ("mel_scale", mel_scale, MEL_SCALES),
+        ("mel_norm", mel_norm, MEL_NORMS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -467,23 +494,9 @@ def cached_features(
 ) -> tuple[np.ndarray, dict]:
     """Features of `paths`, computed once and memory-mapped from `cache_dir` afterwards.
 
-    The cache key (`files.cache_key`) hashes `params` (everything that changes the numbers) and the file
-    list with each file's size and modification time, so a changed file or parameter computes anew and a
-    second run with the same inputs reads the cache. Work is resumable: an interrupted extraction continues
-    from the last finished chunk. The finished cache is renamed into place atomically (`files.cached_folder`,
-    the package's one cache mechanism).
-
-    A finished cache records the SHA-256 of every 16 MiB block of its array (`files.checksums`), and is
-    checked against them each time it is opened: a cache damaged on disk (garbage written into it, a
-    truncated file) is computed again, said on `log`, never read as features. Checking reads the whole
-    array once (in `workers` threads), which a run does anyway, twice, to fit its normalisation statistics;
-    checking only sizes and headers would miss garbage inside. While a cache is built, it is locked
-    (`files.folder_lock`): another process that needs it stops at once with `files.LockedError`.
-
-    Chunks are read and extracted in `workers` threads: reading (libsndfile) and the extractors' numpy, FFT
-    and BLAS calls release the GIL, so threads use every core without the start-up, imports and pickling of
-    worker processes. BLAS is held to one thread meanwhile: the workers do not oversubscribe the cores, and
-    the numbers do not depend on the worker count (BLAS threads change the round-off of a matrix product).
+    Keyed by `params`, the audio rules and the files' sizes and times; resumable, checked against its
+    checksums on every open, locked while built, extracted in `workers` threads with BLAS at one thread (the
+    module docstring says why).
 
     Args:
         paths: audio files, in the order of the rows of the result.

@@ -127,6 +127,46 @@ def train_groups(
     gpus = float(run.get("gpus_per_member", 0.0))
     check_resources(cpus, gpus)
     show_bar = member_arguments.get("verbose", "auto") != 0
+    pending, events = _submit(recipe, groups, run_dir, member_arguments, cpus=cpus, gpus=gpus)
+    progress = _Progress(len(groups), int(recipe["train"]["epochs"]), log, show_bar)
+    watch = _Watch(names, progress, finished)
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+            watch.events(ray.get(events.drain.remote()))
+            for reference in ready:
+                group = pending.pop(reference)
+                watch.result(group, _result(reference))
+        watch.events(ray.get(events.drain.remote()))  # what the last workers said before they returned
+    except BaseException:  # Ctrl-C, or an error here: this run's work on the cluster stops too
+        for reference in pending:
+            ray.cancel(reference, force=True)
+        if pending:
+            progress.say(f"stopped: cancelled the {len(pending)} unfinished task(s) of this run on the cluster")
+        raise
+    finally:
+        progress.close()
+        ray.kill(events)
+    return watch.failed
+
+
+def _submit(
+    recipe: dict,
+    groups: Sequence[tuple[int, ...]],
+    run_dir: str | Path,
+    member_arguments: Mapping[str, Any],
+    *,
+    cpus: float,
+    gpus: float,
+) -> tuple[dict, Any]:
+    """Put the member arguments into the object store once and submit one task per group.
+
+    Returns:
+        The tasks' references (each with its group), and the `_Events` actor the workers report to.
+    """
+    import ray
+
+    run = recipe.get("run", {})
     payload, files = pack_arguments(member_arguments, share_files=run.get("ray_features", "files") == "files")
     payload_ref = ray.put(payload)
     events = ray.remote(num_cpus=0)(_Events).remote()
@@ -142,60 +182,57 @@ def train_groups(
     pending = {
         remote_train.remote(recipe, group, run_dir, [payload_ref], files, events, origin): group for group in groups
     }
+    return pending, events
 
-    epochs = int(recipe["train"]["epochs"])
-    progress = _Progress(len(groups), epochs, log, show_bar)
-    attempts: dict[tuple[int, ...], int] = {}
-    hosts: dict[tuple[int, ...], str] = {}
-    failed: dict[tuple[int, ...], str] = {}
 
-    def show(event: dict) -> None:
-        group = tuple(event["group"])
-        if event["kind"] == "started":
-            attempts[group] = attempts.get(group, 0) + 1
-            hosts[group] = event["host"]
-            gpu = f", GPU {', '.join(map(str, event['gpus']))}" if event["gpus"] else ""
-            again = f", attempt {attempts[group]}" if attempts[group] > 1 else ""
-            progress.say(f"{names[group]}: started on {event['host']} (pid {event['pid']}{gpu}{again})")
-        elif event["kind"] == "log":
-            progress.say(f"{names[group]}: {event['line']}")
-        elif event["kind"] == "epoch":
-            progress.epochs_done(group, event["epochs"])
+class _Watch:
+    """What the driver says of the groups as their events and results come in; it keeps each group's
+    attempts, its host and, for those that failed every retry, the error."""
 
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
-            for event in ray.get(events.drain.remote()):
-                show(event)
-            for reference in ready:
-                group = pending.pop(reference)
-                result = _result(reference)
-                where = result.get("host") or hosts.get(group, "a worker")
-                progress.member_done(group)
-                if "entries" in result:
-                    finished(group, result["entries"])
-                    sessions = result["entries"][0]["epochs_this_session"]
-                    progress.say(
-                        f"{names[group]}: finished on {where}: {sessions} epoch{'s' * (sessions != 1)} this session, "
-                        f"{result['seconds']:.0f} s"
-                    )
-                else:
-                    failed[group] = result["error"]
-                    progress.say(f"{names[group]}: failed on {where}: {result['error']}")
-                    if result.get("traceback"):
-                        progress.say(result["traceback"].rstrip())
-        for event in ray.get(events.drain.remote()):  # what the last workers said before they returned
-            show(event)
-    except BaseException:  # Ctrl-C, or an error here: this run's work on the cluster stops too
-        for reference in pending:
-            ray.cancel(reference, force=True)
-        if pending:
-            progress.say(f"stopped: cancelled the {len(pending)} unfinished task(s) of this run on the cluster")
-        raise
-    finally:
-        progress.close()
-        ray.kill(events)
-    return failed
+    def __init__(
+        self,
+        names: Mapping[tuple[int, ...], str],
+        progress: _Progress,
+        finished: Callable[[tuple[int, ...], list[dict]], None],
+    ):
+        self.names = names
+        self.progress = progress
+        self.finished = finished
+        self.attempts: dict[tuple[int, ...], int] = {}
+        self.hosts: dict[tuple[int, ...], str] = {}
+        self.failed: dict[tuple[int, ...], str] = {}
+
+    def events(self, events: list[dict]) -> None:
+        for event in events:
+            group = tuple(event["group"])
+            if event["kind"] == "started":
+                self.attempts[group] = self.attempts.get(group, 0) + 1
+                self.hosts[group] = event["host"]
+                gpu = f", GPU {', '.join(map(str, event['gpus']))}" if event["gpus"] else ""
+                again = f", attempt {self.attempts[group]}" if self.attempts[group] > 1 else ""
+                self.progress.say(f"{self.names[group]}: started on {event['host']} (pid {event['pid']}{gpu}{again})")
+            elif event["kind"] == "log":
+                self.progress.say(f"{self.names[group]}: {event['line']}")
+            elif event["kind"] == "epoch":
+                self.progress.epochs_done(group, event["epochs"])
+
+    def result(self, group: tuple[int, ...], result: dict) -> None:
+        """Record a finished task (`_result`'s dict): its entries go to `finished`, or its error is kept."""
+        name = self.names[group]
+        where = result.get("host") or self.hosts.get(group, "a worker")
+        self.progress.member_done(group)
+        if "entries" in result:
+            self.finished(group, result["entries"])
+            sessions = result["entries"][0]["epochs_this_session"]
+            self.progress.say(
+                f"{name}: finished on {where}: {sessions} epoch{'s' * (sessions != 1)} this session, "
+                f"{result['seconds']:.0f} s"
+            )
+        else:
+            self.failed[group] = result["error"]
+            self.progress.say(f"{name}: failed on {where}: {result['error']}")
+            if result.get("traceback"):
+                self.progress.say(result["traceback"].rstrip())
 
 
 def check_resources(cpus: float, gpus: float) -> None:

@@ -207,17 +207,7 @@ def generate(
     Returns:
         Summary with the counts, the seed and the paths written.
     """
-    if n_train < 1:
-        raise ValueError(f"n_train must be at least 1, got {n_train}")
-    if n_test < 1:
-        raise ValueError(f"n_test must be at least 1, got {n_test}")
-    if not 1 <= max_words <= len(WORDS):
-        raise ValueError(f"max_words must be between 1 and {len(WORDS)}, got {max_words}")
-    if not 1 <= voices_per_word <= 100:
-        raise ValueError(f"voices_per_word must be between 1 and 100, got {voices_per_word}")
-    if sample_rate < 8000:
-        raise ValueError(f"sample_rate must be at least 8000 Hz, got {sample_rate}")
-
+    _check_arguments(n_train, n_test, max_words, voices_per_word, sample_rate)
     out_dir = Path(out_dir)
     streams = np.random.SeedSequence(seed).spawn(3)
     bank_rng, train_rng, test_rng = (np.random.default_rng(stream) for stream in streams)
@@ -241,3 +231,17 @@ def generate(
         "test_answer": str(out_dir / "test_answer.csv"),
         "submission": str(out_dir / "submission.csv"),
     }
+
+
+def _check_arguments(n_train: int, n_test: int, max_words: int, voices_per_word: int, sample_rate: int) -> None:
+    """Raise `ValueError` naming the first of `generate`'s arguments that is out of its range."""
+    if n_train < 1:
+        raise ValueError(f"n_train must be at least 1, got {n_train}")
+    if n_test < 1:
+        raise ValueError(f"n_test must be at least 1, got {n_test}")
+    if not 1 <= max_words <= len(WORDS):
+        raise ValueError(f"max_words must be between 1 and {len(WORDS)}, got {max_words}")
+    if not 1 <= voices_per_word <= 100:
+        raise ValueError(f"voices_per_word must be between 1 and 100, got {voices_per_word}")
+    if sample_rate < 8000:
+        raise ValueError(f"sample_rate must be at least 8000 Hz, got {sample_rate}")

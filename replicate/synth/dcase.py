@@ -286,7 +286,33 @@ def generate(
     if train_per_id < 1 or test_per_id < 1 or seconds <= 0:
         raise ValueError("train_per_id, test_per_id and seconds must be positive")
     out_dir = Path(out_dir)
-    jobs = []  # (path, machine, id, anomaly or None, label for eval ground truth)
+    jobs = _clip_jobs(machine_types, dev_ids, eval_ids, train_per_id, test_per_id, seed)
+    ground_truth = ["machine_type,file,label"]
+    for path, machine, machine_id, label in tqdm(jobs, desc="synthetic machine sounds", disable=not progress):
+        _write_clip(out_dir, path, machine, machine_id, label, seconds, seed)
+        if path.startswith("eval_data/") and "/test/" in path:
+            ground_truth.append(f"{machine},{Path(path).name},{label}")
+    if len(ground_truth) > 1:
+        files.write_text(out_dir / "eval_ground_truth.csv", "\n".join(ground_truth) + "\n")
+    n_train = sum("/train/" in job[0] for job in jobs)
+    return {
+        "out_dir": str(out_dir),
+        "n_train": n_train,
+        "n_test": len(jobs) - n_train,
+        "ids": sorted({(job[1], job[2]) for job in jobs}),
+    }
+
+
+def _clip_jobs(
+    machine_types: Sequence[str],
+    dev_ids: int | None,
+    eval_ids: int | None,
+    train_per_id: int,
+    test_per_id: int,
+    seed: int,
+) -> list[tuple[str, str, str, int]]:
+    """Every clip to write, as (path under out_dir, machine type, ID, label: 1 = anomaly), in writing order."""
+    jobs = []
     for machine in machine_types:
         for machine_id in DEV_IDS[machine][:dev_ids]:
             jobs += [
@@ -311,26 +337,19 @@ def generate(
                 (f"eval_data/{machine}/test/id_{machine_id}_{i:08d}.wav", machine, machine_id, int(label))
                 for i, label in enumerate(labels)
             ]
-    ground_truth = ["machine_type,file,label"]
-    for path, machine, machine_id, label in tqdm(jobs, desc="synthetic machine sounds", disable=not progress):
-        rng = _rng("clip", path, seed)
-        anomaly = None
-        if label:
-            anomaly = {"kind": str(rng.choice(ANOMALIES[machine])), "strength": float(rng.uniform(*STRENGTH_RANGE))}
-        clip = render(machine, machine_id, seconds, rng, anomaly)
-        with files.atomic_path(out_dir / path, suffix=".wav") as temporary:
-            sf.write(temporary, clip, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-        if path.startswith("eval_data/") and "/test/" in path:
-            ground_truth.append(f"{machine},{Path(path).name},{label}")
-    if len(ground_truth) > 1:
-        files.write_text(out_dir / "eval_ground_truth.csv", "\n".join(ground_truth) + "\n")
-    n_train = sum("/train/" in job[0] for job in jobs)
-    return {
-        "out_dir": str(out_dir),
-        "n_train": n_train,
-        "n_test": len(jobs) - n_train,
-        "ids": sorted({(job[1], job[2]) for job in jobs}),
-    }
+    return jobs
+
+
+def _write_clip(out_dir: Path, path: str, machine: str, machine_id: str, label: int, seconds: float, seed: int) -> None:
+    """Render one clip (an anomalous one with a fault of random kind and strength) from its own random
+    stream, keyed by its path, and write it atomically as 16-bit WAV."""
+    rng = _rng("clip", path, seed)
+    anomaly = None
+    if label:
+        anomaly = {"kind": str(rng.choice(ANOMALIES[machine])), "strength": float(rng.uniform(*STRENGTH_RANGE))}
+    clip = render(machine, machine_id, seconds, rng, anomaly)
+    with files.atomic_path(out_dir / path, suffix=".wav") as temporary:
+        sf.write(temporary, clip, SAMPLE_RATE, subtype="PCM_16", format="WAV")
 
 
 def _rng(*key) -> np.random.Generator:
