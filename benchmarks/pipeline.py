@@ -124,6 +124,8 @@ def measure(
         "samples_per_second": round(samples / seconds),
         # CPU time of every thread: what the pipeline costs, less sensitive than wall time to other work
         "cpu_seconds_per_1000_samples": round(processor_seconds / samples * 1000, 3),
+        # the cores' worth of processor time the stream got: on a shared machine, what other work left to it
+        "cores_used": round(processor_seconds / seconds, 2),
     }
 
 

@@ -141,7 +141,7 @@ def test_the_pipeline_benchmark_counts_every_members_samples(tmp_path):
     fused = pipeline.measure(features, targets, transform, members=3, stacking="generic", batch_size=8, min_seconds=0)
     assert (one["samples"], one["epochs"], one["stacking"]) == (40, 1, "")
     assert (fused["samples"], fused["stacking"]) == (3 * 40, "generic")  # rows × members
-    assert one["samples_per_second"] > 0 and fused["cpu_seconds_per_1000_samples"] > 0
+    assert one["samples_per_second"] > 0 and fused["cpu_seconds_per_1000_samples"] > 0 and fused["cores_used"] > 0
 
 
 def test_the_readme_block_has_the_pipeline_table_and_the_ray_row():
