@@ -22,7 +22,8 @@ from another set-up. The manifest is rebuilt from the records.
 
 A member resumed after a kill ends with exactly the weights and history of an uninterrupted run on the same
 machine: every epoch's data are a function of (seed, epoch) (`train_data(seed, epoch)`), and the checkpoint
-holds every other state that training carries from one epoch to the next.
+holds every other state that training carries from one epoch to the next, the member callbacks' state
+included (`checkpoint.state_attributes`).
 """
 
 from __future__ import annotations
@@ -161,21 +162,18 @@ def train_member(
     """Train one member and save it as `members/seed-XX.keras`; resume it if it was interrupted.
 
     Args:
-        recipe: the resolved recipe; uses `train.epochs`, `train.optimizer`, `train.learning_rate`,
-            `train.loss`.
+        recipe: the resolved recipe (its `train` table).
         seed: seeds the initial weights and dropout (`keras.utils.set_random_seed`) and the data.
         run_dir: the run folder.
         build_model: seed → a new, uncompiled model (called after the seeding; the seed lets a member start
             from its own seed's member of an earlier ensemble, as DCASE's fine-tuning does).
-        train_data: (seed, epoch) → that epoch's training `tf.data.Dataset` of the member, of known
-            length, whose order and augmentations are a function of (seed, epoch) (the builders of
-            `replicate.pipeline` take both). `epoch` is a scalar int64 tensor: the epochs are read through
-            `tf.data.Dataset.flat_map`.
+        train_data: (seed, epoch) → that epoch's training `tf.data.Dataset`, of known length, whose order and
+            augmentations are a function of (seed, epoch), as `replicate.pipeline` builds them; `epoch` is a
+            scalar int64 tensor (the epochs are read as one stream: `_epoch_stream`).
         validation_data: passed to `fit` (None: no validation, as the DACON source trained).
         callbacks: extra callbacks, run after the checkpointing ones (their state is not checkpointed).
-        member_callbacks: (run_dir, member name) → callbacks made for this member only, which run before
-            the logging ones: stateful callbacks (`BestEpoch`, ReduceLROnPlateau, EarlyStopping) go here,
-            and their state is checkpointed (`checkpoint.state_attributes`).
+        member_callbacks: (run_dir, member name) → this member's own callbacks, run before the logging ones:
+            stateful ones (`BestEpoch`, ReduceLROnPlateau, EarlyStopping) go here, their state checkpointed.
         metrics: compiled metrics, logged per epoch (validation ones too when there is validation data).
         verbose: Keras progress display.
         log: where a resume or a damaged checkpoint is said.
@@ -188,8 +186,7 @@ def train_member(
     """
     run_dir = Path(run_dir)
     name = member_name(seed)
-    keras.utils.set_random_seed(seed)
-    model = compile_model(build_model(seed), recipe["train"], metrics=metrics)
+    model = compile_model(_seeded_model(build_model, seed), recipe["train"], metrics=metrics)
     own_callbacks = list(member_callbacks(run_dir, name)) if member_callbacks else []
     history, seconds, timer, checkpoint = _fit(
         model,
@@ -207,15 +204,36 @@ def train_member(
     entry = _save_member(model, recipe, seed, run_dir, train_data)
     checkpoint.remove()
     entry.update(
-        epochs_this_session=len(history.epoch),
-        train_seconds=round(seconds, 2),
-        samples_per_second=round(timer.steps_per_second * recipe["train"]["batch_size"], 2),
-        final=checkpoint.final_logs(),
+        **_session_entry(history, seconds, timer, recipe["train"]["batch_size"]), final=checkpoint.final_logs()
     )
-    for callback in own_callbacks:
-        if isinstance(callback, BestEpoch) and callback.best_epoch:
-            entry.update(best_epoch=callback.best_epoch, best={callback.monitor: callback.best})
+    entry.update(_best_epoch_entry(own_callbacks))
     return entry
+
+
+def _seeded_model(build_model: Callable[[int], keras.Model], seed: int) -> keras.Model:
+    """A member's new model, built after seeding: its initial weights and dropout come from its seed."""
+    keras.utils.set_random_seed(seed)
+    return build_model(seed)
+
+
+def _session_entry(history, seconds: float, timer, batch_size: int, members: int = 1) -> dict:
+    """What this session trained, for a member's manifest entry: its epochs, its share of the wall time and
+    the training throughput (of the whole fused group when `members` trained as one model)."""
+    return {
+        "epochs_this_session": len(history.epoch),
+        "train_seconds": round(seconds / members, 2),
+        "samples_per_second": round(timer.steps_per_second * batch_size * members, 2),
+    }
+
+
+def _best_epoch_entry(member_callbacks: Iterable[keras.callbacks.Callback]) -> dict:
+    """The best epoch and score of the member's `BestEpoch` callback, for its manifest entry ({} without one,
+    or before it scored an epoch)."""
+    best = {}
+    for callback in member_callbacks:
+        if isinstance(callback, BestEpoch) and callback.best_epoch:
+            best = {"best_epoch": callback.best_epoch, "best": {callback.monitor: callback.best}}
+    return best
 
 
 @_under_recipe_settings
