@@ -8,7 +8,7 @@ Layout of a run folder (`runs/<recipe>/<run-id>/`):
     members/seed-XX.json        its record: what it was trained from, the file's SHA-256, its manifest entry
     members/seed-XX.history.csv its per-epoch history (exactly the finished epochs, once each)
     checkpoints/seed-XX/        the unfinished member's last two epochs (`replicate.checkpoint`; removed when
-                                the member is saved)
+                                the member is saved); `fused-XX-YY/` for a group trained as one fused model
     tensorboard/seed-XX/        TensorBoard logs
 
 A task that trains several seed ensembles (`replicate.task.Group`) has one such folder per group under the
@@ -20,10 +20,10 @@ a rerun keeps a member whose record matches the run's set-up and whose file matc
 an interrupted one, trains a damaged one again, and refuses (or with `retrain`, removes) members trained
 from another set-up. The manifest is rebuilt from the records.
 
-A member resumed after a kill ends with exactly the weights and history of an uninterrupted run on the same
-machine: every epoch's data are a function of (seed, epoch) (`train_data(seed, epoch)`), and the checkpoint
-holds every other state that training carries from one epoch to the next, the member callbacks' state
-included (`checkpoint.state_attributes`).
+A member (or a fused group) resumed after a kill ends with exactly the weights and history of an
+uninterrupted run on the same machine: every epoch's data are a function of (seed, epoch)
+(`train_data(seed, epoch)`), and the checkpoint holds every other state that training carries from one
+epoch to the next, the member callbacks' state included (`checkpoint.state_attributes`).
 """
 
 from __future__ import annotations
@@ -185,27 +185,23 @@ def train_member(
         NonFiniteLossError: the loss became NaN or infinite (nothing is saved for the member).
     """
     run_dir = Path(run_dir)
-    name = member_name(seed)
     model = compile_model(_seeded_model(build_model, seed), recipe["train"], metrics=metrics)
-    own_callbacks = list(member_callbacks(run_dir, name)) if member_callbacks else []
+    own_callbacks = list(member_callbacks(run_dir, member_name(seed))) if member_callbacks else []
     history, seconds, timer, checkpoint = _fit(
         model,
         lambda epoch: train_data(seed, epoch),
         recipe,
         run_dir,
-        name,
-        validation_data,
-        own_callbacks,
-        callbacks,
-        verbose,
-        seeds=[seed],
+        [seed],
+        validation_data=validation_data,
+        callbacks=callbacks,
+        verbose=verbose,
         log=log,
+        first_callbacks=own_callbacks,
     )
     entry = _save_member(model, recipe, seed, run_dir, train_data)
     checkpoint.remove()
-    entry.update(
-        **_session_entry(history, seconds, timer, recipe["train"]["batch_size"]), final=checkpoint.final_logs()
-    )
+    entry.update(_session_entry(history, seconds, timer, recipe["train"]["batch_size"]), final=checkpoint.final_logs())
     entry.update(_best_epoch_entry(own_callbacks))
     return entry
 
@@ -255,15 +251,13 @@ def train_fused(
 
     Each member starts from the weights `train_member` would give it (its seed, then the builder) and sees
     its own seeded batches, so the result equals training them one by one up to float rounding and dropout
-    masks. Interrupted, the group resumes from its last finished epoch (`checkpoints/fused-XX-YY/`) exactly
-    as an uninterrupted group would have gone on.
+    masks. An interrupted group resumes as a member does.
 
     Args:
         recipe, run_dir, build_model, train_data, validation_data, callbacks, metrics, verbose, log: as for
             `train_member`; validation data are given to every member.
         seeds: the members trained together.
-        member_callbacks: not supported: their state (best epoch, learning-rate plateaus, early stopping)
-            is per member, and the fused members share one optimizer step (`recipe.RecipeError`).
+        member_callbacks: not supported (`recipe.RecipeError`, `fused_refusal`).
 
     Returns:
         The members' manifest entries, each with `fused` (the group's seeds and wall time).
@@ -273,52 +267,62 @@ def train_fused(
     if member_callbacks is not None:
         raise recipe_lib.RecipeError(fused_refusal(recipe))
     run_dir = Path(run_dir)
-    members = []
-    for seed in seeds:  # the same seeding before building as train_member's
-        keras.utils.set_random_seed(seed)
-        members.append(build_model(seed))
-    layout = recipe["train"].get("fused_layout", "auto")
-    model = compile_model(fused.fuse(members[0], len(seeds), layout), recipe["train"], metrics=metrics)
-    fused.pack(model, members)
+    model, members = _fused_model(recipe, seeds, build_model, metrics)
     if validation_data is not None:
         validation_data = fused.stack_datasets([validation_data] * len(seeds))
-    name = "fused-" + "-".join(f"{seed:02d}" for seed in seeds)
     history, seconds, timer, checkpoint = _fit(
         model,
         lambda epoch: fused.stack_datasets([train_data(seed, epoch) for seed in seeds]),
         recipe,
         run_dir,
-        name,
-        validation_data,
-        [],
-        callbacks,
-        verbose,
-        seeds=list(seeds),
+        list(seeds),
+        validation_data=validation_data,
+        callbacks=callbacks,
+        verbose=verbose,
         log=log,
     )
-    group_logs = checkpoint.final_logs()
+    session = _session_entry(history, seconds, timer, recipe["train"]["batch_size"], len(seeds))
+    group_logs = {key: [value] for key, value in checkpoint.final_logs().items()}
     entries = []
-    for k, (seed, member) in enumerate(zip(seeds, fused.unpack(model, members), strict=True)):
-        # The fused model's own optimizer state stays with the group; each member is saved compiled afresh.
-        compile_model(member, recipe["train"], metrics=metrics)
-        entry = _save_member(member, recipe, seed, run_dir, train_data)
-        _write_member_history(
-            run_dir / "members" / f"{name}.history.csv", k, run_dir / "members" / f"{member_name(seed)}.history.csv"
-        )
+    for k, member in enumerate(fused.unpack(model, members)):
+        entry = _save_fused_member(member, seeds, k, recipe, run_dir, train_data, metrics)
         entry.update(
-            epochs_this_session=len(history.epoch),
-            train_seconds=round(seconds / len(seeds), 2),
-            samples_per_second=round(timer.steps_per_second * recipe["train"]["batch_size"] * len(seeds), 2),
-            final=_member_logs({key: [value] for key, value in group_logs.items()}, k),
-            fused={"seeds": list(seeds), "train_seconds": round(seconds, 2)},
+            session, final=_member_logs(group_logs, k), fused={"seeds": list(seeds), "train_seconds": round(seconds, 2)}
         )
         entries.append(entry)
     checkpoint.remove()
     return entries
 
 
+def _fused_model(recipe: dict, seeds: Sequence[int], build_model, metrics) -> tuple[keras.Model, list[keras.Model]]:
+    """The seeds' members, each built as `train_member` builds it, and the compiled fused model holding them."""
+    from replicate import fused
+
+    members = [_seeded_model(build_model, seed) for seed in seeds]
+    layout = recipe["train"].get("fused_layout", "auto")
+    model = compile_model(fused.fuse(members[0], len(seeds), layout), recipe["train"], metrics=metrics)
+    fused.pack(model, members)
+    return model, members
+
+
+def _save_fused_member(member, seeds: Sequence[int], k: int, recipe: dict, run_dir: Path, train_data, metrics) -> dict:
+    """Save member k of a trained fused group as `train_member` saves a member, with its own columns of the
+    group's history as its history; returns its manifest entry so far."""
+    # The fused model's own optimizer state stays with the group; each member is saved compiled afresh.
+    compile_model(member, recipe["train"], metrics=metrics)
+    entry = _save_member(member, recipe, seeds[k], run_dir, train_data)
+    members_folder = run_dir / "members"
+    _write_member_history(
+        members_folder / f"{_training_name(seeds)}.history.csv",
+        k,
+        members_folder / f"{member_name(seeds[k])}.history.csv",
+    )
+    return entry
+
+
 def fused_refusal(recipe: dict) -> str:
-    """Why a recipe whose members have their own callbacks cannot train them fused."""
+    """Why a recipe whose members have their own callbacks cannot train them fused: their state (best epoch,
+    learning-rate plateaus, early stopping) is per member, and the fused members share one optimizer step."""
     return (
         f"train.fused = {recipe['train'].get('fused')}: this recipe keeps per-member callbacks (best epoch, "
         "ReduceLROnPlateau, early stopping), which members trained as one fused model cannot run; set "
@@ -361,29 +365,26 @@ def _fit(
     epoch_data,
     recipe,
     run_dir: Path,
-    name: str,
+    seeds: Sequence[int],
+    *,
     validation_data,
-    first_callbacks,
     callbacks,
     verbose,
-    *,
-    seeds: Sequence[int],
     log: Callable[[str], None],
+    first_callbacks: Sequence[keras.callbacks.Callback] = (),
 ):
     """`model.fit` for the recipe's epochs, from the last checkpoint if there is one, with the run folder's
-    checkpoints, history and TensorBoard logs.
+    checkpoints, history and TensorBoard logs (named by `_training_name(seeds)`).
 
     Args:
-        epoch_data: epoch (scalar int64 tensor) → that epoch's dataset. The epochs still to train are read
-            as one stream, `Dataset.range(first, epochs).flat_map(epoch_data)`, `steps_per_epoch` batches
-            each, so an epoch's batches do not depend on where the run started.
+        epoch_data: epoch (scalar int64 tensor) → that epoch's dataset (`_epoch_stream`).
         seeds: the seeds being trained (one, or a fused group's), named by a non-finite loss.
+        first_callbacks: the member's own callbacks, run before the checkpoint, which saves their state.
 
     Returns:
         (Keras history of this session, seconds, the epoch timer, the `checkpoint.Checkpoint`).
     """
-    import tensorflow as tf
-
+    name = _training_name(seeds)
     epochs = recipe["train"]["epochs"]
     history_path = run_dir / "members" / f"{name}.history.csv"
     history_path.parent.mkdir(parents=True, exist_ok=True)
@@ -391,19 +392,11 @@ def _fit(
         run_dir / "checkpoints" / name, history_path, first_callbacks, epochs=epochs, log=log
     )
     first_epoch = checkpoint.restore(model)
-    steps = int(epoch_data(tf.constant(0, tf.int64)).cardinality())
-    if steps <= 0:
-        raise ValueError(
-            f"{name}: an epoch of training data must have a known, non-zero number of batches, got {steps} "
-            "(-2: unknown, e.g. after `filter`; -1: infinite)"
-        )
-    # With every epoch done (or stopped early) no batch is read; the last epoch stands in for an empty stream,
-    # which a distribution strategy could not peek at to build the model.
-    dataset = tf.data.Dataset.range(min(first_epoch, epochs - 1), epochs).flat_map(epoch_data)
+    dataset, steps = _epoch_stream(epoch_data, first_epoch, epochs, name)
     timer = _EpochTimer()
     started = time.perf_counter()
     history = model.fit(
-        dataset.prefetch(tf.data.AUTOTUNE),
+        dataset,
         epochs=epochs,
         initial_epoch=first_epoch,
         steps_per_epoch=steps,
@@ -420,6 +413,32 @@ def _fit(
         ],
     )
     return history, time.perf_counter() - started, timer, checkpoint
+
+
+def _training_name(seeds: Sequence[int]) -> str:
+    """What a training session's files are named after: `seed-XX` for one member, `fused-XX-YY` for a fused
+    group."""
+    if len(seeds) == 1:
+        return member_name(seeds[0])
+    return "fused-" + "-".join(f"{seed:02d}" for seed in seeds)
+
+
+def _epoch_stream(epoch_data, first_epoch: int, epochs: int, name: str):
+    """The epochs still to train as one prefetched stream, `Dataset.range(first, epochs).flat_map(epoch_data)`,
+    and the number of batches of an epoch (`steps_per_epoch`), so an epoch's batches do not depend on where
+    the run started."""
+    import tensorflow as tf
+
+    steps = int(epoch_data(tf.constant(0, tf.int64)).cardinality())
+    if steps <= 0:
+        raise ValueError(
+            f"{name}: an epoch of training data must have a known, non-zero number of batches, got {steps} "
+            "(-2: unknown, e.g. after `filter`; -1: infinite)"
+        )
+    # With every epoch done (or stopped early) no batch is read; the last epoch stands in for an empty stream,
+    # which a distribution strategy could not peek at to build the model.
+    dataset = tf.data.Dataset.range(min(first_epoch, epochs - 1), epochs).flat_map(epoch_data)
+    return dataset.prefetch(tf.data.AUTOTUNE), steps
 
 
 class _StopOnNonFiniteLoss(keras.callbacks.Callback):
