@@ -15,10 +15,14 @@ A task that trains several seed ensembles (`replicate.task.Group`) has one such 
 run folder, e.g. `per_machine/fan/`, and the run's own manifest lists the members of its ensemble
 (`replicate.runner`: the manifest's schema).
 
-Each member stands on its own record, written when it starts ("training") and when it is saved ("trained"):
-a rerun keeps a member whose record matches the run's set-up and whose file matches its checksum, resumes
-an interrupted one, trains a damaged one again, and refuses (or with `retrain`, removes) members trained
-from another set-up. The manifest is rebuilt from the records.
+Each member stands on its own record, written when it starts ("training") and when it is saved ("trained"),
+which says what it was trained from: the recipe's values (all but `NOT_IN_SETUP`) and `train_ensemble`'s
+`trained_from`. A rerun keeps a member whose record matches the run's set-up and whose file matches the
+record's SHA-256; an interrupted one continues from its last checkpoint; a damaged, missing or unrecorded
+one is trained again from the start, said on `log`. Members trained from another set-up stop the run with
+`runner.RunFolderError` naming what changed, unless `retrain`: then they are removed and trained again.
+The manifest is rebuilt from the records and rewritten (atomically) after each member, so a killed run
+loses at most the epoch in progress.
 
 A member (or a fused group) resumed after a kill ends with exactly the weights and history of an
 uninterrupted run on the same machine: every epoch's data are a function of (seed, epoch)
@@ -618,19 +622,9 @@ def train_ensemble(
     """Train every seed's member in turn (or `train.fused` of them at a time), keeping members that an
     earlier run finished from the same set-up.
 
-    The run folder is locked (`runner.lock_run_dir`) meanwhile. Each member's record (`members/seed-XX.json`)
-    says what it was trained from: the recipe's values (all but `NOT_IN_SETUP`) and `trained_from`. A
-    member whose record matches and whose file matches the record's SHA-256 is kept; an interrupted one
-    continues from its last checkpoint; a damaged, missing or unrecorded one is trained again from the
-    start, said on `log`. Members trained from another set-up stop the run with `runner.RunFolderError`
-    naming what changed, unless `retrain`: then they are removed and trained again. The manifest is
-    rebuilt from the records and rewritten (atomically) after each member, so a killed run loses at most
-    the epoch in progress.
-
-    `run.executor` decides where the members train: "local" (the default) one group after another in this
-    process; "ray" each group as a task of a Ray cluster (`replicate.ray_executor`), side by side as its
-    resources allow. Either way this process alone writes the records and the manifest, and each member's
-    files are those `train_member` writes.
+    The run folder is locked (`runner.lock_run_dir`) meanwhile. Members are kept, resumed, trained again or
+    refused by their records (the module docstring says how); `run.executor` decides where the others train
+    ("local" or "ray": `_train_groups`), and this process alone writes the records and the manifest.
 
     Args:
         recipe: the resolved recipe.
@@ -664,44 +658,79 @@ def train_ensemble(
         groups = [tuple(pending[start : start + width]) for start in range(0, len(pending), width)]
         for seed in pending:  # before any checkpoint: an interrupted member is known to be of this set-up
             _write_record(run_dir, seed, {"state": "training", "trained_from": setup})
-        names = {
-            group: ("member " if len(group) == 1 else "members ")
-            + ", ".join(f"{seeds.index(seed) + 1}/{len(seeds)} (seed {seed})" for seed in group)
-            for group in groups
-        }
-
-        def finished(group: tuple[int, ...], entries: list[dict]) -> None:
-            for seed, entry in zip(group, entries, strict=True):
-                record = {"state": "trained", "trained_from": setup, "sha256": files.sha256(run_dir / entry["file"])}
-                _write_record(run_dir, seed, {**record, "entry": entry})
-                trained[seed] = entry
-            manifest["members"] = [trained[seed] for seed in seeds if seed in trained]
-            manifest["peak_memory_mb"] = peak_memory_mb()
-            files.write_json(run_dir / MANIFEST, manifest)
-
-        executor = recipe.get("run", {}).get("executor", "local")
-        failed = {}
-        if executor == "ray":
-            from replicate import ray_executor
-
-            failed = ray_executor.train_groups(
-                recipe, groups, run_dir=run_dir, names=names, finished=finished, log=log, **member_arguments
-            )
-        elif executor == "local":
-            for group in groups:
-                log(f"{names[group]}: training" + (" as one fused model" if len(group) > 1 else ""))
-                finished(group, train_group(recipe, group, run_dir=run_dir, log=log, **member_arguments))
-        else:
-            raise ValueError(f"run.executor must be 'local' or 'ray', got {executor!r}")
-        if failed:
-            errors = "; ".join(f"{names[group]} failed: {error}" for group, error in failed.items())
-            raise runner.TrainingFailedError(
-                f"{run_dir}: {errors}; the members trained so far are kept (running the same command again trains "
-                "the others)"
-            )
+        finished = functools.partial(_record_finished, run_dir, setup, seeds, trained, manifest)
+        _train_groups(recipe, groups, _group_names(groups, seeds), finished, run_dir, log, member_arguments)
         manifest["members"] = [trained[seed] for seed in seeds]
         files.write_json(run_dir / MANIFEST, manifest)
     return manifest
+
+
+def _group_names(groups: Sequence[tuple[int, ...]], seeds: Sequence[int]) -> dict[tuple[int, ...], str]:
+    """How the log names each group, e.g. "members 1/4 (seed 0), 2/4 (seed 1)"."""
+    return {
+        group: ("member " if len(group) == 1 else "members ")
+        + ", ".join(f"{seeds.index(seed) + 1}/{len(seeds)} (seed {seed})" for seed in group)
+        for group in groups
+    }
+
+
+def _record_finished(
+    run_dir: Path,
+    setup: dict,
+    seeds: Sequence[int],
+    trained: dict[int, dict],
+    manifest: dict,
+    group: tuple[int, ...],
+    entries: list[dict],
+) -> None:
+    """Record a group's finished members ("trained", with their file's SHA-256 and manifest entry), add them
+    to `trained`, and rewrite the manifest with every member trained so far."""
+    for seed, entry in zip(group, entries, strict=True):
+        record = {"state": "trained", "trained_from": setup, "sha256": files.sha256(run_dir / entry["file"])}
+        _write_record(run_dir, seed, {**record, "entry": entry})
+        trained[seed] = entry
+    manifest["members"] = [trained[seed] for seed in seeds if seed in trained]
+    manifest["peak_memory_mb"] = peak_memory_mb()
+    files.write_json(run_dir / MANIFEST, manifest)
+
+
+def _train_groups(
+    recipe: dict,
+    groups: Sequence[tuple[int, ...]],
+    names: Mapping[tuple[int, ...], str],
+    finished: Callable[[tuple[int, ...], list[dict]], None],
+    run_dir: Path,
+    log: Callable[[str], None],
+    member_arguments: Mapping[str, Any],
+) -> None:
+    """Train the groups where `run.executor` says: "local" (the default) one group after another in this
+    process; "ray" each group as a task of a Ray cluster (`replicate.ray_executor`), side by side as its
+    resources allow. Either way this process alone writes the records and the manifest (`finished`, called
+    with each group and its entries), and each member's files are those `train_member` writes.
+
+    Raises:
+        runner.TrainingFailedError: on Ray, groups that failed every retry, after the others finished.
+    """
+    executor = recipe.get("run", {}).get("executor", "local")
+    failed = {}
+    if executor == "ray":
+        from replicate import ray_executor
+
+        failed = ray_executor.train_groups(
+            recipe, groups, run_dir=run_dir, names=names, finished=finished, log=log, **member_arguments
+        )
+    elif executor == "local":
+        for group in groups:
+            log(f"{names[group]}: training" + (" as one fused model" if len(group) > 1 else ""))
+            finished(group, train_group(recipe, group, run_dir=run_dir, log=log, **member_arguments))
+    else:
+        raise ValueError(f"run.executor must be 'local' or 'ray', got {executor!r}")
+    if failed:
+        errors = "; ".join(f"{names[group]} failed: {error}" for group, error in failed.items())
+        raise runner.TrainingFailedError(
+            f"{run_dir}: {errors}; the members trained so far are kept (running the same command again trains "
+            "the others)"
+        )
 
 
 def train_group(recipe: dict, seeds: Sequence[int], *, run_dir: str | Path, **member_arguments: Any) -> list[dict]:
