@@ -298,7 +298,12 @@ def train_fused(
     return entries
 
 
-def _fused_model(recipe: dict, seeds: Sequence[int], build_model, metrics) -> tuple[keras.Model, list[keras.Model]]:
+def _fused_model(
+    recipe: dict,
+    seeds: Sequence[int],
+    build_model: Callable[[int], keras.Model],
+    metrics: Sequence[Any] | None,
+) -> tuple[keras.Model, list[keras.Model]]:
     """The seeds' members, each built as `train_member` builds it, and the compiled fused model holding them."""
     from replicate import fused
 
