@@ -147,17 +147,8 @@ def command_line(
         printed on stderr.
     """
     arguments = _parser(prog, description, data_help).parse_args(argv)
-    overrides = list(arguments.set)
-    if arguments.seeds is not None:
-        overrides.append(f"ensemble.seeds={arguments.seeds}")
-    if arguments.epochs is not None:
-        overrides.append(f"train.epochs={arguments.epochs}")
-    if arguments.executor is not None:
-        overrides.append(f"run.executor={json.dumps(arguments.executor)}")
-    if arguments.ray_address is not None:
-        overrides.append(f"run.ray_address={json.dumps(arguments.ray_address)}")  # a TOML string
     try:
-        recipe = load_recipe(arguments.profile, overrides, arguments.recipe)
+        recipe = load_recipe(arguments.profile, _overrides(arguments), arguments.recipe)
         run_dir = run_dir_of(recipe, arguments.data, arguments.run_dir)
         with lock_run_dir(run_dir):  # from the first file written to the last
             run_dir = Path(
@@ -181,6 +172,20 @@ def command_line(
         return 130
     print(done_line(run_dir))
     return 0
+
+
+def _overrides(arguments: argparse.Namespace) -> list[str]:
+    """The recipe overrides the command line asks for: every `--set`, then those its own flags stand for."""
+    overrides = list(arguments.set)
+    if arguments.seeds is not None:
+        overrides.append(f"ensemble.seeds={arguments.seeds}")
+    if arguments.epochs is not None:
+        overrides.append(f"train.epochs={arguments.epochs}")
+    if arguments.executor is not None:
+        overrides.append(f"run.executor={json.dumps(arguments.executor)}")
+    if arguments.ray_address is not None:
+        overrides.append(f"run.ray_address={json.dumps(arguments.ray_address)}")  # a TOML string
+    return overrides
 
 
 def _parser(prog: str, description: str, data_help: str) -> argparse.ArgumentParser:

@@ -8,21 +8,26 @@ Layout of a run folder (`runs/<recipe>/<run-id>/`):
     members/seed-XX.json        its record: what it was trained from, the file's SHA-256, its manifest entry
     members/seed-XX.history.csv its per-epoch history (exactly the finished epochs, once each)
     checkpoints/seed-XX/        the unfinished member's last two epochs (`replicate.checkpoint`; removed when
-                                the member is saved)
+                                the member is saved); `fused-XX-YY/` for a group trained as one fused model
     tensorboard/seed-XX/        TensorBoard logs
 
 A task that trains several seed ensembles (`replicate.task.Group`) has one such folder per group under the
 run folder, e.g. `per_machine/fan/`, and the run's own manifest lists the members of its ensemble
 (`replicate.runner`: the manifest's schema).
 
-Each member stands on its own record, written when it starts ("training") and when it is saved ("trained"):
-a rerun keeps a member whose record matches the run's set-up and whose file matches its checksum, resumes
-an interrupted one, trains a damaged one again, and refuses (or with `retrain`, removes) members trained
-from another set-up. The manifest is rebuilt from the records.
+Each member stands on its own record, written when it starts ("training") and when it is saved ("trained"),
+which says what it was trained from: the recipe's values (all but `NOT_IN_SETUP`) and `train_ensemble`'s
+`trained_from`. A rerun keeps a member whose record matches the run's set-up and whose file matches the
+record's SHA-256; an interrupted one continues from its last checkpoint; a damaged, missing or unrecorded
+one is trained again from the start, said on `log`. Members trained from another set-up stop the run with
+`runner.RunFolderError` naming what changed, unless `retrain`: then they are removed and trained again.
+The manifest is rebuilt from the records and rewritten (atomically) after each member, so a killed run
+loses at most the epoch in progress.
 
-A member resumed after a kill ends with exactly the weights and history of an uninterrupted run on the same
-machine: every epoch's data are a function of (seed, epoch) (`train_data(seed, epoch)`), and the checkpoint
-holds every other state that training carries from one epoch to the next.
+A member (or a fused group) resumed after a kill ends with exactly the weights and history of an
+uninterrupted run on the same machine: every epoch's data are a function of (seed, epoch)
+(`train_data(seed, epoch)`), and the checkpoint holds every other state that training carries from one
+epoch to the next, the member callbacks' state included (`checkpoint.state_attributes`).
 """
 
 from __future__ import annotations
@@ -161,21 +166,18 @@ def train_member(
     """Train one member and save it as `members/seed-XX.keras`; resume it if it was interrupted.
 
     Args:
-        recipe: the resolved recipe; uses `train.epochs`, `train.optimizer`, `train.learning_rate`,
-            `train.loss`.
+        recipe: the resolved recipe (its `train` table).
         seed: seeds the initial weights and dropout (`keras.utils.set_random_seed`) and the data.
         run_dir: the run folder.
         build_model: seed → a new, uncompiled model (called after the seeding; the seed lets a member start
             from its own seed's member of an earlier ensemble, as DCASE's fine-tuning does).
-        train_data: (seed, epoch) → that epoch's training `tf.data.Dataset` of the member, of known
-            length, whose order and augmentations are a function of (seed, epoch) (the builders of
-            `replicate.pipeline` take both). `epoch` is a scalar int64 tensor: the epochs are read through
-            `tf.data.Dataset.flat_map`.
+        train_data: (seed, epoch) → that epoch's training `tf.data.Dataset`, of known length, whose order and
+            augmentations are a function of (seed, epoch), as `replicate.pipeline` builds them; `epoch` is a
+            scalar int64 tensor (the epochs are read as one stream: `_epoch_stream`).
         validation_data: passed to `fit` (None: no validation, as the DACON source trained).
         callbacks: extra callbacks, run after the checkpointing ones (their state is not checkpointed).
-        member_callbacks: (run_dir, member name) → callbacks made for this member only, which run before
-            the logging ones: stateful callbacks (`BestEpoch`, ReduceLROnPlateau, EarlyStopping) go here,
-            and their state is checkpointed (`checkpoint.state_attributes`).
+        member_callbacks: (run_dir, member name) → this member's own callbacks, run before the logging ones:
+            stateful ones (`BestEpoch`, ReduceLROnPlateau, EarlyStopping) go here, their state checkpointed.
         metrics: compiled metrics, logged per epoch (validation ones too when there is validation data).
         verbose: Keras progress display.
         log: where a resume or a damaged checkpoint is said.
@@ -187,35 +189,51 @@ def train_member(
         NonFiniteLossError: the loss became NaN or infinite (nothing is saved for the member).
     """
     run_dir = Path(run_dir)
-    name = member_name(seed)
-    keras.utils.set_random_seed(seed)
-    model = compile_model(build_model(seed), recipe["train"], metrics=metrics)
-    own_callbacks = list(member_callbacks(run_dir, name)) if member_callbacks else []
+    model = compile_model(_seeded_model(build_model, seed), recipe["train"], metrics=metrics)
+    own_callbacks = list(member_callbacks(run_dir, member_name(seed))) if member_callbacks else []
     history, seconds, timer, checkpoint = _fit(
         model,
         lambda epoch: train_data(seed, epoch),
         recipe,
         run_dir,
-        name,
-        validation_data,
-        own_callbacks,
-        callbacks,
-        verbose,
-        seeds=[seed],
+        [seed],
+        validation_data=validation_data,
+        callbacks=callbacks,
+        verbose=verbose,
         log=log,
+        first_callbacks=own_callbacks,
     )
     entry = _save_member(model, recipe, seed, run_dir, train_data)
     checkpoint.remove()
-    entry.update(
-        epochs_this_session=len(history.epoch),
-        train_seconds=round(seconds, 2),
-        samples_per_second=round(timer.steps_per_second * recipe["train"]["batch_size"], 2),
-        final=checkpoint.final_logs(),
-    )
-    for callback in own_callbacks:
-        if isinstance(callback, BestEpoch) and callback.best_epoch:
-            entry.update(best_epoch=callback.best_epoch, best={callback.monitor: callback.best})
+    entry.update(_session_entry(history, seconds, timer, recipe["train"]["batch_size"]), final=checkpoint.final_logs())
+    entry.update(_best_epoch_entry(own_callbacks))
     return entry
+
+
+def _seeded_model(build_model: Callable[[int], keras.Model], seed: int) -> keras.Model:
+    """A member's new model, built after seeding: its initial weights and dropout come from its seed."""
+    keras.utils.set_random_seed(seed)
+    return build_model(seed)
+
+
+def _session_entry(history, seconds: float, timer, batch_size: int, members: int = 1) -> dict:
+    """What this session trained, for a member's manifest entry: its epochs, its share of the wall time and
+    the training throughput (of the whole fused group when `members` trained as one model)."""
+    return {
+        "epochs_this_session": len(history.epoch),
+        "train_seconds": round(seconds / members, 2),
+        "samples_per_second": round(timer.steps_per_second * batch_size * members, 2),
+    }
+
+
+def _best_epoch_entry(member_callbacks: Iterable[keras.callbacks.Callback]) -> dict:
+    """The best epoch and score of the member's `BestEpoch` callback, for its manifest entry ({} without one,
+    or before it scored an epoch)."""
+    best = {}
+    for callback in member_callbacks:
+        if isinstance(callback, BestEpoch) and callback.best_epoch:
+            best = {"best_epoch": callback.best_epoch, "best": {callback.monitor: callback.best}}
+    return best
 
 
 @_under_recipe_settings
@@ -237,15 +255,13 @@ def train_fused(
 
     Each member starts from the weights `train_member` would give it (its seed, then the builder) and sees
     its own seeded batches, so the result equals training them one by one up to float rounding and dropout
-    masks. Interrupted, the group resumes from its last finished epoch (`checkpoints/fused-XX-YY/`) exactly
-    as an uninterrupted group would have gone on.
+    masks. An interrupted group resumes as a member does.
 
     Args:
         recipe, run_dir, build_model, train_data, validation_data, callbacks, metrics, verbose, log: as for
             `train_member`; validation data are given to every member.
         seeds: the members trained together.
-        member_callbacks: not supported: their state (best epoch, learning-rate plateaus, early stopping)
-            is per member, and the fused members share one optimizer step (`recipe.RecipeError`).
+        member_callbacks: not supported (`recipe.RecipeError`, `fused_refusal`).
 
     Returns:
         The members' manifest entries, each with `fused` (the group's seeds and wall time).
@@ -255,52 +271,67 @@ def train_fused(
     if member_callbacks is not None:
         raise recipe_lib.RecipeError(fused_refusal(recipe))
     run_dir = Path(run_dir)
-    members = []
-    for seed in seeds:  # the same seeding before building as train_member's
-        keras.utils.set_random_seed(seed)
-        members.append(build_model(seed))
-    layout = recipe["train"].get("fused_layout", "auto")
-    model = compile_model(fused.fuse(members[0], len(seeds), layout), recipe["train"], metrics=metrics)
-    fused.pack(model, members)
+    model, members = _fused_model(recipe, seeds, build_model, metrics)
     if validation_data is not None:
         validation_data = fused.stack_datasets([validation_data] * len(seeds))
-    name = "fused-" + "-".join(f"{seed:02d}" for seed in seeds)
     history, seconds, timer, checkpoint = _fit(
         model,
         lambda epoch: fused.stack_datasets([train_data(seed, epoch) for seed in seeds]),
         recipe,
         run_dir,
-        name,
-        validation_data,
-        [],
-        callbacks,
-        verbose,
-        seeds=list(seeds),
+        list(seeds),
+        validation_data=validation_data,
+        callbacks=callbacks,
+        verbose=verbose,
         log=log,
     )
-    group_logs = checkpoint.final_logs()
+    session = _session_entry(history, seconds, timer, recipe["train"]["batch_size"], len(seeds))
+    group_logs = {key: [value] for key, value in checkpoint.final_logs().items()}
     entries = []
-    for k, (seed, member) in enumerate(zip(seeds, fused.unpack(model, members), strict=True)):
-        # The fused model's own optimizer state stays with the group; each member is saved compiled afresh.
-        compile_model(member, recipe["train"], metrics=metrics)
-        entry = _save_member(member, recipe, seed, run_dir, train_data)
-        _write_member_history(
-            run_dir / "members" / f"{name}.history.csv", k, run_dir / "members" / f"{member_name(seed)}.history.csv"
-        )
+    for k, member in enumerate(fused.unpack(model, members)):
+        entry = _save_fused_member(member, seeds, k, recipe, run_dir, train_data, metrics)
         entry.update(
-            epochs_this_session=len(history.epoch),
-            train_seconds=round(seconds / len(seeds), 2),
-            samples_per_second=round(timer.steps_per_second * recipe["train"]["batch_size"] * len(seeds), 2),
-            final=_member_logs({key: [value] for key, value in group_logs.items()}, k),
-            fused={"seeds": list(seeds), "train_seconds": round(seconds, 2)},
+            session, final=_member_logs(group_logs, k), fused={"seeds": list(seeds), "train_seconds": round(seconds, 2)}
         )
         entries.append(entry)
     checkpoint.remove()
     return entries
 
 
+def _fused_model(
+    recipe: dict,
+    seeds: Sequence[int],
+    build_model: Callable[[int], keras.Model],
+    metrics: Sequence[Any] | None,
+) -> tuple[keras.Model, list[keras.Model]]:
+    """The seeds' members, each built as `train_member` builds it, and the compiled fused model holding them."""
+    from replicate import fused
+
+    members = [_seeded_model(build_model, seed) for seed in seeds]
+    layout = recipe["train"].get("fused_layout", "auto")
+    model = compile_model(fused.fuse(members[0], len(seeds), layout), recipe["train"], metrics=metrics)
+    fused.pack(model, members)
+    return model, members
+
+
+def _save_fused_member(member, seeds: Sequence[int], k: int, recipe: dict, run_dir: Path, train_data, metrics) -> dict:
+    """Save member k of a trained fused group as `train_member` saves a member, with its own columns of the
+    group's history as its history; returns its manifest entry so far."""
+    # The fused model's own optimizer state stays with the group; each member is saved compiled afresh.
+    compile_model(member, recipe["train"], metrics=metrics)
+    entry = _save_member(member, recipe, seeds[k], run_dir, train_data)
+    members_folder = run_dir / "members"
+    _write_member_history(
+        members_folder / f"{_training_name(seeds)}.history.csv",
+        k,
+        members_folder / f"{member_name(seeds[k])}.history.csv",
+    )
+    return entry
+
+
 def fused_refusal(recipe: dict) -> str:
-    """Why a recipe whose members have their own callbacks cannot train them fused."""
+    """Why a recipe whose members have their own callbacks cannot train them fused: their state (best epoch,
+    learning-rate plateaus, early stopping) is per member, and the fused members share one optimizer step."""
     return (
         f"train.fused = {recipe['train'].get('fused')}: this recipe keeps per-member callbacks (best epoch, "
         "ReduceLROnPlateau, early stopping), which members trained as one fused model cannot run; set "
@@ -343,29 +374,26 @@ def _fit(
     epoch_data,
     recipe,
     run_dir: Path,
-    name: str,
+    seeds: Sequence[int],
+    *,
     validation_data,
-    first_callbacks,
     callbacks,
     verbose,
-    *,
-    seeds: Sequence[int],
     log: Callable[[str], None],
+    first_callbacks: Sequence[keras.callbacks.Callback] = (),
 ):
     """`model.fit` for the recipe's epochs, from the last checkpoint if there is one, with the run folder's
-    checkpoints, history and TensorBoard logs.
+    checkpoints, history and TensorBoard logs (named by `_training_name(seeds)`).
 
     Args:
-        epoch_data: epoch (scalar int64 tensor) → that epoch's dataset. The epochs still to train are read
-            as one stream, `Dataset.range(first, epochs).flat_map(epoch_data)`, `steps_per_epoch` batches
-            each, so an epoch's batches do not depend on where the run started.
+        epoch_data: epoch (scalar int64 tensor) → that epoch's dataset (`_epoch_stream`).
         seeds: the seeds being trained (one, or a fused group's), named by a non-finite loss.
+        first_callbacks: the member's own callbacks, run before the checkpoint, which saves their state.
 
     Returns:
         (Keras history of this session, seconds, the epoch timer, the `checkpoint.Checkpoint`).
     """
-    import tensorflow as tf
-
+    name = _training_name(seeds)
     epochs = recipe["train"]["epochs"]
     history_path = run_dir / "members" / f"{name}.history.csv"
     history_path.parent.mkdir(parents=True, exist_ok=True)
@@ -373,19 +401,11 @@ def _fit(
         run_dir / "checkpoints" / name, history_path, first_callbacks, epochs=epochs, log=log
     )
     first_epoch = checkpoint.restore(model)
-    steps = int(epoch_data(tf.constant(0, tf.int64)).cardinality())
-    if steps <= 0:
-        raise ValueError(
-            f"{name}: an epoch of training data must have a known, non-zero number of batches, got {steps} "
-            "(-2: unknown, e.g. after `filter`; -1: infinite)"
-        )
-    # With every epoch done (or stopped early) no batch is read; the last epoch stands in for an empty stream,
-    # which a distribution strategy could not peek at to build the model.
-    dataset = tf.data.Dataset.range(min(first_epoch, epochs - 1), epochs).flat_map(epoch_data)
+    dataset, steps = _epoch_stream(epoch_data, first_epoch, epochs, name)
     timer = _EpochTimer()
     started = time.perf_counter()
     history = model.fit(
-        dataset.prefetch(tf.data.AUTOTUNE),
+        dataset,
         epochs=epochs,
         initial_epoch=first_epoch,
         steps_per_epoch=steps,
@@ -402,6 +422,32 @@ def _fit(
         ],
     )
     return history, time.perf_counter() - started, timer, checkpoint
+
+
+def _training_name(seeds: Sequence[int]) -> str:
+    """What a training session's files are named after: `seed-XX` for one member, `fused-XX-YY` for a fused
+    group."""
+    if len(seeds) == 1:
+        return member_name(seeds[0])
+    return "fused-" + "-".join(f"{seed:02d}" for seed in seeds)
+
+
+def _epoch_stream(epoch_data, first_epoch: int, epochs: int, name: str):
+    """The epochs still to train as one prefetched stream, `Dataset.range(first, epochs).flat_map(epoch_data)`,
+    and the number of batches of an epoch (`steps_per_epoch`), so an epoch's batches do not depend on where
+    the run started."""
+    import tensorflow as tf
+
+    steps = int(epoch_data(tf.constant(0, tf.int64)).cardinality())
+    if steps <= 0:
+        raise ValueError(
+            f"{name}: an epoch of training data must have a known, non-zero number of batches, got {steps} "
+            "(-2: unknown, e.g. after `filter`; -1: infinite)"
+        )
+    # With every epoch done (or stopped early) no batch is read; the last epoch stands in for an empty stream,
+    # which a distribution strategy could not peek at to build the model.
+    dataset = tf.data.Dataset.range(min(first_epoch, epochs - 1), epochs).flat_map(epoch_data)
+    return dataset.prefetch(tf.data.AUTOTUNE), steps
 
 
 class _StopOnNonFiniteLoss(keras.callbacks.Callback):
@@ -581,19 +627,9 @@ def train_ensemble(
     """Train every seed's member in turn (or `train.fused` of them at a time), keeping members that an
     earlier run finished from the same set-up.
 
-    The run folder is locked (`runner.lock_run_dir`) meanwhile. Each member's record (`members/seed-XX.json`)
-    says what it was trained from: the recipe's values (all but `NOT_IN_SETUP`) and `trained_from`. A
-    member whose record matches and whose file matches the record's SHA-256 is kept; an interrupted one
-    continues from its last checkpoint; a damaged, missing or unrecorded one is trained again from the
-    start, said on `log`. Members trained from another set-up stop the run with `runner.RunFolderError`
-    naming what changed, unless `retrain`: then they are removed and trained again. The manifest is
-    rebuilt from the records and rewritten (atomically) after each member, so a killed run loses at most
-    the epoch in progress.
-
-    `run.executor` decides where the members train: "local" (the default) one group after another in this
-    process; "ray" each group as a task of a Ray cluster (`replicate.ray_executor`), side by side as its
-    resources allow. Either way this process alone writes the records and the manifest, and each member's
-    files are those `train_member` writes.
+    The run folder is locked (`runner.lock_run_dir`) meanwhile. Members are kept, resumed, trained again or
+    refused by their records (the module docstring says how); `run.executor` decides where the others train
+    ("local" or "ray": `_train_groups`), and this process alone writes the records and the manifest.
 
     Args:
         recipe: the resolved recipe.
@@ -627,44 +663,79 @@ def train_ensemble(
         groups = [tuple(pending[start : start + width]) for start in range(0, len(pending), width)]
         for seed in pending:  # before any checkpoint: an interrupted member is known to be of this set-up
             _write_record(run_dir, seed, {"state": "training", "trained_from": setup})
-        names = {
-            group: ("member " if len(group) == 1 else "members ")
-            + ", ".join(f"{seeds.index(seed) + 1}/{len(seeds)} (seed {seed})" for seed in group)
-            for group in groups
-        }
-
-        def finished(group: tuple[int, ...], entries: list[dict]) -> None:
-            for seed, entry in zip(group, entries, strict=True):
-                record = {"state": "trained", "trained_from": setup, "sha256": files.sha256(run_dir / entry["file"])}
-                _write_record(run_dir, seed, {**record, "entry": entry})
-                trained[seed] = entry
-            manifest["members"] = [trained[seed] for seed in seeds if seed in trained]
-            manifest["peak_memory_mb"] = peak_memory_mb()
-            files.write_json(run_dir / MANIFEST, manifest)
-
-        executor = recipe.get("run", {}).get("executor", "local")
-        failed = {}
-        if executor == "ray":
-            from replicate import ray_executor
-
-            failed = ray_executor.train_groups(
-                recipe, groups, run_dir=run_dir, names=names, finished=finished, log=log, **member_arguments
-            )
-        elif executor == "local":
-            for group in groups:
-                log(f"{names[group]}: training" + (" as one fused model" if len(group) > 1 else ""))
-                finished(group, train_group(recipe, group, run_dir=run_dir, log=log, **member_arguments))
-        else:
-            raise ValueError(f"run.executor must be 'local' or 'ray', got {executor!r}")
-        if failed:
-            errors = "; ".join(f"{names[group]} failed: {error}" for group, error in failed.items())
-            raise runner.TrainingFailedError(
-                f"{run_dir}: {errors}; the members trained so far are kept (running the same command again trains "
-                "the others)"
-            )
+        finished = functools.partial(_record_finished, run_dir, setup, seeds, trained, manifest)
+        _train_groups(recipe, groups, _group_names(groups, seeds), finished, run_dir, log, member_arguments)
         manifest["members"] = [trained[seed] for seed in seeds]
         files.write_json(run_dir / MANIFEST, manifest)
     return manifest
+
+
+def _group_names(groups: Sequence[tuple[int, ...]], seeds: Sequence[int]) -> dict[tuple[int, ...], str]:
+    """How the log names each group, e.g. "members 1/4 (seed 0), 2/4 (seed 1)"."""
+    return {
+        group: ("member " if len(group) == 1 else "members ")
+        + ", ".join(f"{seeds.index(seed) + 1}/{len(seeds)} (seed {seed})" for seed in group)
+        for group in groups
+    }
+
+
+def _record_finished(
+    run_dir: Path,
+    setup: dict,
+    seeds: Sequence[int],
+    trained: dict[int, dict],
+    manifest: dict,
+    group: tuple[int, ...],
+    entries: list[dict],
+) -> None:
+    """Record a group's finished members ("trained", with their file's SHA-256 and manifest entry), add them
+    to `trained`, and rewrite the manifest with every member trained so far."""
+    for seed, entry in zip(group, entries, strict=True):
+        record = {"state": "trained", "trained_from": setup, "sha256": files.sha256(run_dir / entry["file"])}
+        _write_record(run_dir, seed, {**record, "entry": entry})
+        trained[seed] = entry
+    manifest["members"] = [trained[seed] for seed in seeds if seed in trained]
+    manifest["peak_memory_mb"] = peak_memory_mb()
+    files.write_json(run_dir / MANIFEST, manifest)
+
+
+def _train_groups(
+    recipe: dict,
+    groups: Sequence[tuple[int, ...]],
+    names: Mapping[tuple[int, ...], str],
+    finished: Callable[[tuple[int, ...], list[dict]], None],
+    run_dir: Path,
+    log: Callable[[str], None],
+    member_arguments: Mapping[str, Any],
+) -> None:
+    """Train the groups where `run.executor` says: "local" (the default) one group after another in this
+    process; "ray" each group as a task of a Ray cluster (`replicate.ray_executor`), side by side as its
+    resources allow. Either way this process alone writes the records and the manifest (`finished`, called
+    with each group and its entries), and each member's files are those `train_member` writes.
+
+    Raises:
+        runner.TrainingFailedError: on Ray, groups that failed every retry, after the others finished.
+    """
+    executor = recipe.get("run", {}).get("executor", "local")
+    failed = {}
+    if executor == "ray":
+        from replicate import ray_executor
+
+        failed = ray_executor.train_groups(
+            recipe, groups, run_dir=run_dir, names=names, finished=finished, log=log, **member_arguments
+        )
+    elif executor == "local":
+        for group in groups:
+            log(f"{names[group]}: training" + (" as one fused model" if len(group) > 1 else ""))
+            finished(group, train_group(recipe, group, run_dir=run_dir, log=log, **member_arguments))
+    else:
+        raise ValueError(f"run.executor must be 'local' or 'ray', got {executor!r}")
+    if failed:
+        errors = "; ".join(f"{names[group]} failed: {error}" for group, error in failed.items())
+        raise runner.TrainingFailedError(
+            f"{run_dir}: {errors}; the members trained so far are kept (running the same command again trains "
+            "the others)"
+        )
 
 
 def train_group(recipe: dict, seeds: Sequence[int], *, run_dir: str | Path, **member_arguments: Any) -> list[dict]:
