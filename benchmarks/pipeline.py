@@ -3,7 +3,7 @@
 A feature cache of `clips` rows of (64 mels, 101 frames, 4 resolutions) float32 mel power, as
 `features.cached_features` leaves it (a `.npy` file opened as a read-only memory map), and DACON's 30-word
 targets; the page cache is warmed by reading the file once before timing. Each measurement builds the
-stream the training engine reads (`train._fit`): every epoch's dataset (`from_arrays` with the recipe's
+stream the training engine reads (`train._epoch_stream`): every epoch's dataset (`from_arrays` with the recipe's
 transform, the `features.Normalizer`, shuffled by (seed, epoch)) read one after another through
 `Dataset.range(epochs).flat_map`, and for K members the K members' streams stacked into fused batches by
 `fused.stack_datasets`: in one numpy step per fused batch, as training reads them, and for comparison the
