@@ -371,7 +371,7 @@ def main(argv=None) -> None:
         _save(path, measured)
         print(f"results: {path}")
     changed = report.update_readme(README, "bench", readme_block(load_results()))
-    print(f"{README}: results:bench {'updated' if changed else 'already up to date'}")
+    print(f"{changed or README}: results:bench {'updated' if changed else 'already up to date'}")
     if not arguments.table_only and any(entry.get("failed") for entry in skipped):
         sys.exit("some measurements failed (their errors are above)")
 
