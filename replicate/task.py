@@ -79,6 +79,28 @@ def listing(values: Sequence, limit: int = 10) -> str:
     return f"{shown} (and {len(values) - limit} more)" if len(values) > limit else shown
 
 
+def read_csv(path: str | os.PathLike, **options):
+    """`pandas.read_csv(path, **options)`; a file that cannot be read or parsed is a `DataError` naming it."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, **options)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
+        raise DataError(f"{path}: not a readable CSV ({error})") from error
+
+
+def csv_lines(table, rows, id_column: str | None = None) -> str:
+    """Where rows of a table read by `read_csv` are in its file, for an error message: "line 2, 5" (line 1
+    is the header), and with `id_column` the rows' IDs: "line 2, 5 (ID a, b)".
+
+    Args:
+        table: the `pandas.DataFrame` as read (its default index: row i on line i + 2).
+        rows: the index labels of the rows.
+    """
+    lines = f"line {listing([int(row) + 2 for row in rows])}"
+    return f"{lines} (ID {listing(table.loc[rows, id_column].tolist())})" if id_column else lines
+
+
 @dataclass
 class Run:
     """One run of a task, as the hooks see it: its recipe and folder, and what the engine has made so far.

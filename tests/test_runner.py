@@ -295,3 +295,14 @@ def test_fused_members_with_their_own_callbacks_are_refused_before_training(data
         "stopping), which members trained as one fused model cannot run; set train.fused = 1\n"
     )
     assert not (tmp_path / "run" / "members").exists()
+
+
+def test_read_csv_names_an_unreadable_file_and_csv_lines_name_rows_by_line_and_id(tmp_path):
+    from replicate.task import DataError, csv_lines, read_csv
+
+    with pytest.raises(DataError, match=r"missing\.csv: not a readable CSV"):
+        read_csv(tmp_path / "missing.csv")
+    (tmp_path / "t.csv").write_text("ID,x\na,1\nb,2\nc,3\n")
+    table = read_csv(tmp_path / "t.csv", dtype=str)
+    assert csv_lines(table, table.index[table["x"] != "2"]) == "line 2, 4"
+    assert csv_lines(table, table.index[table["x"] == "2"], "ID") == "line 3 (ID b)"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from replicate.task import DataError, listing
+from replicate.task import DataError, csv_lines, listing, read_csv
 
 CLASS_NAMES = ("Phonotrauma", "Incomplete glottic closure", "Vocal palsy", "Neoplasm", "Normal")  # labels 1-5
 LABEL_COLUMN = "Disease category"
@@ -156,7 +156,7 @@ def read_table(path: Path, *, labelled: bool) -> tuple[pd.DataFrame, np.ndarray 
         raise DataError(f"{path}: no rows")
     ids = table[ID_COLUMN]
     if (ids == "").any():
-        raise DataError(f"{path}: empty ID on line {_lines(table.index[ids == ''])}")
+        raise DataError(f"{path}: empty ID on {csv_lines(table, table.index[ids == ''])}")
     duplicated = ids[ids.duplicated()].unique().tolist()
     if duplicated:
         raise DataError(f"{path}: duplicated IDs {listing(duplicated)}")
@@ -174,10 +174,7 @@ def read_table(path: Path, *, labelled: bool) -> tuple[pd.DataFrame, np.ndarray 
 
 def _read_csv(path: Path) -> pd.DataFrame:
     """Every cell as text, empty cells as "" (not NaN): each is checked by its column's rule."""
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
-        raise DataError(f"{path}: not a readable CSV ({error})") from error
+    return read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
 
 
 def _canonical_columns(path: Path, columns: Sequence[str], labelled: bool) -> dict[str, str]:
@@ -227,13 +224,8 @@ def _check_column(path: Path, table: pd.DataFrame, spec: Field) -> tuple[pd.Seri
     return values.astype(np.float64), int(empty.sum())
 
 
-def _lines(index) -> str:
-    return listing([int(row) + 2 for row in index])  # line 1 is the header
-
-
 def _where(table: pd.DataFrame, mask: pd.Series) -> str:
-    rows = table.index[mask]
-    return f"line {_lines(rows)} (ID {listing(table.loc[rows, ID_COLUMN].tolist())})"
+    return csv_lines(table, table.index[mask], ID_COLUMN)
 
 
 def match_files(folder: Path, ids: Sequence[str], table: Path) -> tuple[list[Path], int]:

@@ -167,14 +167,13 @@ def _modality_section(run: Run, modality: str, modality_scores: dict, *, in_ense
         ensemble, plot = scores["ensemble"], f"confusion_{modality}_{split}.png"
         class_names = [f"{i + 1} {name}" for i, name in enumerate(CLASS_NAMES)]
         title = f"{MODALITY_WHAT[modality]}, {split}"
-        report.plot_confusion_matrix(np.array(ensemble["confusion"]), class_names, run.run_dir / plot, title=title)
-        recall_rows = [
-            (name, ensemble["recall"][i], int(np.sum(ensemble["confusion"][i]))) for i, name in enumerate(class_names)
-        ]
+        recall = ("class", "recall", "persons")
         lines += [
             f"### {SPLIT_WHAT[split]}: UAR {ensemble['uar']:.4f}, macro F1 {ensemble['macro_f1']:.4f}",
             "",
-            report.markdown_table(("class", "recall", "persons"), recall_rows),
+            report.per_class_table(
+                ensemble["confusion"], ensemble["recall"], class_names, recall, run.run_dir / plot, title=title
+            ),
             "",
             variant_line,
             "",
