@@ -59,6 +59,7 @@ a recipe `recipes/<name>.toml`, and one line in `replicate/tasks.py`.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,37 @@ def csv_lines(table, rows, id_column: str | None = None) -> str:
     """
     lines = f"line {listing([int(row) + 2 for row in rows])}"
     return f"{lines} (ID {listing(table.loc[rows, id_column].tolist())})" if id_column else lines
+
+
+def layout_name(name: str) -> str:
+    """A file or folder name as data layouts compare them: case-insensitive, with spaces, underscores and
+    dashes alike ("Training Dataset" → "training_dataset")."""
+    return re.sub(r"[\s_-]+", "_", name.strip()).lower()
+
+
+def find_in_layout(root: Path, name: str, *, directory: bool, near: Path | None = None) -> Path | None:
+    """The file (or folder) whose `layout_name` is `name`: beside `near` if it is there, else the one in
+    `root` or one level down; None if there is none. Two candidates in the same search are a `DataError`
+    (which one is the data cannot be told)."""
+
+    def matches(place: Path) -> list[Path]:
+        return [
+            candidate
+            for candidate in sorted(place.iterdir())
+            if layout_name(candidate.name) == name and (candidate.is_dir() if directory else candidate.is_file())
+        ]
+
+    searches = ([[near]] if near is not None else []) + [[root, *sorted(p for p in root.iterdir() if p.is_dir())]]
+    for places in searches:
+        found = [candidate for place in places for candidate in matches(place)]
+        if len(found) > 1:
+            raise DataError(
+                f"{root}: {name} is there {len(found)} times ({listing(map(str, found))}); keep one (or use "
+                "a data folder that holds one)"
+            )
+        if found:
+            return found[0]
+    return None
 
 
 @dataclass

@@ -306,3 +306,19 @@ def test_read_csv_names_an_unreadable_file_and_csv_lines_name_rows_by_line_and_i
     table = read_csv(tmp_path / "t.csv", dtype=str)
     assert csv_lines(table, table.index[table["x"] != "2"]) == "line 2, 4"
     assert csv_lines(table, table.index[table["x"] == "2"], "ID") == "line 3 (ID b)"
+
+
+def test_find_in_layout_looks_beside_then_in_the_root_and_one_level_down(tmp_path):
+    from replicate.task import DataError, find_in_layout, layout_name
+
+    assert layout_name(" Training Dataset ") == layout_name("training-dataset") == "training_dataset"
+    (tmp_path / "Sub").mkdir()
+    (tmp_path / "Sub" / "Training List.csv").write_text("")
+    assert find_in_layout(tmp_path, "training_list.csv", directory=False) == tmp_path / "Sub" / "Training List.csv"
+    assert find_in_layout(tmp_path, "training_list.csv", directory=True) is None
+    (tmp_path / "training_list.csv").write_text("")
+    assert (
+        find_in_layout(tmp_path, "training_list.csv", directory=False, near=tmp_path) == tmp_path / "training_list.csv"
+    )
+    with pytest.raises(DataError, match="training_list.csv is there 2 times"):
+        find_in_layout(tmp_path, "training_list.csv", directory=False)
