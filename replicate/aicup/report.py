@@ -126,13 +126,10 @@ def report_parts(run: Run) -> ReportParts:
 def _comparison(modalities: Mapping[str, dict]) -> list[str]:
     """The ensembles' UAR and macro F1 side by side on the lists both score."""
     splits = [name for name, scores in next(iter(modalities.values()))["splits"].items() if "ensemble" in scores]
-    headers = ("ensemble", *(f"UAR {s}" for s in splits), *(f"macro F1 {s}" for s in splits))
+    columns = {"uar": "UAR", "macro_f1": "macro F1"}
+    headers = ("ensemble", *(f"{title} {s}" for title in columns.values() for s in splits))
     rows = [
-        (
-            MODALITY_WHAT[modality],
-            *(scores["splits"][s]["ensemble"]["uar"] for s in splits),
-            *(scores["splits"][s]["ensemble"]["macro_f1"] for s in splits),
-        )
+        (MODALITY_WHAT[modality], *(scores["splits"][s]["ensemble"][key] for key in columns for s in splits))
         for modality, scores in modalities.items()
     ]
     return ["### Audio only vs multimodal", "", report.markdown_table(headers, rows), ""]
