@@ -102,6 +102,42 @@ def csv_lines(table, rows, id_column: str | None = None) -> str:
     return f"{lines} (ID {listing(table.loc[rows, id_column].tolist())})" if id_column else lines
 
 
+def header_names(
+    path: str | os.PathLike,
+    columns: Sequence[str],
+    expected: Sequence[str],
+    normalize: Callable[[str], str],
+    optional: Sequence[str] = (),
+) -> dict[str, str]:
+    """Each column of a CSV's header → the `expected` (or `optional`) name it stands for, names compared
+    after `normalize` (e.g. case- and space-insensitively); for `DataFrame.rename(columns=...)`.
+
+    Raises:
+        DataError: naming `path`: two columns that stand for the same name; `expected` names missing or
+            columns unknown (both, when both).
+    """
+    by_normalized = {normalize(name): name for name in expected}
+    for name in optional:
+        by_normalized.setdefault(normalize(name), name)
+    renames, unknown, seen = {}, [], {}
+    for column in columns:
+        canonical = by_normalized.get(normalize(column))
+        if canonical is None:
+            unknown.append(repr(column))
+        elif canonical in seen:
+            raise DataError(f"{path}: columns {seen[canonical]!r} and {column!r} are the same column {canonical!r}")
+        else:
+            seen[canonical] = column
+            renames[column] = canonical
+    missing = [name for name in expected if name not in seen]
+    problems = ([f"missing columns {', '.join(map(repr, missing))}"] if missing else []) + (
+        [f"unknown columns {', '.join(unknown)}"] if unknown else []
+    )
+    if problems:
+        raise DataError(f"{path}: {'; '.join(problems)} (expected the competition's {len(expected)} columns)")
+    return renames
+
+
 def layout_name(name: str) -> str:
     """A file or folder name as data layouts compare them: case-insensitive, with spaces, underscores and
     dashes alike ("Training Dataset" → "training_dataset")."""

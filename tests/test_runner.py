@@ -322,3 +322,16 @@ def test_find_in_layout_looks_beside_then_in_the_root_and_one_level_down(tmp_pat
     )
     with pytest.raises(DataError, match="training_list.csv is there 2 times"):
         find_in_layout(tmp_path, "training_list.csv", directory=False)
+
+
+def test_header_names_match_columns_after_normalising_and_name_what_is_wrong():
+    from replicate.task import DataError, header_names
+
+    expected, optional = ["ID", "Age"], ["Label"]
+    renames = header_names("t.csv", [" id", "AGE", "label"], expected, lambda n: n.strip().lower(), optional)
+    assert renames == {" id": "ID", "AGE": "Age", "label": "Label"}
+    assert header_names("t.csv", ["ID", "Age"], expected, str.lower, optional) == {"ID": "ID", "Age": "Age"}
+    with pytest.raises(DataError, match=r"t\.csv: missing columns 'Age'; unknown columns 'Sex' \(expected the"):
+        header_names("t.csv", ["ID", "Sex"], expected, str.lower)
+    with pytest.raises(DataError, match=r"t\.csv: columns 'ID' and 'id' are the same column 'ID'"):
+        header_names("t.csv", ["ID", "id", "Age"], expected, str.lower)

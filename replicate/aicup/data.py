@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from replicate.task import DataError, csv_lines, find_in_layout, listing, read_csv
+from replicate.task import DataError, csv_lines, find_in_layout, header_names, listing, read_csv
 
 CLASS_NAMES = ("Phonotrauma", "Incomplete glottic closure", "Vocal palsy", "Neoplasm", "Normal")  # labels 1-5
 LABEL_COLUMN = "Disease category"
@@ -120,7 +120,9 @@ def read_table(path: Path, *, labelled: bool) -> tuple[pd.DataFrame, np.ndarray 
             naming the line, the ID and the column.
     """
     raw = _read_csv(path)
-    table = raw.rename(columns=_canonical_columns(path, raw.columns, labelled))
+    expected = [ID_COLUMN, *FIELD_NAMES] + ([LABEL_COLUMN] if labelled else [])
+    optional = [] if labelled else [LABEL_COLUMN]  # a test list may carry a label column or not
+    table = raw.rename(columns=header_names(path, raw.columns, expected, normalize_column, optional=optional))
     table = table.apply(lambda column: column.str.strip())
     if len(table) == 0:
         raise DataError(f"{path}: no rows")
@@ -145,31 +147,6 @@ def read_table(path: Path, *, labelled: bool) -> tuple[pd.DataFrame, np.ndarray 
 def _read_csv(path: Path) -> pd.DataFrame:
     """Every cell as text, empty cells as "" (not NaN): each is checked by its column's rule."""
     return read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-
-
-def _canonical_columns(path: Path, columns: Sequence[str], labelled: bool) -> dict[str, str]:
-    """Each column of the file → its canonical name; missing, unknown or repeated columns are a `DataError`."""
-    expected = [ID_COLUMN, *FIELD_NAMES] + ([LABEL_COLUMN] if labelled else [])
-    by_normalized = {normalize_column(name): name for name in expected}
-    if not labelled:  # a test list may carry no label column; one that does is not an error
-        by_normalized.setdefault(normalize_column(LABEL_COLUMN), LABEL_COLUMN)
-    renames, unknown, seen = {}, [], {}
-    for column in columns:
-        canonical = by_normalized.get(normalize_column(column))
-        if canonical is None:
-            unknown.append(repr(column))
-        elif canonical in seen:
-            raise DataError(f"{path}: columns {seen[canonical]!r} and {column!r} are the same column {canonical!r}")
-        else:
-            seen[canonical] = column
-            renames[column] = canonical
-    missing = [name for name in expected if name not in seen]
-    problems = ([f"missing columns {', '.join(map(repr, missing))}"] if missing else []) + (
-        [f"unknown columns {', '.join(unknown)}"] if unknown else []
-    )
-    if problems:
-        raise DataError(f"{path}: {'; '.join(problems)} (expected the competition's {len(expected)} columns)")
-    return renames
 
 
 def _check_column(path: Path, table: pd.DataFrame, spec: Field) -> tuple[pd.Series, int]:
