@@ -37,6 +37,17 @@ def unweighted_average_recall(y_true, y_pred) -> float:
     return float(sk_metrics.balanced_accuracy_score(y_true, y_pred))
 
 
+def classification_scores(y_true, y_pred, labels) -> dict:
+    """A classifier's scores over the classes `labels`, in that order: UAR, macro F1, each class's recall
+    (0 for a class absent from `y_true`) and the confusion matrix (rows true, columns predicted), as plain lists."""
+    return {
+        "uar": unweighted_average_recall(y_true, y_pred),
+        "macro_f1": macro_f1(y_true, y_pred, labels=labels),
+        "recall": sk_metrics.recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0).tolist(),
+        "confusion": sk_metrics.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
 def auc(y_true, scores) -> float:
     """Area under the ROC curve; `y_true` is 1 for anomalous, `scores` higher for more anomalous."""
     return float(sk_metrics.roc_auc_score(y_true, scores))

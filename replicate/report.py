@@ -207,6 +207,29 @@ def plot_confusion_matrix(
     return _save(figure, path)
 
 
+def per_class_table(
+    confusion: Sequence[Sequence[int]],
+    values: Sequence[float],
+    class_names: Sequence[str],
+    headers: Sequence[str],
+    plot: str | os.PathLike,
+    *,
+    title: str,
+) -> str:
+    """A classifier's per-class part of a report: the markdown table of each class's value (e.g. its recall)
+    beside its count (the confusion matrix's row), and the confusion matrix plotted to `plot`.
+
+    Args:
+        confusion: counts, rows = true class, columns = predicted class, in `class_names`' order.
+        values: one value per class, in the same order.
+        headers: the table's three column names: the class's, the value's and the count's.
+    """
+    confusion = np.asarray(confusion)
+    plot_confusion_matrix(confusion, class_names, plot, title=title)
+    counts = confusion.sum(axis=1)
+    return markdown_table(headers, [(name, values[i], int(counts[i])) for i, name in enumerate(class_names)])
+
+
 def plot_roc_curves(
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: str | os.PathLike, *, title: str = "ROC curves"
 ) -> Path:

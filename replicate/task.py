@@ -59,6 +59,7 @@ a recipe `recipes/<name>.toml`, and one line in `replicate/tasks.py`.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,95 @@ def listing(values: Sequence, limit: int = 10) -> str:
     values = list(values)
     shown = ", ".join(map(str, values[:limit]))
     return f"{shown} (and {len(values) - limit} more)" if len(values) > limit else shown
+
+
+def read_csv(path: str | os.PathLike, **options):
+    """`pandas.read_csv(path, **options)`; a file that cannot be read or parsed is a `DataError` naming it."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, **options)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
+        raise DataError(f"{path}: not a readable CSV ({error})") from error
+
+
+def csv_lines(table, rows, id_column: str | None = None) -> str:
+    """Where rows of a table read by `read_csv` are in its file, for an error message: "line 2, 5" (line 1
+    is the header), and with `id_column` the rows' IDs: "line 2, 5 (ID a, b)".
+
+    Args:
+        table: the `pandas.DataFrame` as read (its default index: row i on line i + 2).
+        rows: the index labels of the rows.
+    """
+    lines = f"line {listing([int(row) + 2 for row in rows])}"
+    return f"{lines} (ID {listing(table.loc[rows, id_column].tolist())})" if id_column else lines
+
+
+def header_names(
+    path: str | os.PathLike,
+    columns: Sequence[str],
+    expected: Sequence[str],
+    normalize: Callable[[str], str],
+    optional: Sequence[str] = (),
+) -> dict[str, str]:
+    """Each column of a CSV's header → the `expected` (or `optional`) name it stands for, names compared
+    after `normalize` (e.g. case- and space-insensitively); for `DataFrame.rename(columns=...)`.
+
+    Raises:
+        DataError: naming `path`: two columns that stand for the same name; `expected` names missing or
+            columns unknown (both, when both).
+    """
+    by_normalized = {normalize(name): name for name in expected}
+    for name in optional:
+        by_normalized.setdefault(normalize(name), name)
+    renames, unknown, seen = {}, [], {}
+    for column in columns:
+        canonical = by_normalized.get(normalize(column))
+        if canonical is None:
+            unknown.append(repr(column))
+        elif canonical in seen:
+            raise DataError(f"{path}: columns {seen[canonical]!r} and {column!r} are the same column {canonical!r}")
+        else:
+            seen[canonical] = column
+            renames[column] = canonical
+    missing = [name for name in expected if name not in seen]
+    problems = ([f"missing columns {', '.join(map(repr, missing))}"] if missing else []) + (
+        [f"unknown columns {', '.join(unknown)}"] if unknown else []
+    )
+    if problems:
+        raise DataError(f"{path}: {'; '.join(problems)} (expected the competition's {len(expected)} columns)")
+    return renames
+
+
+def layout_name(name: str) -> str:
+    """A file or folder name as data layouts compare them: case-insensitive, with spaces, underscores and
+    dashes alike ("Training Dataset" → "training_dataset")."""
+    return re.sub(r"[\s_-]+", "_", name.strip()).lower()
+
+
+def find_in_layout(root: Path, name: str, *, directory: bool, near: Path | None = None) -> Path | None:
+    """The file (or folder) whose `layout_name` is `name`: beside `near` if it is there, else the one in
+    `root` or one level down; None if there is none. Two candidates in the same search are a `DataError`
+    (which one is the data cannot be told)."""
+
+    def matches(place: Path) -> list[Path]:
+        return [
+            candidate
+            for candidate in sorted(place.iterdir())
+            if layout_name(candidate.name) == name and (candidate.is_dir() if directory else candidate.is_file())
+        ]
+
+    searches = ([[near]] if near is not None else []) + [[root, *sorted(p for p in root.iterdir() if p.is_dir())]]
+    for places in searches:
+        found = [candidate for place in places for candidate in matches(place)]
+        if len(found) > 1:
+            raise DataError(
+                f"{root}: {name} is there {len(found)} times ({listing(map(str, found))}); keep one (or use "
+                "a data folder that holds one)"
+            )
+        if found:
+            return found[0]
+    return None
 
 
 @dataclass

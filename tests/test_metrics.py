@@ -71,3 +71,12 @@ def test_harmonic_mean():
     assert metrics.harmonic_mean([0.5, 1.0]) == pytest.approx(2 / (1 / 0.5 + 1 / 1.0))
     with pytest.raises(ValueError, match="positive"):
         metrics.harmonic_mean([0.5, 0.0])
+
+
+def test_classification_scores_follow_the_given_classes_and_count_absent_ones():
+    scores = metrics.classification_scores([1, 1, 2, 3], [1, 2, 2, 2], labels=[1, 2, 3, 4])
+    assert scores["confusion"] == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+    assert scores["recall"] == [0.5, 1.0, 0.0, 0.0]
+    assert scores["uar"] == pytest.approx(0.5) and scores["macro_f1"] == metrics.macro_f1(
+        [1, 1, 2, 3], [1, 2, 2, 2], [1, 2, 3, 4]
+    )

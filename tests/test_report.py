@@ -48,6 +48,14 @@ def test_confusion_matrix_plot_is_written(tmp_path):
     assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_per_class_table_counts_each_true_class_and_plots_the_matrix(tmp_path):
+    table = report.per_class_table(
+        [[3, 1], [0, 2]], [0.75, 1.0], ["a", "b"], ("class", "recall", "persons"), tmp_path / "c.png", title="t"
+    )
+    assert table.splitlines()[2:] == ["| a | 0.7500 | 4 |", "| b | 1.0000 | 2 |"]
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_machine_names_architecture_cpu_model_and_usable_cores():
     import os
     import platform

@@ -295,3 +295,43 @@ def test_fused_members_with_their_own_callbacks_are_refused_before_training(data
         "stopping), which members trained as one fused model cannot run; set train.fused = 1\n"
     )
     assert not (tmp_path / "run" / "members").exists()
+
+
+def test_read_csv_names_an_unreadable_file_and_csv_lines_name_rows_by_line_and_id(tmp_path):
+    from replicate.task import DataError, csv_lines, read_csv
+
+    with pytest.raises(DataError, match=r"missing\.csv: not a readable CSV"):
+        read_csv(tmp_path / "missing.csv")
+    (tmp_path / "t.csv").write_text("ID,x\na,1\nb,2\nc,3\n")
+    table = read_csv(tmp_path / "t.csv", dtype=str)
+    assert csv_lines(table, table.index[table["x"] != "2"]) == "line 2, 4"
+    assert csv_lines(table, table.index[table["x"] == "2"], "ID") == "line 3 (ID b)"
+
+
+def test_find_in_layout_looks_beside_then_in_the_root_and_one_level_down(tmp_path):
+    from replicate.task import DataError, find_in_layout, layout_name
+
+    assert layout_name(" Training Dataset ") == layout_name("training-dataset") == "training_dataset"
+    (tmp_path / "Sub").mkdir()
+    (tmp_path / "Sub" / "Training List.csv").write_text("")
+    assert find_in_layout(tmp_path, "training_list.csv", directory=False) == tmp_path / "Sub" / "Training List.csv"
+    assert find_in_layout(tmp_path, "training_list.csv", directory=True) is None
+    (tmp_path / "training_list.csv").write_text("")
+    assert (
+        find_in_layout(tmp_path, "training_list.csv", directory=False, near=tmp_path) == tmp_path / "training_list.csv"
+    )
+    with pytest.raises(DataError, match="training_list.csv is there 2 times"):
+        find_in_layout(tmp_path, "training_list.csv", directory=False)
+
+
+def test_header_names_match_columns_after_normalising_and_name_what_is_wrong():
+    from replicate.task import DataError, header_names
+
+    expected, optional = ["ID", "Age"], ["Label"]
+    renames = header_names("t.csv", [" id", "AGE", "label"], expected, lambda n: n.strip().lower(), optional)
+    assert renames == {" id": "ID", "AGE": "Age", "label": "Label"}
+    assert header_names("t.csv", ["ID", "Age"], expected, str.lower, optional) == {"ID": "ID", "Age": "Age"}
+    with pytest.raises(DataError, match=r"t\.csv: missing columns 'Age'; unknown columns 'Sex' \(expected the"):
+        header_names("t.csv", ["ID", "Sex"], expected, str.lower)
+    with pytest.raises(DataError, match=r"t\.csv: columns 'ID' and 'id' are the same column 'ID'"):
+        header_names("t.csv", ["ID", "id", "Age"], expected, str.lower)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from replicate.task import DataError, listing
+from replicate.task import DataError, csv_lines, find_in_layout, header_names, listing, read_csv
 
 CLASS_NAMES = ("Phonotrauma", "Incomplete glottic closure", "Vocal palsy", "Neoplasm", "Normal")  # labels 1-5
 LABEL_COLUMN = "Disease category"
@@ -70,11 +70,6 @@ def normalize_column(name: str) -> str:
     return re.sub(r"[\s_]+", " ", str(name).replace("\ufeff", "")).strip().lower()
 
 
-def normalize_file_name(name: str) -> str:
-    """File and folder names with spaces or underscores alike: "Training Dataset" → "training_dataset"."""
-    return re.sub(r"[\s_-]+", "_", name.strip()).lower()
-
-
 @dataclass
 class Split:
     """One list of persons (training, public or private test) with their audio files and clinical fields.
@@ -107,37 +102,12 @@ class AicupData:
     tests: list[Split]  # public and/or private, those present
 
 
-# (table, audio folder, answers of synthetic data) of each split, as normalised names.
+# (table, audio folder, answers of synthetic data) of each split, as `task.layout_name`s.
 LAYOUT = {
     "train": ("training_datalist.csv", "training_voice_data", None),
     "public": ("test_datalist_public.csv", "test_data_public", "test_answer_public.csv"),
     "private": ("test_datalist_private.csv", "test_data_private", "test_answer_private.csv"),
 }
-
-
-def _find(root: Path, normalized: str, *, directory: bool, near: Path | None = None) -> Path | None:
-    """The file (or folder) whose normalised name matches: beside `near` if it is there, else the one in `root`
-    or one level down. Two candidates in the same search are an error (the loader cannot tell which is the data)."""
-
-    def matches(place: Path) -> list[Path]:
-        return [
-            candidate
-            for candidate in sorted(place.iterdir())
-            if normalize_file_name(candidate.name) == normalized
-            and (candidate.is_dir() if directory else candidate.is_file())
-        ]
-
-    searches = ([[near]] if near is not None else []) + [[root, *sorted(p for p in root.iterdir() if p.is_dir())]]
-    for places in searches:
-        found = [candidate for place in places for candidate in matches(place)]
-        if len(found) > 1:
-            raise DataError(
-                f"{root}: {normalized} is there {len(found)} times ({listing(map(str, found))}); keep one (or use "
-                "a data folder that holds one)"
-            )
-        if found:
-            return found[0]
-    return None
 
 
 def read_table(path: Path, *, labelled: bool) -> tuple[pd.DataFrame, np.ndarray | None, dict[str, int]]:
@@ -150,13 +120,15 @@ def read_table(path: Path, *, labelled: bool) -> tuple[pd.DataFrame, np.ndarray 
             naming the line, the ID and the column.
     """
     raw = _read_csv(path)
-    table = raw.rename(columns=_canonical_columns(path, raw.columns, labelled))
+    expected = [ID_COLUMN, *FIELD_NAMES] + ([LABEL_COLUMN] if labelled else [])
+    optional = [] if labelled else [LABEL_COLUMN]  # a test list may carry a label column or not
+    table = raw.rename(columns=header_names(path, raw.columns, expected, normalize_column, optional=optional))
     table = table.apply(lambda column: column.str.strip())
     if len(table) == 0:
         raise DataError(f"{path}: no rows")
     ids = table[ID_COLUMN]
     if (ids == "").any():
-        raise DataError(f"{path}: empty ID on line {_lines(table.index[ids == ''])}")
+        raise DataError(f"{path}: empty ID on {csv_lines(table, table.index[ids == ''])}")
     duplicated = ids[ids.duplicated()].unique().tolist()
     if duplicated:
         raise DataError(f"{path}: duplicated IDs {listing(duplicated)}")
@@ -174,35 +146,7 @@ def read_table(path: Path, *, labelled: bool) -> tuple[pd.DataFrame, np.ndarray 
 
 def _read_csv(path: Path) -> pd.DataFrame:
     """Every cell as text, empty cells as "" (not NaN): each is checked by its column's rule."""
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
-        raise DataError(f"{path}: not a readable CSV ({error})") from error
-
-
-def _canonical_columns(path: Path, columns: Sequence[str], labelled: bool) -> dict[str, str]:
-    """Each column of the file → its canonical name; missing, unknown or repeated columns are a `DataError`."""
-    expected = [ID_COLUMN, *FIELD_NAMES] + ([LABEL_COLUMN] if labelled else [])
-    by_normalized = {normalize_column(name): name for name in expected}
-    if not labelled:  # a test list may carry no label column; one that does is not an error
-        by_normalized.setdefault(normalize_column(LABEL_COLUMN), LABEL_COLUMN)
-    renames, unknown, seen = {}, [], {}
-    for column in columns:
-        canonical = by_normalized.get(normalize_column(column))
-        if canonical is None:
-            unknown.append(repr(column))
-        elif canonical in seen:
-            raise DataError(f"{path}: columns {seen[canonical]!r} and {column!r} are the same column {canonical!r}")
-        else:
-            seen[canonical] = column
-            renames[column] = canonical
-    missing = [name for name in expected if name not in seen]
-    problems = ([f"missing columns {', '.join(map(repr, missing))}"] if missing else []) + (
-        [f"unknown columns {', '.join(unknown)}"] if unknown else []
-    )
-    if problems:
-        raise DataError(f"{path}: {'; '.join(problems)} (expected the competition's {len(expected)} columns)")
-    return renames
+    return read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
 
 
 def _check_column(path: Path, table: pd.DataFrame, spec: Field) -> tuple[pd.Series, int]:
@@ -227,13 +171,8 @@ def _check_column(path: Path, table: pd.DataFrame, spec: Field) -> tuple[pd.Seri
     return values.astype(np.float64), int(empty.sum())
 
 
-def _lines(index) -> str:
-    return listing([int(row) + 2 for row in index])  # line 1 is the header
-
-
 def _where(table: pd.DataFrame, mask: pd.Series) -> str:
-    rows = table.index[mask]
-    return f"line {_lines(rows)} (ID {listing(table.loc[rows, ID_COLUMN].tolist())})"
+    return csv_lines(table, table.index[mask], ID_COLUMN)
 
 
 def match_files(folder: Path, ids: Sequence[str], table: Path) -> tuple[list[Path], int]:
@@ -248,19 +187,19 @@ def match_files(folder: Path, ids: Sequence[str], table: Path) -> tuple[list[Pat
 def load_split(root: Path, name: str, *, required: bool) -> Split | None:
     """Find and read one split's table, audio folder and (synthetic data only) answers."""
     table_name, folder_name, answers_name = LAYOUT[name]
-    table = _find(root, table_name, directory=False)
+    table = find_in_layout(root, table_name, directory=False)
     if table is None:
         if required:
             raise DataError(f"{root}: no {table_name} (also looked one folder down, spaces or underscores alike)")
         return None
-    folder = _find(root, folder_name, directory=True, near=table.parent)
+    folder = find_in_layout(root, folder_name, directory=True, near=table.parent)
     if folder is None:
         raise DataError(f"{table}: its audio folder {folder_name}/ is not beside it nor in {root}")
     clinical, labels, empty = read_table(table, labelled=name == "train")
     ids = clinical[ID_COLUMN].tolist()
     paths, extra = match_files(folder, ids, table)
     if answers_name is not None:
-        answers_path = _find(root, answers_name, directory=False, near=table.parent)
+        answers_path = find_in_layout(root, answers_name, directory=False, near=table.parent)
         if answers_path is not None:
             labels = read_answers(answers_path, ids)
     return Split(name, table, ids, paths, clinical, labels, empty, extra)

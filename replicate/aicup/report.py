@@ -126,13 +126,10 @@ def report_parts(run: Run) -> ReportParts:
 def _comparison(modalities: Mapping[str, dict]) -> list[str]:
     """The ensembles' UAR and macro F1 side by side on the lists both score."""
     splits = [name for name, scores in next(iter(modalities.values()))["splits"].items() if "ensemble" in scores]
-    headers = ("ensemble", *(f"UAR {s}" for s in splits), *(f"macro F1 {s}" for s in splits))
+    columns = {"uar": "UAR", "macro_f1": "macro F1"}
+    headers = ("ensemble", *(f"{title} {s}" for title in columns.values() for s in splits))
     rows = [
-        (
-            MODALITY_WHAT[modality],
-            *(scores["splits"][s]["ensemble"]["uar"] for s in splits),
-            *(scores["splits"][s]["ensemble"]["macro_f1"] for s in splits),
-        )
+        (MODALITY_WHAT[modality], *(scores["splits"][s]["ensemble"][key] for key in columns for s in splits))
         for modality, scores in modalities.items()
     ]
     return ["### Audio only vs multimodal", "", report.markdown_table(headers, rows), ""]
@@ -167,14 +164,13 @@ def _modality_section(run: Run, modality: str, modality_scores: dict, *, in_ense
         ensemble, plot = scores["ensemble"], f"confusion_{modality}_{split}.png"
         class_names = [f"{i + 1} {name}" for i, name in enumerate(CLASS_NAMES)]
         title = f"{MODALITY_WHAT[modality]}, {split}"
-        report.plot_confusion_matrix(np.array(ensemble["confusion"]), class_names, run.run_dir / plot, title=title)
-        recall_rows = [
-            (name, ensemble["recall"][i], int(np.sum(ensemble["confusion"][i]))) for i, name in enumerate(class_names)
-        ]
+        recall = ("class", "recall", "persons")
         lines += [
             f"### {SPLIT_WHAT[split]}: UAR {ensemble['uar']:.4f}, macro F1 {ensemble['macro_f1']:.4f}",
             "",
-            report.markdown_table(("class", "recall", "persons"), recall_rows),
+            report.per_class_table(
+                ensemble["confusion"], ensemble["recall"], class_names, recall, run.run_dir / plot, title=title
+            ),
             "",
             variant_line,
             "",

@@ -19,16 +19,8 @@ def vote(member_probabilities: np.ndarray) -> np.ndarray:
 
 
 def classification_scores(labels: np.ndarray, predicted: np.ndarray) -> dict:
-    """UAR, macro F1, per-class recall and the confusion matrix (rows true 1-5, columns predicted 1-5)."""
-    from sklearn import metrics as sk_metrics
-
-    return {
-        "persons": len(labels),
-        "uar": metrics.unweighted_average_recall(labels, predicted),
-        "macro_f1": metrics.macro_f1(labels, predicted, labels=LABELS),
-        "recall": sk_metrics.recall_score(labels, predicted, labels=LABELS, average=None, zero_division=0).tolist(),
-        "confusion": sk_metrics.confusion_matrix(labels, predicted, labels=LABELS).tolist(),
-    }
+    """The persons, then `metrics.classification_scores` over the classes 1-5."""
+    return {"persons": len(labels), **metrics.classification_scores(labels, predicted, LABELS)}
 
 
 def validation_scorer(inputs: Mapping[str, np.ndarray], labels: np.ndarray, batch_size: int) -> Callable:
