@@ -96,6 +96,15 @@ def member_rows(where: str, member_scores: Sequence[float], by_size: dict, ensem
     return rows
 
 
+def per_class_table(
+    headers: Sequence[str], class_names: Sequence[str], values: Sequence[float], matrix: Sequence[Sequence[int]]
+) -> str:
+    """A table of one score per class (`values`, e.g. its F1 or recall) beside the class's true count: its row
+    of the confusion `matrix` (rows = true class), summed. `headers` name the three columns."""
+    rows = [(name, value, int(np.sum(row))) for name, value, row in zip(class_names, values, matrix, strict=True)]
+    return markdown_table(headers, rows)
+
+
 def read_history(path: str | os.PathLike) -> dict[str, list[float]]:
     """A Keras CSVLogger file as column → values; columns that are all "NA" (CSVLogger writes val_*
     columns even without validation data) are left out."""

@@ -79,6 +79,17 @@ def listing(values: Sequence, limit: int = 10) -> str:
     return f"{shown} (and {len(values) - limit} more)" if len(values) > limit else shown
 
 
+def read_csv(path: str | os.PathLike, **options):
+    """`pandas.read_csv(path, **options)`; a file pandas cannot parse (malformed, empty, not UTF-8) is a
+    `DataError` naming it."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, **options)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a readable CSV ({error})") from error
+
+
 @dataclass
 class Run:
     """One run of a task, as the hooks see it: its recipe and folder, and what the engine has made so far.

@@ -3,13 +3,26 @@ schema, groups in their folders, the report frame and the README block."""
 
 from __future__ import annotations
 
+import re
+
 import keras
 import numpy as np
 import pytest
 
 from replicate import files, pipeline, report, runner, train
 from replicate.ensemble import Ensemble
-from replicate.task import BenchmarkMember, EnsembleCurve, Group, Prepared, ReportParts, ResultsTable, Run, Task
+from replicate.task import (
+    BenchmarkMember,
+    DataError,
+    EnsembleCurve,
+    Group,
+    Prepared,
+    ReportParts,
+    ResultsTable,
+    Run,
+    Task,
+    read_csv,
+)
 
 ROWS, WIDTH, CLASSES = 12, 4, 3
 
@@ -295,3 +308,13 @@ def test_fused_members_with_their_own_callbacks_are_refused_before_training(data
         "stopping), which members trained as one fused model cannot run; set train.fused = 1\n"
     )
     assert not (tmp_path / "run" / "members").exists()
+
+
+def test_a_csv_pandas_cannot_parse_is_a_data_error_naming_the_file(tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("id,label\na,1\n")
+    assert read_csv(good, dtype=str).to_dict("list") == {"id": ["a"], "label": ["1"]}
+    for name, content in (("empty.csv", b""), ("ragged.csv", b'id\n"a\n'), ("latin.csv", b"id\n\xe9\n")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / name}: not a readable CSV (")):
+            read_csv(tmp_path / name)

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from replicate.task import DataError, listing
+from replicate.task import DataError, listing, read_csv
 
 DIAGNOSES: tuple[str, ...] = (
     "Normal",
@@ -192,10 +191,7 @@ def load_split(folder: Path, *, labelled: bool) -> list[Person]:
 
 def read_answers(path: Path, persons: Sequence[Person]) -> dict[str, str]:
     """test_answer.csv (wav_code, diagnosis) for exactly the test persons."""
-    try:
-        table = pd.read_csv(path, dtype=str)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not a readable CSV ({error})") from error
+    table = read_csv(path, dtype=str)
     if list(table.columns) != ["wav_code", "diagnosis"]:
         raise DataError(f"{path}: columns must be wav_code, diagnosis; found {', '.join(table.columns)}")
     bad = table["wav_code"][~table["diagnosis"].isin(DIAGNOSES)].tolist()

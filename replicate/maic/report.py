@@ -145,10 +145,7 @@ def split_section(run: Run, split: str, evaluation: dict) -> list[str]:
         title=f"Persons, {split}: ensemble, {masking}",
     )
     size = str(len(evaluation["member_macro_f1"]))
-    per_diagnosis = [
-        (name, evaluation["per_class_f1"][name], int(np.sum(evaluation["confusion_matrix"][i])))
-        for i, name in enumerate(DIAGNOSES)
-    ]
+    f1 = [evaluation["per_class_f1"][name] for name in DIAGNOSES]
     token, kinds = evaluation["token"], ("masked", "unmasked")
     masking_rows = [
         (
@@ -165,7 +162,7 @@ def split_section(run: Run, split: str, evaluation: dict) -> list[str]:
     return [
         f"### {split}: per diagnosis (ensemble of {size}, {masking})",
         "",
-        report.markdown_table(("diagnosis", "F1", "persons"), per_diagnosis),
+        report.per_class_table(("diagnosis", "F1", "persons"), DIAGNOSES, f1, evaluation["confusion_matrix"]),
         "",
         f"Person accuracy {evaluation['accuracy']:.4f}.",
         "",
