@@ -318,3 +318,9 @@ def test_a_csv_pandas_cannot_parse_is_a_data_error_naming_the_file(tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / name}: not a readable CSV (")):
             read_csv(tmp_path / name)
+
+
+def test_an_ensemble_curve_is_read_from_a_scores_table_of_sizes():
+    curve = EnsembleCurve.from_sizes("test", {"1": 0.5, "3": 0.75}, "macro F1", {"majority": 0.1})
+    assert curve == EnsembleCurve("test", [1, 3], [0.5, 0.75], "macro F1", {"majority": 0.1})
+    assert EnsembleCurve.from_sizes("test", {"2": 0.25}, "KL").baselines == {}

@@ -149,15 +149,8 @@ def parse_tokens(tokens_raw, path: Path) -> list[Token]:
             raise DataError(f"{where}: token_pronounce must be 'normal' or 'abnormal', got {raw['token_pronounce']!r}")
         if raw["startFrame"] < 0 or raw["endFrame"] < raw["startFrame"]:
             raise DataError(f"{where}: frames {raw['startFrame']}..{raw['endFrame']} are negative or reversed")
-        tokens.append(
-            Token(
-                raw["token_no"],
-                raw["startFrame"],
-                raw["endFrame"],
-                raw["token_skip"] == "skip",
-                raw["token_pronounce"] == "abnormal",
-            )
-        )
+        skip, abnormal = raw["token_skip"] == "skip", raw["token_pronounce"] == "abnormal"
+        tokens.append(Token(raw["token_no"], raw["startFrame"], raw["endFrame"], skip, abnormal))
     return tokens
 
 

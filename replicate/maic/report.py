@@ -116,10 +116,9 @@ def report_parts(run: Run, data: MaicData, tokens) -> ReportParts:
             f"macro F1 {split}": evaluation["member_macro_f1"] for split, evaluation in evaluations.items()
         },
         ensemble_curves=[
-            EnsembleCurve(
+            EnsembleCurve.from_sizes(
                 split,
-                list(map(int, evaluation["ensemble_macro_f1_by_size"])),
-                list(evaluation["ensemble_macro_f1_by_size"].values()),
+                evaluation["ensemble_macro_f1_by_size"],
                 "person macro F1",
                 {
                     f"majority class ({evaluation['majority_class']})": evaluation["majority_macro_f1"],
