@@ -96,15 +96,6 @@ def member_rows(where: str, member_scores: Sequence[float], by_size: dict, ensem
     return rows
 
 
-def per_class_table(
-    headers: Sequence[str], class_names: Sequence[str], values: Sequence[float], matrix: Sequence[Sequence[int]]
-) -> str:
-    """A table of one score per class (`values`, e.g. its F1 or recall) beside the class's true count: its row
-    of the confusion `matrix` (rows = true class), summed. `headers` name the three columns."""
-    rows = [(name, value, int(np.sum(row))) for name, value, row in zip(class_names, values, matrix, strict=True)]
-    return markdown_table(headers, rows)
-
-
 def read_history(path: str | os.PathLike) -> dict[str, list[float]]:
     """A Keras CSVLogger file as column → values; columns that are all "NA" (CSVLogger writes val_*
     columns even without validation data) are left out."""
@@ -214,6 +205,29 @@ def plot_confusion_matrix(
     axes.set_title(title)
     figure.colorbar(image, ax=axes, fraction=0.046, label="share of the true class")
     return _save(figure, path)
+
+
+def per_class_table(
+    confusion: Sequence[Sequence[int]],
+    values: Sequence[float],
+    class_names: Sequence[str],
+    headers: Sequence[str],
+    plot: str | os.PathLike,
+    *,
+    title: str,
+) -> str:
+    """A classifier's per-class part of a report: the markdown table of each class's value (e.g. its recall)
+    beside its count (the confusion matrix's row), and the confusion matrix plotted to `plot`.
+
+    Args:
+        confusion: counts, rows = true class, columns = predicted class, in `class_names`' order.
+        values: one value per class, in the same order.
+        headers: the table's three column names: the class's, the value's and the count's.
+    """
+    confusion = np.asarray(confusion)
+    plot_confusion_matrix(confusion, class_names, plot, title=title)
+    counts = confusion.sum(axis=1)
+    return markdown_table(headers, [(name, values[i], int(counts[i])) for i, name in enumerate(class_names)])
 
 
 def plot_roc_curves(

@@ -80,13 +80,12 @@ def listing(values: Sequence, limit: int = 10) -> str:
 
 
 def read_csv(path: str | os.PathLike, **options):
-    """`pandas.read_csv(path, **options)`; a file pandas cannot parse (malformed, empty, not UTF-8) is a
-    `DataError` naming it."""
+    """`pandas.read_csv(path, **options)`; a file that cannot be read or parsed is a `DataError` naming it."""
     import pandas as pd
 
     try:
         return pd.read_csv(path, **options)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
         raise DataError(f"{path}: not a readable CSV ({error})") from error
 
 

@@ -137,14 +137,15 @@ def split_section(run: Run, split: str, evaluation: dict) -> list[str]:
     """A scored split's per-diagnosis F1 and confusion matrix (the ensemble) and what masking changes."""
     slug = split.split()[0]
     masking = "label masking" if evaluation["label_masking"] else "no label masking"
-    report.plot_confusion_matrix(
-        np.array(evaluation["confusion_matrix"]),
+    per_diagnosis = report.per_class_table(
+        evaluation["confusion_matrix"],
+        [evaluation["per_class_f1"][name] for name in DIAGNOSES],
         list(DIAGNOSES),
+        ("diagnosis", "F1", "persons"),
         run.run_dir / f"confusion_{slug}.png",
         title=f"Persons, {split}: ensemble, {masking}",
     )
     size = str(len(evaluation["member_macro_f1"]))
-    f1 = [evaluation["per_class_f1"][name] for name in DIAGNOSES]
     token, kinds = evaluation["token"], ("masked", "unmasked")
     masking_rows = [
         (
@@ -161,7 +162,7 @@ def split_section(run: Run, split: str, evaluation: dict) -> list[str]:
     return [
         f"### {split}: per diagnosis (ensemble of {size}, {masking})",
         "",
-        report.per_class_table(("diagnosis", "F1", "persons"), DIAGNOSES, f1, evaluation["confusion_matrix"]),
+        per_diagnosis,
         "",
         f"Person accuracy {evaluation['accuracy']:.4f}.",
         "",
