@@ -317,6 +317,13 @@ class EnsembleCurve:
     metric: str
     baselines: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def from_sizes(
+        cls, split: str, by_size: Mapping[str, float], metric: str, baselines: Mapping[str, float] | None = None
+    ) -> EnsembleCurve:
+        """The curve of a scores.json table {"k": score} (e.g. `ensemble_macro_f1_by_size`)."""
+        return cls(split, list(map(int, by_size)), list(by_size.values()), metric, dict(baselines or {}))
+
 
 @dataclass
 class ReportParts:

@@ -3,13 +3,26 @@ schema, groups in their folders, the report frame and the README block."""
 
 from __future__ import annotations
 
+import re
+
 import keras
 import numpy as np
 import pytest
 
 from replicate import files, pipeline, report, runner, train
 from replicate.ensemble import Ensemble
-from replicate.task import BenchmarkMember, EnsembleCurve, Group, Prepared, ReportParts, ResultsTable, Run, Task
+from replicate.task import (
+    BenchmarkMember,
+    DataError,
+    EnsembleCurve,
+    Group,
+    Prepared,
+    ReportParts,
+    ResultsTable,
+    Run,
+    Task,
+    read_csv,
+)
 
 ROWS, WIDTH, CLASSES = 12, 4, 3
 
@@ -258,6 +271,25 @@ def test_an_evaluation_without_a_headline_is_a_bug_of_the_task(data_root, tmp_pa
     monkeypatch.setattr(task, "evaluate", lambda run, data, prepared: {"accuracy": 1.0})
     with pytest.raises(TypeError, match="must return the scores with a 'headline'"):
         runner.run(task, task.load_recipe(), data_root, tmp_path / "run", progress=False, log=lambda _: None)
+
+
+def test_a_csv_pandas_cannot_parse_is_a_data_error_naming_the_file(tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("id,label\na,1\n")
+    assert read_csv(good, dtype=str).to_dict("list") == {"id": ["a"], "label": ["1"]}
+    for name, content in (("empty.csv", b""), ("ragged.csv", b'id\n"a\n'), ("latin.csv", b"id\n\xe9\n")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / name}: not a readable CSV (")):
+            read_csv(tmp_path / name)
+    (tmp_path / "folder.csv").mkdir()  # a file that cannot be read at all
+    with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / 'folder.csv'}: not a readable CSV (")):
+        read_csv(tmp_path / "folder.csv")
+
+
+def test_an_ensemble_curve_is_read_from_a_scores_table_of_sizes():
+    curve = EnsembleCurve.from_sizes("test", {"1": 0.5, "3": 0.75}, "macro F1", {"majority": 0.1})
+    assert curve == EnsembleCurve("test", [1, 3], [0.5, 0.75], "macro F1", {"majority": 0.1})
+    assert EnsembleCurve.from_sizes("test", {"2": 0.25}, "KL").baselines == {}
 
 
 def test_the_readme_block_is_written_into_the_page_that_holds_it(data_root, tmp_path):

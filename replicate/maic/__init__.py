@@ -12,11 +12,11 @@ them, `labels` holds the sub-classes, masking, votes and person-level scores, `t
 and the recipe.
 """
 
-from replicate.maic.data import DIAGNOSES, MaicData, Person, Token, load_data, load_split, read_person
-from replicate.maic.labels import SubclassTable, diagnosis_probabilities, person_predictions, vote
+from replicate.maic.data import DIAGNOSES, MaicData, Person, load_data, read_person
+from replicate.maic.labels import SubclassTable, person_predictions, vote
 from replicate.maic.report import loss_scale_note
 from replicate.maic.task import TASK, MaicTask, build_model, split_rows
-from replicate.maic.tokens import Inputs, TokenStore, crop_offsets, fit_normalization, token_store
+from replicate.maic.tokens import Inputs, crop_offsets, fit_normalization, token_store
 from replicate.task import DataError
 
 load_recipe, run, main = TASK.load_recipe, TASK.run, TASK.main
@@ -30,15 +30,11 @@ __all__ = [
     "MaicTask",
     "Person",
     "SubclassTable",
-    "Token",
-    "TokenStore",
     "build_model",
     "crop_offsets",
-    "diagnosis_probabilities",
     "fit_normalization",
     "load_data",
     "load_recipe",
-    "load_split",
     "loss_scale_note",
     "main",
     "person_predictions",

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from replicate.task import DataError, listing
+from replicate.task import DataError, listing, read_csv
 
 DIAGNOSES: tuple[str, ...] = (
     "Normal",
@@ -150,15 +149,8 @@ def parse_tokens(tokens_raw, path: Path) -> list[Token]:
             raise DataError(f"{where}: token_pronounce must be 'normal' or 'abnormal', got {raw['token_pronounce']!r}")
         if raw["startFrame"] < 0 or raw["endFrame"] < raw["startFrame"]:
             raise DataError(f"{where}: frames {raw['startFrame']}..{raw['endFrame']} are negative or reversed")
-        tokens.append(
-            Token(
-                raw["token_no"],
-                raw["startFrame"],
-                raw["endFrame"],
-                raw["token_skip"] == "skip",
-                raw["token_pronounce"] == "abnormal",
-            )
-        )
+        skip, abnormal = raw["token_skip"] == "skip", raw["token_pronounce"] == "abnormal"
+        tokens.append(Token(raw["token_no"], raw["startFrame"], raw["endFrame"], skip, abnormal))
     return tokens
 
 
@@ -192,10 +184,7 @@ def load_split(folder: Path, *, labelled: bool) -> list[Person]:
 
 def read_answers(path: Path, persons: Sequence[Person]) -> dict[str, str]:
     """test_answer.csv (wav_code, diagnosis) for exactly the test persons."""
-    try:
-        table = pd.read_csv(path, dtype=str)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not a readable CSV ({error})") from error
+    table = read_csv(path, dtype=str)
     if list(table.columns) != ["wav_code", "diagnosis"]:
         raise DataError(f"{path}: columns must be wav_code, diagnosis; found {', '.join(table.columns)}")
     bad = table["wav_code"][~table["diagnosis"].isin(DIAGNOSES)].tolist()

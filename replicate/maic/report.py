@@ -116,10 +116,9 @@ def report_parts(run: Run, data: MaicData, tokens) -> ReportParts:
             f"macro F1 {split}": evaluation["member_macro_f1"] for split, evaluation in evaluations.items()
         },
         ensemble_curves=[
-            EnsembleCurve(
+            EnsembleCurve.from_sizes(
                 split,
-                list(map(int, evaluation["ensemble_macro_f1_by_size"])),
-                list(evaluation["ensemble_macro_f1_by_size"].values()),
+                evaluation["ensemble_macro_f1_by_size"],
                 "person macro F1",
                 {
                     f"majority class ({evaluation['majority_class']})": evaluation["majority_macro_f1"],
@@ -138,17 +137,15 @@ def split_section(run: Run, split: str, evaluation: dict) -> list[str]:
     """A scored split's per-diagnosis F1 and confusion matrix (the ensemble) and what masking changes."""
     slug = split.split()[0]
     masking = "label masking" if evaluation["label_masking"] else "no label masking"
-    report.plot_confusion_matrix(
-        np.array(evaluation["confusion_matrix"]),
+    per_diagnosis = report.per_class_table(
+        evaluation["confusion_matrix"],
+        [evaluation["per_class_f1"][name] for name in DIAGNOSES],
         list(DIAGNOSES),
+        ("diagnosis", "F1", "persons"),
         run.run_dir / f"confusion_{slug}.png",
         title=f"Persons, {split}: ensemble, {masking}",
     )
     size = str(len(evaluation["member_macro_f1"]))
-    per_diagnosis = [
-        (name, evaluation["per_class_f1"][name], int(np.sum(evaluation["confusion_matrix"][i])))
-        for i, name in enumerate(DIAGNOSES)
-    ]
     token, kinds = evaluation["token"], ("masked", "unmasked")
     masking_rows = [
         (
@@ -165,7 +162,7 @@ def split_section(run: Run, split: str, evaluation: dict) -> list[str]:
     return [
         f"### {split}: per diagnosis (ensemble of {size}, {masking})",
         "",
-        report.markdown_table(("diagnosis", "F1", "persons"), per_diagnosis),
+        per_diagnosis,
         "",
         f"Person accuracy {evaluation['accuracy']:.4f}.",
         "",

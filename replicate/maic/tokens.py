@@ -17,6 +17,7 @@ from replicate.maic.data import Person
 from replicate.task import DataError
 
 CACHE_VERSION = 1
+INDEX_COLUMNS = ("offsets", "lengths", "person", "token_no")  # index.npz: int64 per token, `TokenStore`'s
 
 
 @dataclass
@@ -114,15 +115,9 @@ def token_store(
         log=log,
     )
     index = np.load(final_dir / "index.npz")
-    return TokenStore(
-        frames=np.load(final_dir / "frames.npy", mmap_mode="r"),
-        offsets=index["offsets"],
-        lengths=index["lengths"],
-        person=index["person"],
-        token_no=index["token_no"],
-        counts=meta["counts"],
-        checksums=meta["checksums"],
-    )
+    columns = {key: index[key] for key in INDEX_COLUMNS}
+    frames = np.load(final_dir / "frames.npy", mmap_mode="r")
+    return TokenStore(frames=frames, **columns, counts=meta["counts"], checksums=meta["checksums"])
 
 
 def _check_frames(person: Person, width: int, inclusive: bool) -> None:
@@ -151,7 +146,7 @@ def _build_token_cache(persons: Sequence[Person], partial_dir: Path, data: dict,
     frames = np.lib.format.open_memmap(
         partial_dir / "frames.npy", mode="w+", dtype=np.float32, shape=(max(total, 1), data["mel_bins"])
     )
-    offsets, lengths, person_index, token_no = [], [], [], []
+    index_columns = {key: [] for key in INDEX_COLUMNS}
     position = 0
     for index, (person, tokens) in enumerate(
         tqdm(list(zip(persons, kept, strict=True)), desc=f"tokens {name}", unit="person", disable=not progress)
@@ -161,24 +156,16 @@ def _build_token_cache(persons: Sequence[Person], partial_dir: Path, data: dict,
         for token in tokens:
             length = token.end + inclusive - token.start
             frames[position : position + length] = mel[:, token.start : token.start + length].T
-            offsets.append(position)
-            lengths.append(length)
-            person_index.append(index)
-            token_no.append(token.token_no)
+            for key, value in zip(INDEX_COLUMNS, (position, length, index, token.token_no), strict=True):
+                index_columns[key].append(value)
             position += length
     frames.flush()
     del frames
-    np.savez(
-        partial_dir / "index.npz",
-        offsets=np.array(offsets, dtype=np.int64),
-        lengths=np.array(lengths, dtype=np.int64),
-        person=np.array(person_index, dtype=np.int64),
-        token_no=np.array(token_no, dtype=np.int64),
-    )
+    np.savez(partial_dir / "index.npz", **{key: np.array(values, np.int64) for key, values in index_columns.items()})
     counts = {
         "persons": len(persons),
         "tokens_annotated": sum(len(person.tokens) for person in persons),
-        "tokens_kept": len(lengths),
+        "tokens_kept": len(index_columns["lengths"]),
         "tokens_skipped": sum(len(person.tokens) - len(tokens) for person, tokens in zip(persons, kept, strict=True)),
         "tokens_abnormal_pronounce": sum(token.abnormal_pronounce for tokens in kept for token in tokens),
         "persons_without_tokens": [
