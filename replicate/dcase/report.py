@@ -162,12 +162,11 @@ def _plots(run: Run, data: DcaseData) -> list[str]:
     title = f"ROC, development test ({GROUP_TITLES[final]})"
     report.plot_roc_curves(curves, run.run_dir / "roc_dev.png", title=title)
     clips = [data.dev_test[i] for i in embedding_rows]
-    groups = {}
-    for machine_type in data.machine_types:
-        keep = np.array([clip.machine_type == machine_type for clip in clips])
-        kept = [clip for clip, kept in zip(clips, keep, strict=True) if kept]
-        ids = [f"id_{clip.machine_id}" for clip in kept]
-        groups[machine_type] = (embeddings[keep], ids, np.array([clip.label for clip in kept]))
+    types = np.array([clip.machine_type for clip in clips])
+    ids = np.array([f"id_{clip.machine_id}" for clip in clips])
+    flags = np.array([clip.label for clip in clips])
+    masks = {machine_type: types == machine_type for machine_type in data.machine_types}
+    groups = {machine_type: (embeddings[mask], ids[mask], flags[mask]) for machine_type, mask in masks.items()}
     report.plot_embeddings(groups, run.run_dir / "embeddings_dev.png", title="Development test embeddings (PCA)")
     return ["![ROC curves](roc_dev.png)", "", "![embeddings](embeddings_dev.png)", ""]
 
