@@ -8,7 +8,8 @@
 Members may take several named inputs (each is given the inputs it names) and return a dict of outputs
 (one is chosen by name). From raw input (audio files, a folder of persons, ...) the task's inference hook
 (`Task.predict`, found through the registry `replicate.tasks`) computes the inputs exactly as in training
-and combines the members as the source did.
+and combines the members as the source did. Clips longer than the members' input are predicted window by
+window and averaged per clip (`clip_outputs`; DCASE's mean over each clip's windows).
 """
 
 from __future__ import annotations
