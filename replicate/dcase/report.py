@@ -121,18 +121,14 @@ def report_parts(run: Run, data: DcaseData) -> ReportParts:
 
 
 def _type_table(final_dev: dict, source: dict) -> str:
-    rows = [
-        (
-            machine_type,
-            f"{100 * values['auc']:.2f}",
-            f"{100 * values['pauc']:.2f}",
-            *(f"{v:.2f}" for v in source["integrated_dev"].get(machine_type, ("-", "-"))),
-            *(f"{v:.2f}" for v in source["baseline_dev"].get(machine_type, ("-", "-"))),
-        )
-        for machine_type, values in final_dev["types"].items()
-    ]
-    headers = ("machine type", "ours AUC", "ours pAUC", "source integrated AUC", "source integrated pAUC")
-    return report.markdown_table((*headers, "official baseline AUC", "official baseline pAUC"), rows)
+    whose = ("ours", "source integrated", "official baseline")
+    headers = ("machine type", *(f"{who} {area}" for who in whose for area in ("AUC", "pAUC")))
+    rows = []
+    for machine_type, values in final_dev["types"].items():
+        integrated, baseline = (source[key].get(machine_type, ("-", "-")) for key in ("integrated_dev", "baseline_dev"))
+        cells = (100 * values["auc"], 100 * values["pauc"], *integrated, *baseline)
+        rows.append((machine_type, *(f"{value:.2f}" for value in cells)))
+    return report.markdown_table(headers, rows)
 
 
 def _method_table(scores: dict) -> str:
