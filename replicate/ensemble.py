@@ -8,7 +8,8 @@
 Members may take several named inputs (each is given the inputs it names) and return a dict of outputs
 (one is chosen by name). From raw input (audio files, a folder of persons, ...) the task's inference hook
 (`Task.predict`, found through the registry `replicate.tasks`) computes the inputs exactly as in training
-and combines the members as the source did.
+and combines the members as the source did. Clips longer than the members' input are predicted window by
+window and averaged per clip (`clip_outputs`; DCASE's mean over each clip's windows).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import numpy as np
 
 from replicate import files, train
 from replicate.runner import MANIFEST, RunFolderError
+
+CLIP_CHUNK = 128  # clips normalised and predicted at a time by `clip_outputs` (a memmap is read in chunks)
 
 
 class PredictionError(ValueError):
@@ -197,6 +200,55 @@ def _chosen_output(prediction, output: str | None) -> np.ndarray:
     if output not in prediction:
         raise ValueError(f"the members return the outputs {sorted(prediction)}: choose one with output=...")
     return np.asarray(prediction[output])
+
+
+def window_starts(total_frames: int, frames: int) -> list[int]:
+    """Non-overlapping windows of `frames` covering a clip; the last one ends at the clip's end."""
+    if frames >= total_frames:
+        return [0]
+    starts = list(range(0, total_frames - frames + 1, frames))
+    if starts[-1] + frames < total_frames:
+        starts.append(total_frames - frames)
+    return starts
+
+
+def to_windows(batch: np.ndarray, frames: int) -> np.ndarray:
+    """(clips, mels, T, 1) → (clips × windows, mels, frames, 1), clip-major; a short clip is zero-padded."""
+    total = batch.shape[2]
+    if total < frames:
+        batch = np.pad(batch, ((0, 0), (0, 0), (0, frames - total), (0, 0)))
+        total = frames
+    starts = window_starts(total, frames)
+    return np.stack([batch[:, :, start : start + frames] for start in starts], axis=1).reshape(
+        (-1, batch.shape[1], frames, batch.shape[3])
+    )
+
+
+def clip_outputs(
+    predict: Callable[[np.ndarray], list[np.ndarray]],
+    inputs: np.ndarray,
+    frames: int,
+    rows: np.ndarray | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """Clip-level outputs: the mean over each clip's windows (`to_windows`: a model's input is shorter than
+    the clips) of what `predict` (windows → a list of arrays, (windows, width) of one model or (members,
+    windows, width) of an ensemble) gives for them, as (..., clips, width). `inputs` (clips, mels, T, 1) are
+    read in chunks (a memmap), the clips `rows` (default all), each chunk through `transform` (the run's
+    `Normalizer`) if given."""
+    rows = np.arange(len(inputs)) if rows is None else rows
+    chunks = []
+    for start in range(0, len(rows), CLIP_CHUNK):
+        batch = np.asarray(inputs[rows[start : start + CLIP_CHUNK]], dtype=np.float32)
+        windows = to_windows(transform(batch) if transform is not None else batch, frames)
+        per_window = len(windows) // len(batch)
+        chunks.append(
+            [
+                out.reshape(*out.shape[:-2], len(batch), per_window, out.shape[-1]).mean(axis=-2)
+                for out in predict(windows)
+            ]
+        )
+    return [np.concatenate(parts, axis=-2) for parts in zip(*chunks, strict=True)]
 
 
 def score_members(member_predictions: np.ndarray, targets: np.ndarray, metric: Callable) -> dict:

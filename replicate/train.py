@@ -37,6 +37,7 @@ import datetime
 import functools
 import hashlib
 import json
+import os
 import platform
 import resource
 import shutil
@@ -903,12 +904,36 @@ def damaged_member(run_dir: str | Path, file: str, sha256: str) -> str | None:
     return None
 
 
-def update_member(run_dir: str | Path, entry: dict) -> None:
-    """Record a finished member whose file a task rewrote after training (DCASE exports its members for
-    inference): its record takes the new manifest entry and the file's new SHA-256."""
-    run_dir = Path(run_dir)
-    path = _record_path(run_dir, entry["seed"])
-    files.write_json(path, {**files.read_json(path), "sha256": files.sha256(run_dir / entry["file"]), "entry": entry})
+def export_members(
+    group_dir: str | Path, export: Callable[[keras.Model], keras.Model], what: str, log: Callable[[str], None] = print
+) -> None:
+    """Make every member of a trained group an inference model (idempotent, crash-safe; DCASE's export).
+
+    `train_member` saves the trained model as `members/seed-XX.keras`; it is kept as `training/seed-XX.keras`
+    (resume, inspection, fine-tuning) and the member file becomes `export(trained model)`. The manifest entry
+    records `exported` and `training_file`, and the member's record takes the new entry and the file's new
+    SHA-256. `what` says what the exported model is, for the log line.
+    """
+    group_dir = Path(group_dir)
+    manifest_path = group_dir / MANIFEST
+    manifest = files.read_json(manifest_path)
+    for entry in manifest["members"]:
+        if entry.get("exported"):
+            continue
+        member_path = group_dir / entry["file"]
+        training_path = group_dir / "training" / member_path.name
+        if not training_path.is_file():
+            with files.atomic_path(training_path, suffix=".keras") as temporary:
+                os.replace(member_path, temporary)  # the member file is the trained model at this point
+        model = keras.models.load_model(training_path, safe_mode=True)
+        with files.atomic_path(member_path, suffix=".keras") as temporary:
+            export(model).save(temporary)
+        entry.update(exported=True, training_file=str(training_path.relative_to(group_dir)))
+        record_path = _record_path(group_dir, entry["seed"])
+        record = files.read_json(record_path)
+        files.write_json(record_path, {**record, "sha256": files.sha256(member_path), "entry": entry})
+        files.write_json(manifest_path, manifest)
+        log(f"member {member_path.name}: exported ({what})")
 
 
 def _member_paths(run_dir: Path, seed: int) -> list[Path]:

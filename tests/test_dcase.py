@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 from replicate import dcase, files, metrics
 from replicate.audio import read_audio
 from replicate.dcase.data import Clip, parse_name
-from replicate.dcase.members import ensemble_scores, to_windows, window_starts
+from replicate.dcase.members import ensemble_scores
 from replicate.dcase.scoring import (
     SCORE_METHODS,
     evaluate_scores,
@@ -29,6 +29,7 @@ from replicate.dcase.scoring import (
     write_score_files,
 )
 from replicate.dcase.task import LIBROSA_DEFINITION, feature_spec, mel_resolution
+from replicate.ensemble import to_windows, window_starts
 from replicate.features import FeatureCacheError, MelResolution, Normalizer, melspectrogram
 from replicate.recipe import RecipeError
 from replicate.task import DataError

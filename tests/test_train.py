@@ -130,6 +130,31 @@ def test_killed_ensemble_resumes_keeping_finished_members(tmp_path):
     assert scores["ensemble_by_size"]["2"] <= np.mean(scores["member"])  # KL is convex in the prediction
 
 
+def test_exported_members_keep_the_trained_model_and_are_kept_when_training_again(tmp_path):
+    manifest = {"task": "test", "class_names": [str(i) for i in range(30)]}
+    recipe = dict(RECIPE, train={**RECIPE["train"], "epochs": 1})
+    options = dict(run_dir=tmp_path, manifest=manifest, trained_from={}, **_arguments())
+    train.train_ensemble(recipe, [0], log=lambda _: None, **options)
+    trained = keras.models.load_model(tmp_path / "members" / "seed-00.keras")
+
+    def export(model):  # a new model of the same layers, told apart by its name
+        return keras.Model(model.inputs, model.outputs, name="exported")
+
+    logged = []
+    train.export_members(tmp_path, export, "a new name", log=logged.append)
+    train.export_members(tmp_path, export, "a new name", log=logged.append)  # done: nothing to do
+    assert logged == ["member seed-00.keras: exported (a new name)"]
+    [entry] = files.read_json(tmp_path / "manifest.json")["members"]
+    assert entry["exported"] and entry["training_file"] == "training/seed-00.keras"
+    member = keras.models.load_model(tmp_path / "members" / "seed-00.keras")
+    kept = keras.models.load_model(tmp_path / "training" / "seed-00.keras")
+    assert member.name == "exported" and kept.name == trained.name != "exported"
+    np.testing.assert_array_equal(member.predict(FEATURES[:4], verbose=0), trained.predict(FEATURES[:4], verbose=0))
+    logged = []  # the member's record took the exported file's SHA-256: the member is kept, not refused
+    train.train_ensemble(recipe, [0], log=logged.append, **options)
+    assert logged[0] == "member 1/1 (seed 0): already trained, kept"
+
+
 def test_batchnorm_recalibration_averages_the_batch_statistics_with_final_weights():
     inputs = keras.Input((4,))
     outputs = keras.layers.BatchNormalization(momentum=0.99)(keras.layers.Dense(3)(inputs))

@@ -3,7 +3,6 @@ clip-level outputs and anomaly scores (the mean over each clip's windows)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from replicate import features as feature_lib
-from replicate import files
 from replicate.dcase import scoring
 from replicate.dcase.data import Clip
 
 PREDICT_BATCH = 256  # windows per predict step
-CLIP_CHUNK = 128  # clips normalised and predicted at a time (a memmap is read in chunks)
 
 
 @dataclass
@@ -28,54 +25,6 @@ class Arrays:
     eval_power: np.ndarray | None
     normalizer: feature_lib.Normalizer
     frames: int
-
-
-def window_starts(total_frames: int, frames: int) -> list[int]:
-    """Non-overlapping windows of `frames` covering a clip; the last one ends at the clip's end."""
-    if frames >= total_frames:
-        return [0]
-    starts = list(range(0, total_frames - frames + 1, frames))
-    if starts[-1] + frames < total_frames:
-        starts.append(total_frames - frames)
-    return starts
-
-
-def to_windows(batch: np.ndarray, frames: int) -> np.ndarray:
-    """(clips, mels, T, 1) → (clips × windows, mels, frames, 1), clip-major; a short clip is zero-padded."""
-    total = batch.shape[2]
-    if total < frames:
-        batch = np.pad(batch, ((0, 0), (0, 0), (0, frames - total), (0, 0)))
-        total = frames
-    starts = window_starts(total, frames)
-    return np.stack([batch[:, :, start : start + frames] for start in starts], axis=1).reshape(
-        (-1, batch.shape[1], frames, batch.shape[3])
-    )
-
-
-def clip_outputs(
-    predict: Callable[[np.ndarray], list[np.ndarray]],
-    inputs: np.ndarray,
-    frames: int,
-    rows: np.ndarray | None = None,
-    transform: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> list[np.ndarray]:
-    """Clip-level outputs: the mean over each clip's windows of what `predict` (windows → a list of arrays,
-    (windows, width) of one model or (members, windows, width) of an ensemble) gives for them, as (..., clips,
-    width). `inputs` (clips, mels, T, 1) are read in chunks (a memmap), the clips `rows` (default all), each
-    chunk through `transform` (the run's `Normalizer`) if given."""
-    rows = np.arange(len(inputs)) if rows is None else rows
-    chunks = []
-    for start in range(0, len(rows), CLIP_CHUNK):
-        batch = np.asarray(inputs[rows[start : start + CLIP_CHUNK]], dtype=np.float32)
-        windows = to_windows(transform(batch) if transform is not None else batch, frames)
-        per_window = len(windows) // len(batch)
-        chunks.append(
-            [
-                out.reshape(*out.shape[:-2], len(batch), per_window, out.shape[-1]).mean(axis=-2)
-                for out in predict(windows)
-            ]
-        )
-    return [np.concatenate(parts, axis=-2) for parts in zip(*chunks, strict=True)]
 
 
 def ensemble_outputs(ensemble, names: Sequence[str]) -> Callable[[np.ndarray], list[np.ndarray]]:
@@ -103,6 +52,8 @@ def ensemble_scores(
     by every method of `references` (method → one `scoring.fit_reference` per member), each clip against its
     own ID: (their rows in `clips` and `inputs`, {method: (members, rows) scores}, the members' clip
     embeddings or None); no clip of these IDs: nothing is predicted."""
+    from replicate.ensemble import clip_outputs
+
     rows, class_indices = rows_of(clips, class_names)
     if not len(rows):
         return rows, {}, None
@@ -149,6 +100,7 @@ class LiveProbabilities:
 def dev_score_callback(clips, labels, class_indices, power, normalizer, frames, max_fpr, every):
     """`BestEpoch` on the development test set: softmax scores, Σ over types of (AUC + pAUC) decides."""
     from replicate import train
+    from replicate.ensemble import clip_outputs
 
     def score(model):
         [probabilities] = clip_outputs(LiveProbabilities(model), power, frames, transform=normalizer)
@@ -217,31 +169,10 @@ def train_recipe_for(recipe: dict, steps_per_epoch: int, *, finetune: bool, marg
 
 
 def export_members(group_dir: Path, log: Callable[[str], None] = print) -> None:
-    """Make every member of a group a built-in-only inference model (idempotent, crash-safe).
-
-    `train_member` saves the trained model (margin layer, labels input) as `members/seed-XX.keras`; it is
-    kept as `training/seed-XX.keras` (resume, inspection, fine-tuning; loads with the package imported) and
-    the member becomes `models.dcase.inference_model` of it. The manifest entry records `exported`.
-    """
-    import keras
-
+    """Make every member of a group a built-in-only inference model (`models.dcase.inference_model`); the
+    trained model (margin layer, labels input) stays as `training/seed-XX.keras`, which loads with the
+    package imported (`train.export_members`)."""
     from models.dcase import inference_model
     from replicate import train
 
-    manifest_path = group_dir / "manifest.json"
-    manifest = files.read_json(manifest_path)
-    for entry in manifest["members"]:
-        if entry.get("exported"):
-            continue
-        member_path = group_dir / entry["file"]
-        training_path = group_dir / "training" / member_path.name
-        if not training_path.is_file():
-            with files.atomic_path(training_path, suffix=".keras") as temporary:
-                os.replace(member_path, temporary)  # the member file is the trained model at this point
-        model = keras.models.load_model(training_path, safe_mode=True)
-        with files.atomic_path(member_path, suffix=".keras") as temporary:
-            inference_model(model).save(temporary)
-        entry.update(exported=True, training_file=str(training_path.relative_to(group_dir)))
-        train.update_member(group_dir, entry)  # the member's record follows its new file
-        files.write_json(manifest_path, manifest)
-        log(f"member {member_path.name}: exported (built-in layers only)")
+    train.export_members(group_dir, inference_model, "built-in layers only", log)

@@ -121,18 +121,14 @@ def report_parts(run: Run, data: DcaseData) -> ReportParts:
 
 
 def _type_table(final_dev: dict, source: dict) -> str:
-    rows = [
-        (
-            machine_type,
-            f"{100 * values['auc']:.2f}",
-            f"{100 * values['pauc']:.2f}",
-            *(f"{v:.2f}" for v in source["integrated_dev"].get(machine_type, ("-", "-"))),
-            *(f"{v:.2f}" for v in source["baseline_dev"].get(machine_type, ("-", "-"))),
-        )
-        for machine_type, values in final_dev["types"].items()
-    ]
-    headers = ("machine type", "ours AUC", "ours pAUC", "source integrated AUC", "source integrated pAUC")
-    return report.markdown_table((*headers, "official baseline AUC", "official baseline pAUC"), rows)
+    whose = ("ours", "source integrated", "official baseline")
+    headers = ("machine type", *(f"{who} {area}" for who in whose for area in ("AUC", "pAUC")))
+    rows = []
+    for machine_type, values in final_dev["types"].items():
+        integrated, baseline = (source[key].get(machine_type, ("-", "-")) for key in ("integrated_dev", "baseline_dev"))
+        cells = (100 * values["auc"], 100 * values["pauc"], *integrated, *baseline)
+        rows.append((machine_type, *(f"{value:.2f}" for value in cells)))
+    return report.markdown_table(headers, rows)
 
 
 def _method_table(scores: dict) -> str:
@@ -162,12 +158,11 @@ def _plots(run: Run, data: DcaseData) -> list[str]:
     title = f"ROC, development test ({GROUP_TITLES[final]})"
     report.plot_roc_curves(curves, run.run_dir / "roc_dev.png", title=title)
     clips = [data.dev_test[i] for i in embedding_rows]
-    groups = {}
-    for machine_type in data.machine_types:
-        keep = np.array([clip.machine_type == machine_type for clip in clips])
-        kept = [clip for clip, kept in zip(clips, keep, strict=True) if kept]
-        ids = [f"id_{clip.machine_id}" for clip in kept]
-        groups[machine_type] = (embeddings[keep], ids, np.array([clip.label for clip in kept]))
+    types = np.array([clip.machine_type for clip in clips])
+    ids = np.array([f"id_{clip.machine_id}" for clip in clips])
+    flags = np.array([clip.label for clip in clips])
+    masks = {machine_type: types == machine_type for machine_type in data.machine_types}
+    groups = {machine_type: (embeddings[mask], ids[mask], flags[mask]) for machine_type, mask in masks.items()}
     report.plot_embeddings(groups, run.run_dir / "embeddings_dev.png", title="Development test embeddings (PCA)")
     return ["![ROC curves](roc_dev.png)", "", "![embeddings](embeddings_dev.png)", ""]
 

@@ -21,6 +21,7 @@ from replicate.task import DataError
 SCORE_METHODS = ("softmax", "centroid", "gmm", "lof")
 REFERENCE_FILE = "score_reference.npz"  # in each group folder of the run's ensemble
 NORM_FLOOR = 1e-12  # the smallest norm a unit vector is divided by
+AREAS = ("auc", "pauc")  # the areas under the ROC curve each machine ID and type is scored by
 
 
 def softmax_scores(probabilities: np.ndarray, class_indices: np.ndarray) -> np.ndarray:
@@ -137,20 +138,12 @@ def evaluate_scores(clips: Sequence[Clip], labels: np.ndarray, scores: np.ndarra
                 "pauc": metrics.partial_auc(labels[rows], scores[rows], max_fpr),
                 "clips": int(rows.sum()),
             }
-        by_type[machine_type] = {
-            "ids": ids,
-            "auc": float(np.mean([value["auc"] for value in ids.values()])),
-            "pauc": float(np.mean([value["pauc"] for value in ids.values()])),
-        }
-    aucs = [value["auc"] for value in by_type.values()]
-    paucs = [value["pauc"] for value in by_type.values()]
-    return {
-        "types": by_type,
-        "mean_auc": float(np.mean(aucs)),
-        "mean_pauc": float(np.mean(paucs)),
-        "hmean_auc": metrics.harmonic_mean(np.maximum(aucs, 1e-9)),
-        "hmean_pauc": metrics.harmonic_mean(np.maximum(paucs, 1e-9)),
-    }
+        means = {key: float(np.mean([value[key] for value in ids.values()])) for key in AREAS}
+        by_type[machine_type] = {"ids": ids, **means}
+    by_area = {key: [value[key] for value in by_type.values()] for key in AREAS}
+    means = {f"mean_{key}": float(np.mean(values)) for key, values in by_area.items()}
+    hmeans = {f"hmean_{key}": metrics.harmonic_mean(np.maximum(values, 1e-9)) for key, values in by_area.items()}
+    return {"types": by_type, **means, **hmeans}
 
 
 def summary(clips: Sequence[Clip], labels: np.ndarray, member_scores: np.ndarray, max_fpr: float) -> dict:

@@ -22,7 +22,6 @@ from replicate.dcase import report as report_lib
 from replicate.dcase import scoring
 from replicate.dcase.members import (
     Arrays,
-    clip_outputs,
     dev_score_callback,
     ensemble_outputs,
     ensemble_scores,
@@ -43,15 +42,8 @@ LIBROSA_DEFINITION = {"pad_mode": "constant", "mel_scale": "slaney", "mel_norm":
 
 def mel_resolution(features: dict) -> feature_lib.MelResolution:
     """The recipe's `[features]` as a `MelResolution` (the window is n_fft long, as torchaudio's default)."""
-    return feature_lib.MelResolution(
-        features["n_fft"],
-        features["n_fft"],
-        features["hop_length"],
-        features["n_mels"],
-        pad_mode=features["pad_mode"],
-        mel_scale=features["mel_scale"],
-        mel_norm=features["mel_norm"],
-    )
+    names = ("hop_length", "n_mels", "pad_mode", "mel_scale", "mel_norm")
+    return feature_lib.MelResolution(features["n_fft"], features["n_fft"], **{name: features[name] for name in names})
 
 
 def feature_spec(recipe: dict) -> feature_lib.MelPowerSpec:
@@ -310,7 +302,7 @@ class DcaseTask(Task):
     def _score_group(self, run: Run, data, arrays: Arrays, name: str, types: list[str], save_reference: bool) -> dict:
         """{test split: (its rows of the group's machine types, {method: (members, clips) scores}, the members'
         embeddings)} of one seed ensemble, whose references are fitted on its training clips' embeddings."""
-        from replicate.ensemble import Ensemble
+        from replicate.ensemble import Ensemble, clip_outputs
 
         ensemble = Ensemble.load(run.run_dir, groups=[name])
         class_names = data.class_names_of(types)
@@ -396,14 +388,8 @@ class DcaseTask(Task):
                 members, clips, group["class_names"], features, frames, {method: by_member}
             )
             scores[rows] = by_method[method].mean(axis=0)
-        return pd.DataFrame(
-            {
-                "file": [str(clip.path) for clip in clips],
-                "machine_type": [clip.machine_type for clip in clips],
-                "machine_id": [clip.machine_id for clip in clips],
-                "anomaly_score": scores,
-            }
-        )
+        table_rows = [(str(clip.path), clip.machine_type, clip.machine_id) for clip in clips]
+        return pd.DataFrame(table_rows, columns=["file", "machine_type", "machine_id"]).assign(anomaly_score=scores)
 
     def benchmark_member(self, recipe: dict) -> BenchmarkMember:
         """The integrated model (41 IDs) on whole 10-s clips, its warm-restart schedule and logits loss."""
