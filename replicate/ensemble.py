@@ -74,12 +74,13 @@ class Ensemble:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, size: int | None = None, *, groups: Sequence[str] | None = None):
-        """Load the manifest and the first `size` members (all by default), in safe mode, each checked
-        against the SHA-256 in its record (`members/seed-XX.json` beside it) where it has one.
+        """Load the manifest and its members (all, or the first `size` seeds of each group), in safe mode, each
+        checked against the SHA-256 in its record (`members/seed-XX.json` beside it) where it has one.
 
         Args:
             run_dir: a finished run folder.
-            size: load the first `size` members only.
+            size: load the first `size` members of each group only (of a run of several groups, e.g. AI CUP's
+                variants or DCASE's machine types, the first `size` would leave later groups without any).
             groups: load these groups' members (each group folder's own manifest) instead of the run's
                 ensemble, e.g. AI CUP's other modality; their files are taken relative to the run folder.
 
@@ -90,7 +91,10 @@ class Ensemble:
         manifest = _read_manifest(run_dir)
         if groups is not None:
             manifest = {**manifest, "members": [entry for name in groups for entry in _group_members(run_dir, name)]}
-        entries = manifest["members"][:size]
+        entries = manifest["members"]
+        if size is not None:
+            groups = [entry.get("group", "") for entry in entries]  # a run from before groups has none
+            entries = [entry for k, entry in enumerate(entries) if groups[:k].count(groups[k]) < size]
         missing = [entry["file"] for entry in entries if not (run_dir / entry["file"]).is_file()]
         if missing:
             raise RunFolderError(f"{run_dir}: member files listed in the manifest are missing: {missing}")
@@ -103,6 +107,14 @@ class Ensemble:
                     raise RunFolderError(f"{run_dir}: {problem}; run the recipe again to train it again")
         members = [keras.models.load_model(run_dir / entry["file"], safe_mode=True) for entry in entries]
         return cls(run_dir, {**manifest, "members": entries}, members)
+
+    def group(self, name: str) -> Ensemble:
+        """The loaded members of one group (`manifest["groups"]`), as an ensemble of their own."""
+        kept = [k for k, entry in enumerate(self.manifest["members"]) if entry.get("group", "") == name]
+        if not kept:
+            raise RunFolderError(f"{self.run_dir}: no member of the group {name!r} is loaded")
+        entries = [self.manifest["members"][k] for k in kept]
+        return Ensemble(self.run_dir, {**self.manifest, "members": entries}, [self.members[k] for k in kept])
 
     @property
     def class_names(self) -> list[str]:

@@ -72,6 +72,15 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def write_npz(path: str | os.PathLike, **arrays: Any) -> Path:
+    """`numpy.savez` of `arrays`, written atomically like every file of a run."""
+    import numpy as np
+
+    with atomic_path(path, suffix=".npz") as temporary:
+        np.savez(temporary, **arrays)
+    return Path(path)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:

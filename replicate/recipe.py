@@ -102,12 +102,19 @@ ENGINE_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
+# What `train.compile_model` builds by name: Keras's optimizers and losses, and the package's own for what
+# Keras lacks (`replicate.optimizers.OPTIMIZERS`, `replicate.losses`).
+OPTIMIZER_NAMES = ("Keras2Nadam", "Nadam", "Adam", "AdamW", "SGD", "RMSprop")
+LOSS_NAMES = ("CategoricalCrossentropy", "CategoricalFocalCrossentropy", "KLDivergence", "DoubleSoftmaxCrossentropy")
+
 # The engine's keys, checked for every recipe that has them (a task's rules may narrow them further).
 ENGINE_RULES: dict[str, Rule] = {
     "train.epochs": positive,
     "train.batch_size": positive,
     "train.learning_rate": learning_rate,
     "train.weight_decay": non_negative,
+    "train.optimizer": one_of(*OPTIMIZER_NAMES),
+    "train.loss": one_of(*LOSS_NAMES),
     "train.fused": positive,
     "train.fused_layout": one_of("auto", "grouped", "copies"),
     "train.precision": one_of("float32", "mixed_bfloat16", "mixed_float16"),

@@ -65,6 +65,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from replicate import files
 from replicate import recipe as recipe_lib
 
@@ -167,6 +169,17 @@ def find_in_layout(root: Path, name: str, *, directory: bool, near: Path | None 
         if found:
             return found[0]
     return None
+
+
+def holdout_rows(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept rows, held-out rows) of `count` rows, both sorted: a seeded random `fraction` held out (at least one
+    row unless `fraction` is 0), e.g. a validation split."""
+    rows = np.arange(count)
+    if fraction == 0:
+        return rows, np.array([], dtype=np.int64)
+    shuffled = np.random.default_rng(seed).permutation(rows)
+    cut = max(1, round(fraction * count))
+    return np.sort(shuffled[cut:]), np.sort(shuffled[:cut])
 
 
 @dataclass

@@ -87,3 +87,22 @@ def test_a_member_predicting_nan_is_named_and_a_folder_without_manifest_is_one_l
         Ensemble.load(run_dir).predict(inputs, output="probabilities")
     with pytest.raises(runner.RunFolderError, match=r"nowhere/manifest.json: no manifest; is .* a finished run"):
         Ensemble.load(tmp_path / "nowhere")
+
+
+def test_the_first_n_members_of_each_group_load_and_a_group_is_an_ensemble_of_its_own(tmp_path):
+    (tmp_path / "members").mkdir()
+    run_dir, inputs = _run_folder(tmp_path, [_two_input_member(seed) for seed in range(4)])
+    manifest = files.read_json(run_dir / "manifest.json")
+    for entry, group in zip(manifest["members"], ["a", "a", "b", "b"], strict=True):
+        entry["group"] = group  # two groups of two seeds, e.g. two AI CUP variants
+    files.write_json(run_dir / "manifest.json", manifest)
+    assert Ensemble.load(run_dir).seeds == [0, 1, 2, 3]
+    ensemble = Ensemble.load(run_dir, 1)  # `predict --members 1`: one member of each group, not of the first
+    assert [(entry["group"], entry["seed"]) for entry in ensemble.manifest["members"]] == [("a", 0), ("b", 2)]
+    group = ensemble.group("b")
+    assert group.seeds == [2] and group.members[0] is ensemble.members[1]
+    np.testing.assert_array_equal(
+        group.predict(inputs, output="probabilities"), group.members[0].predict(inputs, verbose=0)["probabilities"]
+    )
+    with pytest.raises(runner.RunFolderError, match=r"no member of the group 'c' is loaded"):
+        ensemble.group("c")

@@ -184,3 +184,25 @@ def test_a_recipe_file_of_ones_own_may_leave_the_engine_options_out(tmp_path):
     path = _write_recipe(tmp_path / "mine.toml", package + "\n[run]\nworkers = 3\n")
     recipe = dacon.load_recipe(path=path)
     assert recipe["run"]["workers"] == 3 and recipe["train"]["precision"] == "float32"
+
+
+def test_every_optimizer_and_loss_a_recipe_may_name_compiles_and_a_task_may_narrow_them():
+    import keras
+
+    from replicate import dcase, maic, optimizers, train
+    from replicate.recipe import LOSS_NAMES, OPTIMIZER_NAMES
+
+    assert set(optimizers.OPTIMIZERS) <= set(OPTIMIZER_NAMES)
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+    for optimizer in OPTIMIZER_NAMES:
+        for loss in LOSS_NAMES:
+            compiled = train.compile_model(model, {"optimizer": optimizer, "loss": loss, "learning_rate": 0.01})
+            assert (type(compiled.optimizer).__name__, type(compiled.loss).__name__) == (optimizer, loss)
+    # the engine's names hold for every recipe: MAIC may train with Keras 2's Nadam, as DACON does
+    assert maic.load_recipe(overrides=["train.optimizer=Keras2Nadam"])["train"]["optimizer"] == "Keras2Nadam"
+    with pytest.raises(RecipeError, match=r"train.loss = 'Focal': must be one of 'CategoricalCrossentropy'"):
+        maic.load_recipe(overrides=["train.loss=Focal"])
+    # DCASE's heads give logits: it keeps the losses that take `from_logits`
+    with pytest.raises(RecipeError, match=r"train.loss = 'KLDivergence': must be one of 'CategoricalCrossentropy'"):
+        dcase.load_recipe(overrides=["train.loss=KLDivergence"])

@@ -21,6 +21,7 @@ from replicate.task import (
     ResultsTable,
     Run,
     Task,
+    holdout_rows,
     read_csv,
 )
 
@@ -367,3 +368,14 @@ def test_header_names_match_columns_after_normalising_and_name_what_is_wrong():
         header_names("t.csv", ["ID", "Sex"], expected, str.lower)
     with pytest.raises(DataError, match=r"t\.csv: columns 'ID' and 'id' are the same column 'ID'"):
         header_names("t.csv", ["ID", "id", "Age"], expected, str.lower)
+
+
+def test_a_holdout_is_seeded_sorted_disjoint_and_holds_out_at_least_one_row():
+    kept, held = holdout_rows(20, 0.25, seed=3)
+    assert len(held) == 5 and sorted([*kept, *held]) == list(range(20))
+    assert (np.diff(kept) > 0).all() and (np.diff(held) > 0).all()
+    np.testing.assert_array_equal(holdout_rows(20, 0.25, seed=3)[1], held)
+    assert not np.array_equal(holdout_rows(20, 0.25, seed=4)[1], held)
+    assert len(holdout_rows(3, 0.01, seed=0)[1]) == 1
+    kept, held = holdout_rows(4, 0.0, seed=0)
+    assert kept.tolist() == [0, 1, 2, 3] and held.size == 0 and held.dtype == np.int64

@@ -88,10 +88,6 @@ class AicupTask(Task):
         "features.n_fft": recipe_lib.positive,
         "features.hop_length": recipe_lib.positive,
         "model.head_units": recipe_lib.positive,
-        "train.optimizer": recipe_lib.one_of("SGD", "Adam", "AdamW", "Nadam", "RMSprop"),
-        "train.loss": recipe_lib.one_of(
-            "DoubleSoftmaxCrossentropy", "CategoricalCrossentropy", "CategoricalFocalCrossentropy"
-        ),
         "train.class_weights": recipe_lib.one_of("inverse_count", "none"),
     }
 
@@ -191,8 +187,7 @@ class AicupTask(Task):
                 if labels is not None:
                     splits[name] = scoring.list_scores(labels, rows, probabilities[name])
             scores["modalities"][modality] = {"members": members, "splits": splits}
-        with files.atomic_path(run.run_dir / "predictions.npz", suffix=".npz") as temporary:
-            np.savez(temporary, **{key.replace("/", "__"): value for key, value in saved.items()})
+        files.write_npz(run.run_dir / "predictions.npz", **{key.replace("/", "__"): v for key, v in saved.items()})
         if data.tests:
             votes = {split.name: saved[f"{main}/{split.name}"] for split in data.tests}
             run.log(f"submission: {write_submission(run.run_dir / 'submission.csv', data.tests, votes)}")

@@ -17,7 +17,7 @@ from replicate import features as feature_lib
 from replicate import recipe as recipe_lib
 from replicate.dacon import data as data_lib
 from replicate.dacon import report as report_lib
-from replicate.task import BenchmarkMember, Group, Prepared, Run, Task
+from replicate.task import BenchmarkMember, Group, Prepared, Run, Task, holdout_rows
 
 INPUT = "log_mel"  # the model's input (models.dacon)
 EVALUATION_BATCH = 256  # rows per prediction batch
@@ -66,8 +66,6 @@ class DaconTask(Task):
         "features.normalization": recipe_lib.one_of("train_test", "train"),
         "model.dropout": recipe_lib.fraction,
         "model.dense_units": recipe_lib.positive,
-        "train.optimizer": recipe_lib.one_of("Keras2Nadam", "Nadam", "Adam", "AdamW", "SGD", "RMSprop"),
-        "train.loss": recipe_lib.one_of("KLDivergence", "CategoricalCrossentropy"),
         "train.validation_fraction": recipe_lib.fraction,
     }
 
@@ -102,7 +100,8 @@ class DaconTask(Task):
         normalizer = feature_lib.Normalizer.fit(
             list(fit_on.values()), features["db_reference"], features["top_db"], name=" + ".join(map(str, fit_on))
         )
-        rows, validation_rows = split_rows(len(train_power), run.recipe)
+        fraction, seed = run.recipe["train"]["validation_fraction"], run.recipe["ensemble"]["first_seed"]
+        rows, validation_rows = holdout_rows(len(train_power), fraction, seed)
         return Prepared(
             class_names=data.class_names,
             inputs={INPUT: list(train_power.shape[1:])},
@@ -154,8 +153,8 @@ class DaconTask(Task):
         ensemble = Ensemble.load(run.run_dir)
         test_inputs = pipeline.from_arrays(arrays.test_power, batch_size=EVALUATION_BATCH, transform=arrays.normalizer)
         test_members = ensemble.predict_members(test_inputs)
-        with files.atomic_path(run.run_dir / "test_predictions.npz", suffix=".npz") as temporary:
-            np.savez(temporary, seeds=np.array(ensemble.seeds), probabilities=test_members, ids=np.array(data.test_ids))
+        ids = np.array(data.test_ids)
+        files.write_npz(run.run_dir / "test_predictions.npz", seeds=ensemble.seeds, probabilities=test_members, ids=ids)
         write_submission(run.run_dir / "submission.csv", data, test_members.mean(axis=0))
         run.log(f"submission: {run.run_dir / 'submission.csv'}")
 
@@ -202,17 +201,6 @@ class DaconTask(Task):
         frames = 1 + data["clip_samples"] // features["hop_length"]  # librosa's centred frames
         shape = (features["n_mels"], frames, len(features["n_fft"]))
         return BenchmarkMember(lambda: build_model(recipe, shape, WORDS), recipe["train"])
-
-
-def split_rows(count: int, recipe: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(training rows, validation rows): a seeded random `train.validation_fraction` of the clips held out."""
-    rows = np.arange(count)
-    fraction = recipe["train"]["validation_fraction"]
-    if fraction == 0:
-        return rows, np.array([], dtype=np.int64)
-    shuffled = np.random.default_rng(recipe["ensemble"]["first_seed"]).permutation(rows)
-    cut = max(1, round(fraction * count))
-    return np.sort(shuffled[cut:]), np.sort(shuffled[:cut])
 
 
 def write_submission(path: Path, data: data_lib.DaconData, probabilities: np.ndarray) -> Path:

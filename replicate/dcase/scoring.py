@@ -98,9 +98,7 @@ def save_reference(
     for seed, by_class in references.items():
         for index, reference in by_class.items():
             arrays.update({f"seed-{seed:02d}/{class_names[index]}/{name}": v for name, v in reference.items()})
-    with files.atomic_path(path, suffix=".npz") as temporary:
-        np.savez(temporary, **arrays)
-    return path
+    return files.write_npz(path, **arrays)
 
 
 def load_reference(path: Path, method: str, seeds: Sequence[int], class_names: Sequence[str]) -> dict:

@@ -92,7 +92,6 @@ class DcaseTask(Task):
         "model.blocks": recipe_lib.positive,
         "model.width": recipe_lib.positive,
         "train.setup": recipe_lib.one_of(*SETUPS),
-        "train.optimizer": recipe_lib.one_of("Adam", "AdamW", "SGD", "Nadam", "RMSprop"),
         "train.loss": recipe_lib.one_of("CategoricalCrossentropy", "CategoricalFocalCrossentropy"),
         "train.warmup_epochs": recipe_lib.non_negative,
         "train.first_cycle_epochs": recipe_lib.positive,
@@ -272,8 +271,7 @@ class DcaseTask(Task):
                 scoring.write_result_csv(
                     run.run_dir / split / "result.csv", result["groups"][setup][split][method]["ensemble"]
                 )
-        with files.atomic_path(run.run_dir / "test_scores.npz", suffix=".npz") as temporary:
-            np.savez(temporary, **saved)
+        files.write_npz(run.run_dir / "test_scores.npz", **saved)
         run.log(f"official files: {', '.join(str(run.run_dir / split) for split in tests)}")
         result["final_group"] = setup
         result["headline"] = report_lib.headline(result, run.recipe)
@@ -358,8 +356,6 @@ class DcaseTask(Task):
         evaluation scored its test clips: `file`, `machine_type`, `machine_id`, `anomaly_score`. The machine
         ID comes from the file name (`normal_id_00_…`, `anomaly_id_00_…` or `id_00_…`), the machine type from
         the folders above it (the official `<type>/test/<file>`)."""
-        from replicate.ensemble import Ensemble
-
         manifest = ensemble.manifest
         clips = [data_lib.clip_to_score(path, manifest["data"]["machine_types"]) for path in audio.wav_files(inputs)]
         for clip in clips:
@@ -370,20 +366,13 @@ class DcaseTask(Task):
                 )
         features = self.inference_inputs(manifest, [clip.path for clip in clips])
         method, scores = manifest["preprocessing"]["score"]["method"], np.full(len(clips), np.nan)
+        frames = manifest["inputs"][INPUT][1]
         for name, group in manifest["groups"].items():
-            loaded = [k for k, entry in enumerate(manifest["members"]) if entry["group"] == name]
-            first = next((clip for clip in clips if clip.class_name in group["class_names"]), None)
-            if first is None:
+            if not any(clip.class_name in group["class_names"] for clip in clips):
                 continue
-            if not loaded:
-                raise DataError(f"{ensemble.run_dir}: no member of {name} is loaded to score {first.path}")
-            entries = [manifest["members"][k] for k in loaded]
-            members = Ensemble(
-                ensemble.run_dir, {**manifest, "members": entries}, [ensemble.members[k] for k in loaded]
-            )
+            members = ensemble.group(name)
             path = ensemble.run_dir / name / manifest["preprocessing"]["score"]["reference"]
             by_member = list(scoring.load_reference(path, method, members.seeds, group["class_names"]).values())
-            frames = manifest["inputs"][INPUT][1]
             rows, by_method, _ = ensemble_scores(
                 members, clips, group["class_names"], features, frames, {method: by_member}
             )

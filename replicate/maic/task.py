@@ -20,7 +20,7 @@ from replicate.maic import report as report_lib
 from replicate.maic.data import DIAGNOSES, MaicData, Person, load_data, load_split
 from replicate.maic.labels import SubclassTable, diagnosis_probabilities, person_predictions, score_persons
 from replicate.maic.tokens import Inputs, TokenStore, fit_normalization, person_rows, token_store
-from replicate.task import BenchmarkMember, DataError, Group, Prepared, Run, Task
+from replicate.task import BenchmarkMember, DataError, Group, Prepared, Run, Task, holdout_rows
 
 VALIDATION_BATCH = 256  # tokens per batch when the members are scored on the validation split every epoch
 REAL_SUBCLASSES = 21  # the sub-classes of the real data (the recipe derives them from the data)
@@ -82,8 +82,6 @@ class MaicTask(Task):
         "model.stage_strides": recipe_lib.positive,
         "model.dropout": recipe_lib.fraction,
         "model.dense_units": recipe_lib.positive,
-        "train.optimizer": recipe_lib.one_of("Adam", "AdamW", "Nadam", "SGD", "RMSprop"),
-        "train.loss": recipe_lib.one_of("CategoricalFocalCrossentropy", "CategoricalCrossentropy"),
         "train.lr_factor": recipe_lib.fraction,
         "train.lr_patience": recipe_lib.positive,
         "train.lr_monitor": recipe_lib.one_of("val_loss", "val_macro_f1"),
@@ -263,17 +261,10 @@ class MaicTask(Task):
 def split_rows(store: TokenStore, persons: Sequence[Person], recipe: dict) -> tuple[np.ndarray, np.ndarray]:
     """(training rows, validation rows) of the training store: a seeded random share of the tokens
     (split.by = "token", the source's) or of the persons, stratified by diagnosis ("person")."""
-    fraction = recipe["split"]["validation_fraction"]
-    seed = recipe["ensemble"]["first_seed"]
-    rows = np.arange(len(store))
-    if fraction == 0:
-        return rows, np.array([], dtype=np.int64)
-    if recipe["split"]["by"] == "token":
-        shuffled = np.random.default_rng(seed).permutation(rows)
-        cut = max(1, round(fraction * len(rows)))
-        return np.sort(shuffled[cut:]), np.sort(shuffled[:cut])
-    validation_persons = person_split(persons, fraction, seed)
-    is_validation = np.isin(store.person, validation_persons)
+    fraction, seed = recipe["split"]["validation_fraction"], recipe["ensemble"]["first_seed"]
+    if fraction == 0 or recipe["split"]["by"] == "token":
+        return holdout_rows(len(store), fraction, seed)
+    rows, is_validation = np.arange(len(store)), np.isin(store.person, person_split(persons, fraction, seed))
     return rows[~is_validation], rows[is_validation]
 
 
@@ -388,8 +379,8 @@ def test_scores(run: Run, ensemble, data: MaicData, tokens: Tokens, majority: in
     published), test_predictions.npz; their scores where they have answers (None otherwise)."""
     members, rows, predicted, probabilities = diagnose(ensemble, tokens.test, data.test)
     token_person = tokens.test.person[rows]
-    with files.atomic_path(run.run_dir / "test_predictions.npz", suffix=".npz") as temporary:
-        np.savez(temporary, seeds=np.array(ensemble.seeds), probabilities=members, rows=rows, person=token_person)
+    saved = {"seeds": ensemble.seeds, "probabilities": members, "rows": rows, "person": token_person}
+    files.write_npz(run.run_dir / "test_predictions.npz", **saved)
     with files.atomic_path(run.run_dir / "submission.csv", suffix=".csv") as temporary:
         submission_table(data.test, predicted, probabilities).to_csv(temporary, index=False, float_format="%.6f")
     run.log(f"submission: {run.run_dir / 'submission.csv'}")
