@@ -300,6 +300,16 @@ def test_evaluation_result_csv_and_score_files_have_the_official_format(tmp_path
         read_result_csv(tmp_path / "bad.csv")
 
 
+def test_the_per_type_table_has_a_dash_where_the_source_reported_no_number():
+    from replicate.dcase.report import _type_table
+
+    source = dcase.load_recipe()["source"]
+    table = _type_table({"types": {"fan": {"auc": 0.9, "pauc": 0.8}, "drill": {"auc": 0.7, "pauc": 0.6}}}, source)
+    fan_source = [f"{value:.2f}" for key in ("integrated_dev", "baseline_dev") for value in source[key]["fan"]]
+    assert f"| fan | 90.00 | 80.00 | {' | '.join(fan_source)} |" in table
+    assert "| drill | 70.00 | 60.00 | - | - | - | - |" in table  # a type outside DCASE 2020's six
+
+
 def test_windows_cover_the_clip_and_scores_rank_outliers():
     assert window_starts(313, 313) == [0]
     assert window_starts(313, 100) == [0, 100, 200, 213]

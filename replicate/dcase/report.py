@@ -125,9 +125,10 @@ def _type_table(final_dev: dict, source: dict) -> str:
     headers = ("machine type", *(f"{who} {area}" for who in whose for area in ("AUC", "pAUC")))
     rows = []
     for machine_type, values in final_dev["types"].items():
-        integrated, baseline = (source[key].get(machine_type, ("-", "-")) for key in ("integrated_dev", "baseline_dev"))
+        # a machine type outside the six of DCASE 2020 has no source numbers: "-"
+        integrated, baseline = (source[key].get(machine_type, (None, None)) for key in ("integrated_dev", "baseline_dev"))
         cells = (100 * values["auc"], 100 * values["pauc"], *integrated, *baseline)
-        rows.append((machine_type, *(f"{value:.2f}" for value in cells)))
+        rows.append((machine_type, *("-" if value is None else f"{value:.2f}" for value in cells)))
     return report.markdown_table(headers, rows)
 
 
