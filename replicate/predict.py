@@ -24,8 +24,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a finished run folder (runs/<recipe>/<run-id>)")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="what the run's task predicts from (files, folders)")
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV to write")
-    parser.add_argument("--members", type=int, help="use the first N members (default: all)")
+    parser.add_argument("--members", type=int, help="use the first N seeds of each model group (default: all)")
     arguments = parser.parse_args(argv)
+    if arguments.members is not None and arguments.members < 1:
+        parser.error(f"--members {arguments.members}: must be at least 1")
     try:
         from replicate.ensemble import Ensemble
 

@@ -106,3 +106,11 @@ def test_the_first_n_members_of_each_group_load_and_a_group_is_an_ensemble_of_it
     )
     with pytest.raises(runner.RunFolderError, match=r"no member of the group 'c' is loaded"):
         ensemble.group("c")
+
+
+def test_the_predict_command_refuses_fewer_than_one_member(tmp_path, capsys):
+    from replicate import predict
+
+    with pytest.raises(SystemExit) as exited:
+        predict.main([str(tmp_path), "clip.wav", "--members", "0"])
+    assert exited.value.code == 2 and "--members 0: must be at least 1" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from replicate.task import DataError, listing
+from replicate.task import DataError, listing, read_csv
 
 ANSWER_TOLERANCE = 1e-3  # a label row must sum to 1 within this
 
@@ -45,10 +45,7 @@ def read_answers(
     """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    try:
-        table = pd.read_csv(path, dtype={"id": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not a readable CSV ({error})") from error
+    table = read_csv(path, dtype={"id": str})
     if table.columns[0] != "id":
         raise DataError(f"{path}: the first column must be 'id', found {table.columns[0]!r}")
     columns = list(table.columns[1:])

@@ -53,10 +53,9 @@ def report_parts(run: Run) -> ReportParts:
             "data named in each row. KL divergence, lower is better.",
         ],
         ensemble_curves=[
-            EnsembleCurve(
+            EnsembleCurve.from_sizes(
                 split,
-                list(map(int, evaluation["ensemble_kl_by_size"])),
-                list(evaluation["ensemble_kl_by_size"].values()),
+                evaluation["ensemble_kl_by_size"],
                 "KL divergence",
                 {
                     "training prior": evaluation["prior_kl"],
