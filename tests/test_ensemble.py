@@ -106,3 +106,19 @@ def test_the_first_n_members_of_each_group_load_and_a_group_is_an_ensemble_of_it
     )
     with pytest.raises(runner.RunFolderError, match=r"no member of the group 'c' is loaded"):
         ensemble.group("c")
+
+
+def test_members_and_first_k_ensembles_are_scored_under_the_metrics_name():
+    from replicate.ensemble import score_members
+
+    members = np.array([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]])
+    targets = np.array([0, 1])
+
+    def accuracy(targets, probabilities):
+        return float(np.mean(probabilities.argmax(axis=1) == targets))
+
+    # first 2 averaged: [[0.5, 0.5], [0, 1]] → argmax [0, 1]; first 3: [[1/3, 2/3], [1/3, 2/3]] → [1, 1]
+    expected = {"member": [1.0, 0.5, 0.0], "ensemble_by_size": {"1": 1.0, "2": 1.0, "3": 0.5}}
+    assert score_members(members, targets, accuracy) == expected
+    named = score_members(members, targets, accuracy, name="accuracy")
+    assert named == {"member_accuracy": expected["member"], "ensemble_accuracy_by_size": expected["ensemble_by_size"]}
