@@ -341,6 +341,20 @@ def test_read_csv_names_an_unreadable_file_and_csv_lines_name_rows_by_line_and_i
     assert csv_lines(table, table.index[table["x"] == "2"], "ID") == "line 3 (ID b)"
 
 
+def test_read_json_parses_a_file_and_names_one_that_is_unreadable_or_not_json(tmp_path):
+    from replicate.task import read_json
+
+    (tmp_path / "good.json").write_text('{"a": [1, "é"]}', encoding="utf-8")
+    assert read_json(tmp_path / "good.json") == {"a": [1, "é"]}
+    for name, content in (("broken.json", b"{not json"), ("latin.json", b'{"a": "\xe9"}')):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / name}: not valid JSON (")):
+            read_json(tmp_path / name)
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / 'folder.json'}: cannot read the file (Is a")):
+        read_json(tmp_path / "folder.json")
+
+
 def test_find_in_layout_looks_beside_then_in_the_root_and_one_level_down(tmp_path):
     from replicate.task import DataError, find_in_layout, layout_name
 

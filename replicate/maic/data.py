@@ -4,7 +4,6 @@ synthetic. Every problem is a `DataError` naming the file (and the field or toke
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from replicate.task import DataError, listing, read_csv
+from replicate.task import DataError, listing, read_csv, read_json
 
 DIAGNOSES: tuple[str, ...] = (
     "Normal",
@@ -101,12 +100,7 @@ def _merged_json(json_paths: Sequence[Path]) -> tuple[dict, dict[str, Path], lis
     source_of: dict[str, Path] = {}
     tokens_raw, tokens_path = None, None
     for path in json_paths:
-        try:
-            content = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DataError(f"{path}: not valid JSON ({error})") from error
-        except OSError as error:
-            raise DataError(f"{path}: cannot read the file ({error.strerror or error})") from error
+        content = read_json(path)
         if isinstance(content, list):  # an annotation file that is just the token list
             content = {"tokens": content}
         if not isinstance(content, dict):

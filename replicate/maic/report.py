@@ -190,16 +190,11 @@ def subclass_sections(table: SubclassTable, data: MaicData, train_store) -> list
     masking_rows = []
     for sex in SEXES:
         for band in BANDS:
-            age = table.age_threshold + 1 if band == BANDS[0] else table.age_threshold - 1
+            age = table.age_threshold + 1 if band == BANDS[0] else table.age_threshold - 1  # an age in the band
             allowed = np.flatnonzero(table.mask(sex, age))
-            masking_rows.append(
-                (
-                    f"{sex}, {band}",
-                    ", ".join(table.labels[i] for i in allowed),
-                    ", ".join(table.entries[i][0] for i in allowed),
-                    len(table.entries) - len(allowed),
-                )
-            )
+            labels = ", ".join(table.labels[i] for i in allowed)
+            diagnoses = ", ".join(table.entries[i][0] for i in allowed)
+            masking_rows.append((f"{sex}, {band}", labels, diagnoses, len(table.entries) - len(allowed)))
     return [
         "## Sub-classes (derived from the training persons)",
         "",
