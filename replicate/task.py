@@ -344,10 +344,19 @@ class EnsembleCurve:
 
     @classmethod
     def from_sizes(
-        cls, split: str, by_size: Mapping[str, float], metric: str, baselines: Mapping[str, float] | None = None
+        cls,
+        split: str,
+        by_size: Mapping[str, float],
+        metric: str,
+        baselines: Mapping[str, float] | None = None,
+        members: Sequence[float] = (),
     ) -> EnsembleCurve:
-        """The curve of a scores.json table {"k": score} (e.g. `ensemble_macro_f1_by_size`)."""
-        return cls(split, list(map(int, by_size)), list(by_size.values()), metric, dict(baselines or {}))
+        """The curve of a scores.json table {"k": score} (e.g. `ensemble_macro_f1_by_size`); given the single
+        members' scores (`members`), their mean is the last baseline, "single member (mean)"."""
+        baselines = dict(baselines or {})
+        if len(members):
+            baselines["single member (mean)"] = float(np.mean(members))
+        return cls(split, list(map(int, by_size)), list(by_size.values()), metric, baselines)
 
 
 @dataclass

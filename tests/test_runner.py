@@ -291,6 +291,8 @@ def test_an_ensemble_curve_is_read_from_a_scores_table_of_sizes():
     curve = EnsembleCurve.from_sizes("test", {"1": 0.5, "3": 0.75}, "macro F1", {"majority": 0.1})
     assert curve == EnsembleCurve("test", [1, 3], [0.5, 0.75], "macro F1", {"majority": 0.1})
     assert EnsembleCurve.from_sizes("test", {"2": 0.25}, "KL").baselines == {}
+    with_members = EnsembleCurve.from_sizes("test", {"2": 0.5}, "KL", {"prior": 0.9}, members=[0.25, 0.5])
+    assert list(with_members.baselines.items()) == [("prior", 0.9), ("single member (mean)", 0.375)]
 
 
 def test_the_readme_block_is_written_into_the_page_that_holds_it(data_root, tmp_path):

@@ -102,8 +102,14 @@ def report_parts(run: Run, data: MaicData, tokens) -> ReportParts:
     evaluations, monitor = run.scores["evaluations"], run.recipe["train"]["monitor"]
     loss_note = loss_scale_note(run.recipe["train"], run.recipe["source"])
     sections = [loss_note, ""] if loss_note else []
+    member_columns, curves = {}, []
     for split, evaluation in evaluations.items():
         sections += split_section(run, split, evaluation)
+        members = evaluation["member_macro_f1"]
+        member_columns[f"macro F1 {split}"] = members
+        majority = {f"majority class ({evaluation['majority_class']})": evaluation["majority_macro_f1"]}
+        by_size = evaluation["ensemble_macro_f1_by_size"]
+        curves.append(EnsembleCurve.from_sizes(split, by_size, "person macro F1", majority, members=members))
     sections += subclass_sections(tokens.table, data, tokens.train)
     return ReportParts(
         intro=[
@@ -112,21 +118,8 @@ def report_parts(run: Run, data: MaicData, tokens) -> ReportParts:
             '"Micro-F1" once, but "Macro F1-score" in its overview and leaderboard line).',
         ],
         sections=sections,
-        member_columns={
-            f"macro F1 {split}": evaluation["member_macro_f1"] for split, evaluation in evaluations.items()
-        },
-        ensemble_curves=[
-            EnsembleCurve.from_sizes(
-                split,
-                evaluation["ensemble_macro_f1_by_size"],
-                "person macro F1",
-                {
-                    f"majority class ({evaluation['majority_class']})": evaluation["majority_macro_f1"],
-                    "single member (mean)": float(np.mean(evaluation["member_macro_f1"])),
-                },
-            )
-            for split, evaluation in evaluations.items()
-        ],
+        member_columns=member_columns,
+        ensemble_curves=curves,
         history_metrics={monitor: f"{monitor} (validation)"},
         notes=notes(run, tokens.train.lengths),
         notes_title="Data and tokens",
