@@ -137,10 +137,9 @@ def parse_tokens(tokens_raw, path: Path) -> list[Token]:
         for key in ("token_no", "startFrame", "endFrame"):
             if isinstance(raw[key], bool) or not isinstance(raw[key], int):
                 raise DataError(f"{where}: {key} must be an integer, got {raw[key]!r}")
-        if raw["token_skip"] not in ("normal", "skip"):
-            raise DataError(f"{where}: token_skip must be 'normal' or 'skip', got {raw['token_skip']!r}")
-        if raw["token_pronounce"] not in ("normal", "abnormal"):
-            raise DataError(f"{where}: token_pronounce must be 'normal' or 'abnormal', got {raw['token_pronounce']!r}")
+        for key, values in (("token_skip", ("normal", "skip")), ("token_pronounce", ("normal", "abnormal"))):
+            if raw[key] not in values:
+                raise DataError(f"{where}: {key} must be {values[0]!r} or {values[1]!r}, got {raw[key]!r}")
         if raw["startFrame"] < 0 or raw["endFrame"] < raw["startFrame"]:
             raise DataError(f"{where}: frames {raw['startFrame']}..{raw['endFrame']} are negative or reversed")
         skip, abnormal = raw["token_skip"] == "skip", raw["token_pronounce"] == "abnormal"

@@ -50,13 +50,8 @@ def results(run: Run) -> ResultsTable:
     if validation:
         where = f"our synthetic data, {validation['split']} validation split ({validation['tokens']} tokens)"
         for over, key in (("sub-classes", "member_token_macro_f1"), ("diagnoses", "member_token_diagnosis_macro_f1")):
-            rows.append(
-                (
-                    "ours: single member, mean ± std (best epoch)",
-                    f"{where}, token-level macro F1 over {over}",
-                    report.mean_std(validation[key]),
-                )
-            )
+            what = f"{where}, token-level macro F1 over {over}"
+            rows.append(("ours: single member, mean ± std (best epoch)", what, report.mean_std(validation[key])))
     for split, evaluation in scores["evaluations"].items():
         where = f"our synthetic data, {split} ({evaluation['persons']} persons), person-level macro F1"
         rows.append(
