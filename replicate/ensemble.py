@@ -263,22 +263,28 @@ def clip_outputs(
     return [np.concatenate(parts, axis=-2) for parts in zip(*chunks, strict=True)]
 
 
-def score_members(member_predictions: np.ndarray, targets: np.ndarray, metric: Callable) -> dict:
+def score_members(
+    member_predictions: np.ndarray, targets: np.ndarray, metric: Callable, name: str | None = None
+) -> dict:
     """Scores of each member and of the plain average of the first k members, for every k.
 
     Args:
         member_predictions: (members, rows, classes) probabilities.
         targets: what `metric` compares them with.
         metric: `metric(targets, predictions) -> float`, e.g. `metrics.kl_divergence`.
+        name: the metric's name in scores.json, e.g. "kl": the keys become "member_kl" and
+            "ensemble_kl_by_size".
 
     Returns:
-        {"member": [score per member], "ensemble_by_size": {"k": score of the first k averaged}}.
+        {"member": [score per member], "ensemble_by_size": {"k": score of the first k averaged}}, those
+        keys named after `name` when it is given.
     """
     member_predictions = np.asarray(member_predictions)
-    return {
-        "member": [metric(targets, predictions) for predictions in member_predictions],
-        "ensemble_by_size": {
-            str(size): metric(targets, member_predictions[:size].mean(axis=0))
-            for size in range(1, len(member_predictions) + 1)
-        },
+    member = [metric(targets, predictions) for predictions in member_predictions]
+    by_size = {
+        str(size): metric(targets, member_predictions[:size].mean(axis=0))
+        for size in range(1, len(member_predictions) + 1)
     }
+    if name is None:
+        return {"member": member, "ensemble_by_size": by_size}
+    return {f"member_{name}": member, f"ensemble_{name}_by_size": by_size}

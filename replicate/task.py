@@ -58,6 +58,7 @@ a recipe `recipes/<name>.toml`, and one line in `replicate/tasks.py`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -90,6 +91,17 @@ def read_csv(path: str | os.PathLike, **options):
         return pd.read_csv(path, **options)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
         raise DataError(f"{path}: not a readable CSV ({error})") from error
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A data file's JSON content; a file that cannot be read or is not valid JSON (or UTF-8) is a `DataError`
+    naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from error
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the file ({error.strerror or error})") from error
 
 
 def csv_lines(table, rows, id_column: str | None = None) -> str:
@@ -332,10 +344,19 @@ class EnsembleCurve:
 
     @classmethod
     def from_sizes(
-        cls, split: str, by_size: Mapping[str, float], metric: str, baselines: Mapping[str, float] | None = None
+        cls,
+        split: str,
+        by_size: Mapping[str, float],
+        metric: str,
+        baselines: Mapping[str, float] | None = None,
+        members: Sequence[float] = (),
     ) -> EnsembleCurve:
-        """The curve of a scores.json table {"k": score} (e.g. `ensemble_macro_f1_by_size`)."""
-        return cls(split, list(map(int, by_size)), list(by_size.values()), metric, dict(baselines or {}))
+        """The curve of a scores.json table {"k": score} (e.g. `ensemble_macro_f1_by_size`); given the single
+        members' scores (`members`), their mean is the last baseline, "single member (mean)"."""
+        baselines = dict(baselines or {})
+        if len(members):
+            baselines["single member (mean)"] = float(np.mean(members))
+        return cls(split, list(map(int, by_size)), list(by_size.values()), metric, baselines)
 
 
 @dataclass

@@ -114,3 +114,19 @@ def test_the_predict_command_refuses_fewer_than_one_member(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         predict.main([str(tmp_path), "clip.wav", "--members", "0"])
     assert exited.value.code == 2 and "--members 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_members_and_first_k_ensembles_are_scored_under_the_metrics_name():
+    from replicate.ensemble import score_members
+
+    members = np.array([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]])
+    targets = np.array([0, 1])
+
+    def accuracy(targets, probabilities):
+        return float(np.mean(probabilities.argmax(axis=1) == targets))
+
+    # first 2 averaged: [[0.5, 0.5], [0, 1]] → argmax [0, 1]; first 3: [[1/3, 2/3], [1/3, 2/3]] → [1, 1]
+    expected = {"member": [1.0, 0.5, 0.0], "ensemble_by_size": {"1": 1.0, "2": 1.0, "3": 0.5}}
+    assert score_members(members, targets, accuracy) == expected
+    named = score_members(members, targets, accuracy, name="accuracy")
+    assert named == {"member_accuracy": expected["member"], "ensemble_accuracy_by_size": expected["ensemble_by_size"]}

@@ -291,6 +291,8 @@ def test_an_ensemble_curve_is_read_from_a_scores_table_of_sizes():
     curve = EnsembleCurve.from_sizes("test", {"1": 0.5, "3": 0.75}, "macro F1", {"majority": 0.1})
     assert curve == EnsembleCurve("test", [1, 3], [0.5, 0.75], "macro F1", {"majority": 0.1})
     assert EnsembleCurve.from_sizes("test", {"2": 0.25}, "KL").baselines == {}
+    with_members = EnsembleCurve.from_sizes("test", {"2": 0.5}, "KL", {"prior": 0.9}, members=[0.25, 0.5])
+    assert list(with_members.baselines.items()) == [("prior", 0.9), ("single member (mean)", 0.375)]
 
 
 def test_the_readme_block_is_written_into_the_page_that_holds_it(data_root, tmp_path):
@@ -339,6 +341,20 @@ def test_read_csv_names_an_unreadable_file_and_csv_lines_name_rows_by_line_and_i
     table = read_csv(tmp_path / "t.csv", dtype=str)
     assert csv_lines(table, table.index[table["x"] != "2"]) == "line 2, 4"
     assert csv_lines(table, table.index[table["x"] == "2"], "ID") == "line 3 (ID b)"
+
+
+def test_read_json_parses_a_file_and_names_one_that_is_unreadable_or_not_json(tmp_path):
+    from replicate.task import read_json
+
+    (tmp_path / "good.json").write_text('{"a": [1, "é"]}', encoding="utf-8")
+    assert read_json(tmp_path / "good.json") == {"a": [1, "é"]}
+    for name, content in (("broken.json", b"{not json"), ("latin.json", b'{"a": "\xe9"}')):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / name}: not valid JSON (")):
+            read_json(tmp_path / name)
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / 'folder.json'}: cannot read the file (Is a")):
+        read_json(tmp_path / "folder.json")
 
 
 def test_find_in_layout_looks_beside_then_in_the_root_and_one_level_down(tmp_path):

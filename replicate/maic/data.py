@@ -4,7 +4,6 @@ synthetic. Every problem is a `DataError` naming the file (and the field or toke
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from replicate.task import DataError, listing, read_csv
+from replicate.task import DataError, listing, read_csv, read_json
 
 DIAGNOSES: tuple[str, ...] = (
     "Normal",
@@ -101,12 +100,7 @@ def _merged_json(json_paths: Sequence[Path]) -> tuple[dict, dict[str, Path], lis
     source_of: dict[str, Path] = {}
     tokens_raw, tokens_path = None, None
     for path in json_paths:
-        try:
-            content = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DataError(f"{path}: not valid JSON ({error})") from error
-        except OSError as error:
-            raise DataError(f"{path}: cannot read the file ({error.strerror or error})") from error
+        content = read_json(path)
         if isinstance(content, list):  # an annotation file that is just the token list
             content = {"tokens": content}
         if not isinstance(content, dict):
@@ -143,10 +137,9 @@ def parse_tokens(tokens_raw, path: Path) -> list[Token]:
         for key in ("token_no", "startFrame", "endFrame"):
             if isinstance(raw[key], bool) or not isinstance(raw[key], int):
                 raise DataError(f"{where}: {key} must be an integer, got {raw[key]!r}")
-        if raw["token_skip"] not in ("normal", "skip"):
-            raise DataError(f"{where}: token_skip must be 'normal' or 'skip', got {raw['token_skip']!r}")
-        if raw["token_pronounce"] not in ("normal", "abnormal"):
-            raise DataError(f"{where}: token_pronounce must be 'normal' or 'abnormal', got {raw['token_pronounce']!r}")
+        for key, values in (("token_skip", ("normal", "skip")), ("token_pronounce", ("normal", "abnormal"))):
+            if raw[key] not in values:
+                raise DataError(f"{where}: {key} must be {values[0]!r} or {values[1]!r}, got {raw[key]!r}")
         if raw["startFrame"] < 0 or raw["endFrame"] < raw["startFrame"]:
             raise DataError(f"{where}: frames {raw['startFrame']}..{raw['endFrame']} are negative or reversed")
         skip, abnormal = raw["token_skip"] == "skip", raw["token_pronounce"] == "abnormal"

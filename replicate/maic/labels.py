@@ -12,6 +12,7 @@ from replicate import metrics
 from replicate.maic.data import DIAGNOSES, SEXES, Person
 
 BANDS: tuple[str, ...] = ("55+", "<55")  # the source's L1-L6 are the men aged 55 or over: that group first
+DIAGNOSIS_INDICES = list(range(len(DIAGNOSES)))  # sklearn's `labels`: every diagnosis is scored, present or not
 
 
 def age_band(age: float, threshold: float = 55.0) -> str:
@@ -156,37 +157,29 @@ def score_persons(
     the recipe's table (label_masking, tie_rule), `majority` the training persons' most frequent diagnosis."""
     from replicate.ensemble import score_members
 
-    labels = list(range(len(DIAGNOSES)))
+    def diagnoses(probabilities: np.ndarray, masking: bool) -> np.ndarray:
+        return person_predictions(
+            probabilities, token_person, persons, table, masking=masking, tie_rule=inference["tie_rule"]
+        )[0]
 
-    def person_f1(masking: bool):
+    def person_f1(masking: bool) -> dict:
         def metric(_, probabilities):
-            predicted, _ = person_predictions(
-                probabilities, token_person, persons, table, masking=masking, tie_rule=inference["tie_rule"]
-            )
-            return metrics.macro_f1(targets, predicted, labels=labels)
+            return metrics.macro_f1(targets, diagnoses(probabilities, masking), labels=DIAGNOSIS_INDICES)
 
-        return metric
+        return score_members(member_probabilities, targets, metric, name="macro_f1")
 
-    masked = score_members(member_probabilities, targets, person_f1(True))
-    unmasked = score_members(member_probabilities, targets, person_f1(False))
-    chosen = masked if inference["label_masking"] else unmasked
+    masked, unmasked = person_f1(True), person_f1(False)
     ensemble = member_probabilities.mean(axis=0)
-    predicted, _ = person_predictions(
-        ensemble, token_person, persons, table, masking=inference["label_masking"], tie_rule=inference["tie_rule"]
-    )
     return {
         "persons": len(persons),
         "tokens": len(token_person),
         "label_masking": inference["label_masking"],
-        "member_macro_f1": chosen["member"],
-        "ensemble_macro_f1_by_size": chosen["ensemble_by_size"],
-        "member_macro_f1_masked": masked["member"],
-        "ensemble_macro_f1_by_size_masked": masked["ensemble_by_size"],
-        "member_macro_f1_unmasked": unmasked["member"],
-        "ensemble_macro_f1_by_size_unmasked": unmasked["ensemble_by_size"],
-        "majority_macro_f1": metrics.macro_f1(targets, np.full(len(targets), majority), labels=labels),
+        **(masked if inference["label_masking"] else unmasked),
+        **{f"{key}_masked": value for key, value in masked.items()},
+        **{f"{key}_unmasked": value for key, value in unmasked.items()},
+        "majority_macro_f1": metrics.macro_f1(targets, np.full(len(targets), majority), labels=DIAGNOSIS_INDICES),
         "majority_class": DIAGNOSES[majority],
-        **_ensemble_person_scores(targets, predicted),
+        **_ensemble_person_scores(targets, diagnoses(ensemble, inference["label_masking"])),
         "token": _token_scores(ensemble, targets[token_person], table.masks(persons)[token_person], table),
     }
 
@@ -195,12 +188,11 @@ def _ensemble_person_scores(targets: np.ndarray, predicted: np.ndarray) -> dict:
     """Per-diagnosis F1, accuracy and the confusion matrix of the ensemble's person diagnoses."""
     from sklearn import metrics as sk_metrics
 
-    labels = list(range(len(DIAGNOSES)))
-    f1 = sk_metrics.f1_score(targets, predicted, labels=labels, average=None, zero_division=0)
+    f1 = sk_metrics.f1_score(targets, predicted, labels=DIAGNOSIS_INDICES, average=None, zero_division=0)
     return {
         "per_class_f1": dict(zip(DIAGNOSES, f1.tolist(), strict=True)),
         "accuracy": float(np.mean(predicted == targets)),
-        "confusion_matrix": sk_metrics.confusion_matrix(targets, predicted, labels=labels).tolist(),
+        "confusion_matrix": sk_metrics.confusion_matrix(targets, predicted, labels=DIAGNOSIS_INDICES).tolist(),
     }
 
 
@@ -212,6 +204,6 @@ def _token_scores(probabilities: np.ndarray, targets: np.ndarray, masks: np.ndar
         predicted = diagnosis_probabilities(probabilities, table, token_masks).argmax(axis=1)
         scores[name] = {
             "accuracy": float(np.mean(predicted == targets)),
-            "macro_f1": metrics.macro_f1(targets, predicted, labels=list(range(len(DIAGNOSES)))),
+            "macro_f1": metrics.macro_f1(targets, predicted, labels=DIAGNOSIS_INDICES),
         }
     return scores

@@ -50,13 +50,8 @@ def results(run: Run) -> ResultsTable:
     if validation:
         where = f"our synthetic data, {validation['split']} validation split ({validation['tokens']} tokens)"
         for over, key in (("sub-classes", "member_token_macro_f1"), ("diagnoses", "member_token_diagnosis_macro_f1")):
-            rows.append(
-                (
-                    "ours: single member, mean ± std (best epoch)",
-                    f"{where}, token-level macro F1 over {over}",
-                    report.mean_std(validation[key]),
-                )
-            )
+            what = f"{where}, token-level macro F1 over {over}"
+            rows.append(("ours: single member, mean ± std (best epoch)", what, report.mean_std(validation[key])))
     for split, evaluation in scores["evaluations"].items():
         where = f"our synthetic data, {split} ({evaluation['persons']} persons), person-level macro F1"
         rows.append(
@@ -102,8 +97,14 @@ def report_parts(run: Run, data: MaicData, tokens) -> ReportParts:
     evaluations, monitor = run.scores["evaluations"], run.recipe["train"]["monitor"]
     loss_note = loss_scale_note(run.recipe["train"], run.recipe["source"])
     sections = [loss_note, ""] if loss_note else []
+    member_columns, curves = {}, []
     for split, evaluation in evaluations.items():
         sections += split_section(run, split, evaluation)
+        members = evaluation["member_macro_f1"]
+        member_columns[f"macro F1 {split}"] = members
+        majority = {f"majority class ({evaluation['majority_class']})": evaluation["majority_macro_f1"]}
+        by_size = evaluation["ensemble_macro_f1_by_size"]
+        curves.append(EnsembleCurve.from_sizes(split, by_size, "person macro F1", majority, members=members))
     sections += subclass_sections(tokens.table, data, tokens.train)
     return ReportParts(
         intro=[
@@ -112,21 +113,8 @@ def report_parts(run: Run, data: MaicData, tokens) -> ReportParts:
             '"Micro-F1" once, but "Macro F1-score" in its overview and leaderboard line).',
         ],
         sections=sections,
-        member_columns={
-            f"macro F1 {split}": evaluation["member_macro_f1"] for split, evaluation in evaluations.items()
-        },
-        ensemble_curves=[
-            EnsembleCurve.from_sizes(
-                split,
-                evaluation["ensemble_macro_f1_by_size"],
-                "person macro F1",
-                {
-                    f"majority class ({evaluation['majority_class']})": evaluation["majority_macro_f1"],
-                    "single member (mean)": float(np.mean(evaluation["member_macro_f1"])),
-                },
-            )
-            for split, evaluation in evaluations.items()
-        ],
+        member_columns=member_columns,
+        ensemble_curves=curves,
         history_metrics={monitor: f"{monitor} (validation)"},
         notes=notes(run, tokens.train.lengths),
         notes_title="Data and tokens",
@@ -190,16 +178,11 @@ def subclass_sections(table: SubclassTable, data: MaicData, train_store) -> list
     masking_rows = []
     for sex in SEXES:
         for band in BANDS:
-            age = table.age_threshold + 1 if band == BANDS[0] else table.age_threshold - 1
+            age = table.age_threshold + 1 if band == BANDS[0] else table.age_threshold - 1  # an age in the band
             allowed = np.flatnonzero(table.mask(sex, age))
-            masking_rows.append(
-                (
-                    f"{sex}, {band}",
-                    ", ".join(table.labels[i] for i in allowed),
-                    ", ".join(table.entries[i][0] for i in allowed),
-                    len(table.entries) - len(allowed),
-                )
-            )
+            labels = ", ".join(table.labels[i] for i in allowed)
+            diagnoses = ", ".join(table.entries[i][0] for i in allowed)
+            masking_rows.append((f"{sex}, {band}", labels, diagnoses, len(table.entries) - len(allowed)))
     return [
         "## Sub-classes (derived from the training persons)",
         "",
