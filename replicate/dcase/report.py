@@ -126,7 +126,8 @@ def _type_table(final_dev: dict, source: dict) -> str:
     rows = []
     for machine_type, values in final_dev["types"].items():
         # a machine type outside the six of DCASE 2020 has no source numbers: "-"
-        integrated, baseline = (source[key].get(machine_type, (None, None)) for key in ("integrated_dev", "baseline_dev"))
+        integrated = source["integrated_dev"].get(machine_type, (None, None))
+        baseline = source["baseline_dev"].get(machine_type, (None, None))
         cells = (100 * values["auc"], 100 * values["pauc"], *integrated, *baseline)
         rows.append((machine_type, *("-" if value is None else f"{value:.2f}" for value in cells)))
     return report.markdown_table(headers, rows)

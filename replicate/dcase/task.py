@@ -342,14 +342,8 @@ class DcaseTask(Task):
         """Normalised log-mel inputs of audio files (whole clips), with the run's feature definition and
         statistics; also of a run made before the manifest schema (one without the mel definition keys
         computed librosa's)."""
-        if "schema_version" in manifest:
-            spec = feature_lib.FeatureSpec.from_manifest(manifest["features"][INPUT])
-            normalization = manifest["preprocessing"]["normalization"]
-        else:
-            saved = manifest["recipe"]
-            spec = feature_spec({"data": saved["data"], "features": {**LIBROSA_DEFINITION, **saved["features"]}})
-            normalization = manifest["normalization"]
-        return feature_lib.Normalizer.from_config(normalization)(spec.compute(paths))
+        spec, normalizer = feature_lib.saved_transform(manifest, INPUT, feature_spec, LIBROSA_DEFINITION)
+        return normalizer(spec.compute(paths))
 
     def predict(self, ensemble, inputs: Sequence[str]) -> pd.DataFrame:
         """Anomaly scores of wav files (a folder stands for its wav files) by the run's `score.method`, as its
