@@ -35,12 +35,10 @@ def headline(scores: dict, recipe: dict) -> str:
     same_setup = [entry for entry in recipe["source"]["reported"] if entry["setup"] == scores["setup"]]
     same_head = [entry for entry in same_setup if recipe["model"]["head"] in entry["what"].lower()]
     source = (same_head or same_setup or [None])[0]
-    if source is None:
-        return text + ")"
-    return (
-        text
-        + f"; source: {source['what']} {source[f'{split}_auc']:.2f} / {source[f'{split}_pauc']:.2f} on the real data)"
-    )
+    if source is not None:
+        auc, pauc = source[f"{split}_auc"], source[f"{split}_pauc"]
+        text += f"; source: {source['what']} {auc:.2f} / {pauc:.2f} on the real data"
+    return text + ")"
 
 
 def results(run: Run) -> ResultsTable:
