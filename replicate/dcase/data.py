@@ -182,11 +182,8 @@ def read_ground_truth(root: Path, eval_test: Sequence[Clip]) -> np.ndarray | Non
     if repeated:
         raise DataError(f"{path}: more than one row for {listing(repeated)}; one label per file")
     labels = {(row.machine_type, row.file): int(row.label) for row in table.itertuples()}
-    missing = [
-        f"{clip.machine_type}/{clip.path.name}"
-        for clip in eval_test
-        if (clip.machine_type, clip.path.name) not in labels
-    ]
+    keys = [(clip.machine_type, clip.path.name) for clip in eval_test]
+    missing = ["/".join(key) for key in keys if key not in labels]
     if missing:
         raise DataError(f"{path}: no row for {len(missing)} evaluation test files: {listing(missing)}")
-    return np.array([labels[(clip.machine_type, clip.path.name)] for clip in eval_test])
+    return np.array([labels[key] for key in keys])

@@ -268,9 +268,8 @@ class DcaseTask(Task):
         for split, (clips, labels) in tests.items():
             scoring.write_score_files(run.run_dir / split, clips, saved[f"{setup}_{split}_{method}"].mean(axis=0))
             if labels is not None:
-                scoring.write_result_csv(
-                    run.run_dir / split / "result.csv", result["groups"][setup][split][method]["ensemble"]
-                )
+                evaluation = result["groups"][setup][split][method]["ensemble"]
+                scoring.write_result_csv(run.run_dir / split / "result.csv", evaluation)
         files.write_npz(run.run_dir / "test_scores.npz", **saved)
         run.log(f"official files: {', '.join(str(run.run_dir / split) for split in tests)}")
         result["final_group"] = setup
@@ -287,9 +286,8 @@ class DcaseTask(Task):
         }
         embedding_rows, embeddings = [], []
         for name, types in parts:
-            for split, (rows, by_method, split_embeddings) in self._score_group(
-                run, data, arrays, name, types, ensemble
-            ).items():
+            scored = self._score_group(run, data, arrays, name, types, ensemble)
+            for split, (rows, by_method, split_embeddings) in scored.items():
                 for method, values in by_method.items():
                     scores[split][method][:, rows] = values
                 if split == "dev":
@@ -317,10 +315,8 @@ class DcaseTask(Task):
         }
         if save_reference:
             method = run.recipe["score"]["method"]
-            path = run.run_dir / name / scoring.REFERENCE_FILE
-            scoring.save_reference(
-                path, method, dict(zip(ensemble.seeds, references[method], strict=True)), class_names
-            )
+            by_seed = dict(zip(ensemble.seeds, references[method], strict=True))
+            scoring.save_reference(run.run_dir / name / scoring.REFERENCE_FILE, method, by_seed, class_names)
         splits = {}
         for split, clips, power in (
             ("dev", data.dev_test, arrays.dev_power),
