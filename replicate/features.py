@@ -749,6 +749,31 @@ def feature_kind(cls: type[FeatureSpec]) -> type[FeatureSpec]:
     return cls
 
 
+def saved_transform(
+    manifest: Mapping[str, Any],
+    input_name: str,
+    spec_of_recipe: Callable[[dict], FeatureSpec],
+    legacy_features: Mapping[str, Any],
+) -> tuple[FeatureSpec, Normalizer]:
+    """The feature spec and normaliser of a run's normalised input, for inference, from its manifest.
+
+    Args:
+        manifest: the run's manifest: its `features[input_name]` entry and `preprocessing.normalization`;
+            for a run made before the manifest schema (no `schema_version`), the recipe tables it saved and
+            its top-level `normalization`.
+        input_name: the models' input the features feed.
+        spec_of_recipe: the task's spec of a recipe (its `data` and `features` tables), for a run made before
+            the manifest schema.
+        legacy_features: what such a run computed for the `features` keys the recipe gained since.
+    """
+    if "schema_version" in manifest:
+        spec = FeatureSpec.from_manifest(manifest["features"][input_name])
+        return spec, Normalizer.from_config(manifest["preprocessing"]["normalization"])
+    saved = manifest["recipe"]
+    spec = spec_of_recipe({"data": saved["data"], "features": {**legacy_features, **saved["features"]}})
+    return spec, Normalizer.from_config(manifest["normalization"])
+
+
 @feature_kind
 @dataclass(frozen=True)
 class MelPowerSpec(FeatureSpec):

@@ -116,6 +116,18 @@ def csv_lines(table, rows, id_column: str | None = None) -> str:
     return f"{lines} (ID {listing(table.loc[rows, id_column].tolist())})" if id_column else lines
 
 
+def repeated_rows(table, keys: Sequence[str], values: str, values_name: str = "") -> list[str]:
+    """Each key that more than one row of a table read by `read_csv` holds, for an error message, in the
+    order of the file: "fan/a.wav on lines 4, 9 (labels 0, 1)": the key's columns joined by "/", the rows'
+    lines (line 1 is the header) and their `values` column after `values_name`; empty if no key repeats."""
+    repeated = table[table.duplicated(list(keys), keep=False)]
+    return [
+        f"{'/'.join(map(str, key))} on lines {', '.join(str(row + 2) for row in group.index)} "
+        f"({values_name}{', '.join(map(str, group[values]))})"
+        for key, group in repeated.groupby(list(keys), sort=False)
+    ]
+
+
 def header_names(
     path: str | os.PathLike,
     columns: Sequence[str],

@@ -612,6 +612,30 @@ def test_the_dacon_spec_keeps_the_cache_key_of_the_features_it_replaced(tmp_path
     assert meta["key"] == digest.hexdigest()[:16]
 
 
+def test_a_saved_transform_comes_from_the_manifest_or_from_the_recipe_a_run_before_the_schema_saved():
+    normalization = {"reference": "global", "ref": [1.0], "mean": [-40.0], "std": [10.0], "top_db": 80.0}
+    manifest = {
+        "schema_version": 1,
+        "features": {"log_mel": SPECS[1].to_manifest()},
+        "preprocessing": {"normalization": normalization},
+    }
+    spec, normalizer = features.saved_transform(manifest, "log_mel", None, {})
+    assert spec == SPECS[1] and normalizer == features.Normalizer.from_config(normalization)
+    before_the_schema = {
+        "recipe": {"data": {"sample_rate": 16000}, "features": {"n_fft": 400, "mel_scale": "htk"}, "train": {}},
+        "normalization": {**normalization, "mean": [-30.0]},
+    }
+    # the task's spec of the saved tables, whose keys missing then take what the run computed
+    recipe, normalizer = features.saved_transform(
+        before_the_schema, "log_mel", lambda tables: tables, {"mel_scale": "slaney", "pad_mode": "constant"}
+    )
+    assert recipe == {
+        "data": {"sample_rate": 16000},
+        "features": {"n_fft": 400, "mel_scale": "htk", "pad_mode": "constant"},
+    }
+    assert normalizer.mean == (-30.0,)
+
+
 def test_an_unknown_feature_kind_in_a_manifest_is_named():
     with pytest.raises(ValueError, match=r"unknown feature kind 'chroma' in the manifest; known: mel_power, mfcc"):
         features.FeatureSpec.from_manifest({"kind": "chroma", "audio": {"sample_rate": 1}})

@@ -357,6 +357,22 @@ def test_read_json_parses_a_file_and_names_one_that_is_unreadable_or_not_json(tm
         read_json(tmp_path / "folder.json")
 
 
+def test_repeated_rows_name_each_repeated_key_with_its_lines_and_values(tmp_path):
+    from replicate.task import read_csv, repeated_rows
+
+    (tmp_path / "t.csv").write_text("type,file,label\nfan,b,0\nfan,a,1\npump,a,1\nfan,b,1\nfan,a,0\nfan,a,1\n")
+    table = read_csv(tmp_path / "t.csv")
+    assert repeated_rows(table, ["type", "file"], "label", "labels ") == [  # in the order of the file
+        "fan/b on lines 2, 5 (labels 0, 1)",
+        "fan/a on lines 3, 6, 7 (labels 1, 0, 1)",
+    ]
+    assert repeated_rows(table, ["file"], "type") == [
+        "b on lines 2, 5 (fan, fan)",
+        "a on lines 3, 4, 6, 7 (fan, pump, fan, fan)",
+    ]
+    assert repeated_rows(table.drop_duplicates(["type", "file"]), ["type", "file"], "label") == []
+
+
 def test_find_in_layout_looks_beside_then_in_the_root_and_one_level_down(tmp_path):
     from replicate.task import DataError, find_in_layout, layout_name
 

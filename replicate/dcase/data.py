@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from replicate.task import DataError, listing
+from replicate.task import DataError, listing, read_csv, repeated_rows
 
 # File names of the official layout, matched on the file name only (a directory may look like an ID).
 LABELLED_NAME = re.compile(r"^(normal|anomaly)_id_(\d+)_(\d+)\.wav$")
@@ -172,31 +172,18 @@ def read_ground_truth(root: Path, eval_test: Sequence[Clip]) -> np.ndarray | Non
     path = root / "eval_ground_truth.csv"
     if not path.is_file() or not eval_test:
         return None
-    import pandas as pd
-
-    try:
-        table = pd.read_csv(path, dtype={"machine_type": str, "file": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not a readable CSV ({error})") from error
+    table = read_csv(path, dtype={"machine_type": str, "file": str})
     if list(table.columns) != ["machine_type", "file", "label"]:
         raise DataError(f"{path}: columns must be machine_type,file,label; found {list(table.columns)}")
     bad = table.index[~table["label"].isin([0, 1])].tolist()
     if bad:
         raise DataError(f"{path}: labels must be 0 or 1 (rows {listing([row + 2 for row in bad])})")
-    repeated = table[table.duplicated(["machine_type", "file"], keep=False)]
-    if len(repeated):
-        rows = [
-            f"{machine_type}/{name} on lines {', '.join(str(row + 2) for row in group.index)} "
-            f"(labels {', '.join(map(str, group['label']))})"
-            for (machine_type, name), group in repeated.groupby(["machine_type", "file"], sort=False)
-        ]
-        raise DataError(f"{path}: more than one row for {listing(rows)}; one label per file")
+    repeated = repeated_rows(table, ["machine_type", "file"], "label", "labels ")
+    if repeated:
+        raise DataError(f"{path}: more than one row for {listing(repeated)}; one label per file")
     labels = {(row.machine_type, row.file): int(row.label) for row in table.itertuples()}
-    missing = [
-        f"{clip.machine_type}/{clip.path.name}"
-        for clip in eval_test
-        if (clip.machine_type, clip.path.name) not in labels
-    ]
+    keys = [(clip.machine_type, clip.path.name) for clip in eval_test]
+    missing = ["/".join(key) for key in keys if key not in labels]
     if missing:
         raise DataError(f"{path}: no row for {len(missing)} evaluation test files: {listing(missing)}")
-    return np.array([labels[(clip.machine_type, clip.path.name)] for clip in eval_test])
+    return np.array([labels[key] for key in keys])

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import special
 
 from replicate import features as feature_lib
 from replicate.dcase import scoring
@@ -92,9 +93,7 @@ class LiveProbabilities:
         outputs = self.network.predict(inputs, batch_size=PREDICT_BATCH, verbose=0)
         if not self.margin:
             return [outputs]
-        logits = keras.ops.convert_to_numpy(self.classifier(outputs))
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return [shifted / shifted.sum(axis=1, keepdims=True)]
+        return [special.softmax(keras.ops.convert_to_numpy(self.classifier(outputs)), axis=1)]
 
 
 def dev_score_callback(clips, labels, class_indices, power, normalizer, frames, max_fpr, every):
@@ -156,14 +155,8 @@ def train_recipe_for(recipe: dict, steps_per_epoch: int, *, finetune: bool, marg
     if finetune:
         train_table.update(epochs=recipe["finetune"]["epochs"], learning_rate=recipe["finetune"]["learning_rate"])
     else:
-        train_table["learning_rate"] = WarmupCosineRestarts(
-            train_table["learning_rate"],
-            steps_per_epoch,
-            first_cycle_epochs=train_table["first_cycle_epochs"],
-            cycle_mult=train_table["cycle_mult"],
-            warmup_epochs=train_table["warmup_epochs"],
-            min_lr=train_table["min_lr"],
-        )
+        schedule = {key: train_table[key] for key in ("first_cycle_epochs", "cycle_mult", "warmup_epochs", "min_lr")}
+        train_table["learning_rate"] = WarmupCosineRestarts(train_table["learning_rate"], steps_per_epoch, **schedule)
     train_table["loss_options"] = {**train_table.get("loss_options", {}), "from_logits": margin}
     return {**recipe, "train": train_table}
 

@@ -35,12 +35,10 @@ def headline(scores: dict, recipe: dict) -> str:
     same_setup = [entry for entry in recipe["source"]["reported"] if entry["setup"] == scores["setup"]]
     same_head = [entry for entry in same_setup if recipe["model"]["head"] in entry["what"].lower()]
     source = (same_head or same_setup or [None])[0]
-    if source is None:
-        return text + ")"
-    return (
-        text
-        + f"; source: {source['what']} {source[f'{split}_auc']:.2f} / {source[f'{split}_pauc']:.2f} on the real data)"
-    )
+    if source is not None:
+        auc, pauc = source[f"{split}_auc"], source[f"{split}_pauc"]
+        text += f"; source: {source['what']} {auc:.2f} / {pauc:.2f} on the real data"
+    return text + ")"
 
 
 def results(run: Run) -> ResultsTable:
@@ -126,9 +124,8 @@ def _type_table(final_dev: dict, source: dict) -> str:
     rows = []
     for machine_type, values in final_dev["types"].items():
         # a machine type outside the six of DCASE 2020 has no source numbers: "-"
-        integrated, baseline = (
-            source[key].get(machine_type, (None, None)) for key in ("integrated_dev", "baseline_dev")
-        )
+        integrated = source["integrated_dev"].get(machine_type, (None, None))
+        baseline = source["baseline_dev"].get(machine_type, (None, None))
         cells = (100 * values["auc"], 100 * values["pauc"], *integrated, *baseline)
         rows.append((machine_type, *("-" if value is None else f"{value:.2f}" for value in cells)))
     return report.markdown_table(headers, rows)

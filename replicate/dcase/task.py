@@ -268,9 +268,8 @@ class DcaseTask(Task):
         for split, (clips, labels) in tests.items():
             scoring.write_score_files(run.run_dir / split, clips, saved[f"{setup}_{split}_{method}"].mean(axis=0))
             if labels is not None:
-                scoring.write_result_csv(
-                    run.run_dir / split / "result.csv", result["groups"][setup][split][method]["ensemble"]
-                )
+                evaluation = result["groups"][setup][split][method]["ensemble"]
+                scoring.write_result_csv(run.run_dir / split / "result.csv", evaluation)
         files.write_npz(run.run_dir / "test_scores.npz", **saved)
         run.log(f"official files: {', '.join(str(run.run_dir / split) for split in tests)}")
         result["final_group"] = setup
@@ -287,9 +286,8 @@ class DcaseTask(Task):
         }
         embedding_rows, embeddings = [], []
         for name, types in parts:
-            for split, (rows, by_method, split_embeddings) in self._score_group(
-                run, data, arrays, name, types, ensemble
-            ).items():
+            scored = self._score_group(run, data, arrays, name, types, ensemble)
+            for split, (rows, by_method, split_embeddings) in scored.items():
                 for method, values in by_method.items():
                     scores[split][method][:, rows] = values
                 if split == "dev":
@@ -317,10 +315,8 @@ class DcaseTask(Task):
         }
         if save_reference:
             method = run.recipe["score"]["method"]
-            path = run.run_dir / name / scoring.REFERENCE_FILE
-            scoring.save_reference(
-                path, method, dict(zip(ensemble.seeds, references[method], strict=True)), class_names
-            )
+            by_seed = dict(zip(ensemble.seeds, references[method], strict=True))
+            scoring.save_reference(run.run_dir / name / scoring.REFERENCE_FILE, method, by_seed, class_names)
         splits = {}
         for split, clips, power in (
             ("dev", data.dev_test, arrays.dev_power),
@@ -342,14 +338,8 @@ class DcaseTask(Task):
         """Normalised log-mel inputs of audio files (whole clips), with the run's feature definition and
         statistics; also of a run made before the manifest schema (one without the mel definition keys
         computed librosa's)."""
-        if "schema_version" in manifest:
-            spec = feature_lib.FeatureSpec.from_manifest(manifest["features"][INPUT])
-            normalization = manifest["preprocessing"]["normalization"]
-        else:
-            saved = manifest["recipe"]
-            spec = feature_spec({"data": saved["data"], "features": {**LIBROSA_DEFINITION, **saved["features"]}})
-            normalization = manifest["normalization"]
-        return feature_lib.Normalizer.from_config(normalization)(spec.compute(paths))
+        spec, normalizer = feature_lib.saved_transform(manifest, INPUT, feature_spec, LIBROSA_DEFINITION)
+        return normalizer(spec.compute(paths))
 
     def predict(self, ensemble, inputs: Sequence[str]) -> pd.DataFrame:
         """Anomaly scores of wav files (a folder stands for its wav files) by the run's `score.method`, as its
