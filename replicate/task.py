@@ -182,6 +182,16 @@ def holdout_rows(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(shuffled[cut:]), np.sort(shuffled[:cut])
 
 
+def stratified_fold_rows(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows), both sorted: fold `fold` of a seeded stratified `folds`-fold split of
+    `labels` (scikit-learn's shuffled `StratifiedKFold`), e.g. AI CUP's fold 0 of 4."""
+    from sklearn.model_selection import StratifiedKFold
+
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    train_rows, validation_rows = list(splitter.split(np.zeros(len(labels)), labels))[fold]
+    return np.sort(train_rows), np.sort(validation_rows)
+
+
 @dataclass
 class Run:
     """One run of a task, as the hooks see it: its recipe and folder, and what the engine has made so far.
