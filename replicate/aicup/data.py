@@ -208,10 +208,9 @@ def load_split(root: Path, name: str, *, required: bool) -> Split | None:
 def read_answers(path: Path, ids: Sequence[str]) -> np.ndarray:
     """Labels of a test list from synthetic data's `ID,Disease category` answers, in the list's order."""
     answers = _read_csv(path)
-    answers.columns = [normalize_column(c) for c in answers.columns]
-    if [normalize_column(ID_COLUMN), normalize_column(LABEL_COLUMN)] != list(answers.columns):
+    if [normalize_column(c) for c in answers.columns] != ["id", "disease category"]:
         raise DataError(f"{path}: columns must be {ID_COLUMN!r}, {LABEL_COLUMN!r}")
-    answers = answers.rename(columns={"id": ID_COLUMN, "disease category": LABEL_COLUMN})
+    answers.columns = [ID_COLUMN, LABEL_COLUMN]
     if sorted(answers[ID_COLUMN]) != sorted(ids):
         raise DataError(f"{path}: IDs differ from those of its test list")
     values, _ = _check_column(path, answers, LABEL_FIELD)
