@@ -171,6 +171,16 @@ def find_in_layout(root: Path, name: str, *, directory: bool, near: Path | None 
     return None
 
 
+def wav_files_by_id(folder: Path, ids: Sequence[str], table: Path) -> tuple[list[Path], list[str]]:
+    """The wav file `<id>.wav` (`.wav` in any case) of every id of a `table`, in the ids' order, and the names
+    of the folder's other wav files, sorted; ids without a file are a `DataError` listing them."""
+    on_disk = {path.stem: path for path in folder.iterdir() if path.suffix.lower() == ".wav"}
+    missing = [identifier for identifier in ids if identifier not in on_disk]
+    if missing:
+        raise DataError(f"{len(missing)} IDs of {table} have no {folder}/<ID>.wav: {listing(missing)}")
+    return [on_disk[identifier] for identifier in ids], sorted(set(on_disk) - set(ids))
+
+
 def holdout_rows(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(kept rows, held-out rows) of `count` rows, both sorted: a seeded random `fraction` held out (at least one
     row unless `fraction` is 0), e.g. a validation split."""

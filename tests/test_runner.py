@@ -358,6 +358,17 @@ def test_find_in_layout_looks_beside_then_in_the_root_and_one_level_down(tmp_pat
         find_in_layout(tmp_path, "training_list.csv", directory=False)
 
 
+def test_wav_files_by_id_in_the_ids_order_with_the_other_wavs_and_the_missing_ids_listed(tmp_path):
+    from replicate.task import DataError, wav_files_by_id
+
+    for name in ("b.wav", "a.WAV", "c.wav", "notes.txt"):
+        (tmp_path / name).write_text("")
+    paths, others = wav_files_by_id(tmp_path, ["b", "a"], tmp_path / "list.csv")
+    assert paths == [tmp_path / "b.wav", tmp_path / "a.WAV"] and others == ["c"]
+    with pytest.raises(DataError, match=rf"^2 IDs of .*list\.csv have no {tmp_path}/<ID>\.wav: d, notes$"):
+        wav_files_by_id(tmp_path, ["a", "d", "notes"], tmp_path / "list.csv")
+
+
 def test_header_names_match_columns_after_normalising_and_name_what_is_wrong():
     from replicate.task import DataError, header_names
 
