@@ -195,6 +195,16 @@ def find_in_layout(root: Path, name: str, *, directory: bool, near: Path | None 
     return None
 
 
+def wav_files_by_id(folder: Path, ids: Sequence[str], table: Path) -> tuple[list[Path], list[str]]:
+    """The wav file `<id>.wav` (`.wav` in any case) of every id of a `table`, in the ids' order, and the names
+    of the folder's other wav files, sorted; ids without a file are a `DataError` listing them."""
+    on_disk = {path.stem: path for path in folder.iterdir() if path.suffix.lower() == ".wav"}
+    missing = [identifier for identifier in ids if identifier not in on_disk]
+    if missing:
+        raise DataError(f"{len(missing)} IDs of {table} have no {folder}/<ID>.wav: {listing(missing)}")
+    return [on_disk[identifier] for identifier in ids], sorted(set(on_disk) - set(ids))
+
+
 def holdout_rows(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(kept rows, held-out rows) of `count` rows, both sorted: a seeded random `fraction` held out (at least one
     row unless `fraction` is 0), e.g. a validation split."""
@@ -204,6 +214,16 @@ def holdout_rows(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np
     shuffled = np.random.default_rng(seed).permutation(rows)
     cut = max(1, round(fraction * count))
     return np.sort(shuffled[cut:]), np.sort(shuffled[:cut])
+
+
+def stratified_fold_rows(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows), both sorted: fold `fold` of a seeded stratified `folds`-fold split of
+    `labels` (scikit-learn's shuffled `StratifiedKFold`), e.g. AI CUP's fold 0 of 4."""
+    from sklearn.model_selection import StratifiedKFold
+
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    train_rows, validation_rows = list(splitter.split(np.zeros(len(labels)), labels))[fold]
+    return np.sort(train_rows), np.sort(validation_rows)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from replicate.features import FeatureCacheError
 from replicate.losses import DoubleSoftmaxCrossentropy
 from replicate.recipe import RecipeError
 from replicate.synth import aicup as synth
-from replicate.task import Prepared, Run
+from replicate.task import Prepared, Run, stratified_fold_rows
 from tests.conftest import run_predict, run_python
 
 TRAIN_CSV = "Training_Dataset/training_datalist.csv"
@@ -311,16 +311,6 @@ def test_the_recipes_loss_is_the_sources_and_the_plain_cross_entropy_an_option()
     assert float(source(one_hot, one_hot, sample_weight=weights)) == pytest.approx(np.log(1 + 4 / np.e), rel=rel)
 
 
-def test_fold_zero_of_a_seeded_stratified_four_fold_split():
-    labels = np.repeat([1, 2, 3, 4, 5], [40, 20, 12, 4, 4])
-    train_rows, validation_rows = splits.fold_split(labels, folds=4, fold=0, seed=0)
-    assert len(validation_rows) == 20 and not set(train_rows) & set(validation_rows)
-    assert np.bincount(labels[validation_rows])[1:].tolist() == [10, 5, 3, 1, 1]
-    again = splits.fold_split(labels, folds=4, fold=0, seed=0)
-    np.testing.assert_array_equal(again[1], validation_rows)
-    assert not np.array_equal(splits.fold_split(labels, 4, 0, seed=1)[1], validation_rows)
-
-
 def test_each_variant_draws_its_own_split_as_the_sources_notebooks_did():
     """Each notebook: StratifiedKFold(n_splits=4, shuffle=True), its fold 0; ours seeded split_seed + n_mfcc."""
     from sklearn.model_selection import StratifiedKFold
@@ -351,7 +341,7 @@ def test_one_shared_split_is_an_option():
     data_recipe = aicup.load_recipe(overrides=["data.split_per_variant=false", "data.split_seed=3"])["data"]
     folds = splits.variant_folds(labels, data_recipe, [13, 17, 21])
     assert {fold.seed for fold in folds.values()} == {3}
-    expected = splits.fold_split(labels, 4, 0, seed=3)[1]
+    expected = stratified_fold_rows(labels, 4, 0, seed=3)[1]
     assert all(np.array_equal(fold.validation_rows, expected) for fold in folds.values())
     assert splits.split_summary(labels, data_recipe, folds)["per_variant"] is False
 

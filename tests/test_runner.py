@@ -23,6 +23,7 @@ from replicate.task import (
     Task,
     holdout_rows,
     read_csv,
+    stratified_fold_rows,
 )
 
 ROWS, WIDTH, CLASSES = 12, 4, 3
@@ -389,6 +390,17 @@ def test_find_in_layout_looks_beside_then_in_the_root_and_one_level_down(tmp_pat
         find_in_layout(tmp_path, "training_list.csv", directory=False)
 
 
+def test_wav_files_by_id_in_the_ids_order_with_the_other_wavs_and_the_missing_ids_listed(tmp_path):
+    from replicate.task import DataError, wav_files_by_id
+
+    for name in ("b.wav", "a.WAV", "c.wav", "notes.txt"):
+        (tmp_path / name).write_text("")
+    paths, others = wav_files_by_id(tmp_path, ["b", "a"], tmp_path / "list.csv")
+    assert paths == [tmp_path / "b.wav", tmp_path / "a.WAV"] and others == ["c"]
+    with pytest.raises(DataError, match=rf"^2 IDs of .*list\.csv have no {tmp_path}/<ID>\.wav: d, notes$"):
+        wav_files_by_id(tmp_path, ["a", "d", "notes"], tmp_path / "list.csv")
+
+
 def test_header_names_match_columns_after_normalising_and_name_what_is_wrong():
     from replicate.task import DataError, header_names
 
@@ -400,6 +412,17 @@ def test_header_names_match_columns_after_normalising_and_name_what_is_wrong():
         header_names("t.csv", ["ID", "Sex"], expected, str.lower)
     with pytest.raises(DataError, match=r"t\.csv: columns 'ID' and 'id' are the same column 'ID'"):
         header_names("t.csv", ["ID", "id", "Age"], expected, str.lower)
+
+
+def test_fold_zero_of_a_seeded_stratified_four_fold_split():
+    labels = np.repeat([1, 2, 3, 4, 5], [40, 20, 12, 4, 4])
+    train_rows, validation_rows = stratified_fold_rows(labels, folds=4, fold=0, seed=0)
+    assert len(validation_rows) == 20 and sorted([*train_rows, *validation_rows]) == list(range(80))
+    assert (np.diff(train_rows) > 0).all() and (np.diff(validation_rows) > 0).all()
+    assert np.bincount(labels[validation_rows])[1:].tolist() == [10, 5, 3, 1, 1]
+    again = stratified_fold_rows(labels, folds=4, fold=0, seed=0)
+    np.testing.assert_array_equal(again[1], validation_rows)
+    assert not np.array_equal(stratified_fold_rows(labels, 4, 0, seed=1)[1], validation_rows)
 
 
 def test_a_holdout_is_seeded_sorted_disjoint_and_holds_out_at_least_one_row():

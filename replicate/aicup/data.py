@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from replicate.task import DataError, csv_lines, find_in_layout, header_names, listing, read_csv
+from replicate.task import DataError, csv_lines, find_in_layout, header_names, listing, read_csv, wav_files_by_id
 
 CLASS_NAMES = ("Phonotrauma", "Incomplete glottic closure", "Vocal palsy", "Neoplasm", "Normal")  # labels 1-5
 LABEL_COLUMN = "Disease category"
@@ -175,15 +175,6 @@ def _where(table: pd.DataFrame, mask: pd.Series) -> str:
     return csv_lines(table, table.index[mask], ID_COLUMN)
 
 
-def match_files(folder: Path, ids: Sequence[str], table: Path) -> tuple[list[Path], int]:
-    """The wav file of every ID (IDs without one are an error listing them) and the number of extra wavs."""
-    on_disk = {path.stem: path for path in folder.iterdir() if path.suffix.lower() == ".wav"}
-    missing = [identifier for identifier in ids if identifier not in on_disk]
-    if missing:
-        raise DataError(f"{len(missing)} IDs of {table} have no {folder}/<ID>.wav: {listing(missing)}")
-    return [on_disk[identifier] for identifier in ids], len(set(on_disk) - set(ids))
-
-
 def load_split(root: Path, name: str, *, required: bool) -> Split | None:
     """Find and read one split's table, audio folder and (synthetic data only) answers."""
     table_name, folder_name, answers_name = LAYOUT[name]
@@ -197,21 +188,20 @@ def load_split(root: Path, name: str, *, required: bool) -> Split | None:
         raise DataError(f"{table}: its audio folder {folder_name}/ is not beside it nor in {root}")
     clinical, labels, empty = read_table(table, labelled=name == "train")
     ids = clinical[ID_COLUMN].tolist()
-    paths, extra = match_files(folder, ids, table)
+    paths, extra = wav_files_by_id(folder, ids, table)
     if answers_name is not None:
         answers_path = find_in_layout(root, answers_name, directory=False, near=table.parent)
         if answers_path is not None:
             labels = read_answers(answers_path, ids)
-    return Split(name, table, ids, paths, clinical, labels, empty, extra)
+    return Split(name, table, ids, paths, clinical, labels, empty, len(extra))
 
 
 def read_answers(path: Path, ids: Sequence[str]) -> np.ndarray:
     """Labels of a test list from synthetic data's `ID,Disease category` answers, in the list's order."""
     answers = _read_csv(path)
-    answers.columns = [normalize_column(c) for c in answers.columns]
-    if [normalize_column(ID_COLUMN), normalize_column(LABEL_COLUMN)] != list(answers.columns):
+    if [normalize_column(c) for c in answers.columns] != ["id", "disease category"]:
         raise DataError(f"{path}: columns must be {ID_COLUMN!r}, {LABEL_COLUMN!r}")
-    answers = answers.rename(columns={"id": ID_COLUMN, "disease category": LABEL_COLUMN})
+    answers.columns = [ID_COLUMN, LABEL_COLUMN]
     if sorted(answers[ID_COLUMN]) != sorted(ids):
         raise DataError(f"{path}: IDs differ from those of its test list")
     values, _ = _check_column(path, answers, LABEL_FIELD)

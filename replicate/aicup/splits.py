@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from replicate.aicup.data import CLASS_NAMES, Split
-from replicate.task import DataError
+from replicate.task import DataError, stratified_fold_rows
 
 
 @dataclass(frozen=True)
@@ -30,15 +30,6 @@ def class_weights(labels: np.ndarray, num_classes: int = len(CLASS_NAMES)) -> np
     return 1.0 / counts
 
 
-def fold_split(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training and validation rows: fold `fold` of a seeded stratified k-fold split (the source: fold 0 of 4)."""
-    from sklearn.model_selection import StratifiedKFold
-
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    train_rows, validation_rows = list(splitter.split(np.zeros(len(labels)), labels))[fold]
-    return np.sort(train_rows), np.sort(validation_rows)
-
-
 def variant_folds(labels: np.ndarray, data_recipe: Mapping, variants: Sequence[int]) -> dict[int, Fold]:
     """Each n_mfcc variant's training and validation rows: fold `data.validation_fold` of a stratified
     `data.folds`-fold split.
@@ -53,7 +44,8 @@ def variant_folds(labels: np.ndarray, data_recipe: Mapping, variants: Sequence[i
     folds = {}
     for n_mfcc in variants:
         seed = data_recipe["split_seed"] + (n_mfcc if data_recipe["split_per_variant"] else 0)
-        folds[n_mfcc] = Fold(seed, *fold_split(labels, data_recipe["folds"], data_recipe["validation_fold"], seed))
+        rows = stratified_fold_rows(labels, data_recipe["folds"], data_recipe["validation_fold"], seed)
+        folds[n_mfcc] = Fold(seed, *rows)
     return folds
 
 
