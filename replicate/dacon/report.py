@@ -57,10 +57,8 @@ def report_parts(run: Run) -> ReportParts:
                 split,
                 evaluation["ensemble_kl_by_size"],
                 "KL divergence",
-                {
-                    "training prior": evaluation["prior_kl"],
-                    "single member (mean)": float(np.mean(evaluation["member_kl"])),
-                },
+                {"training prior": evaluation["prior_kl"]},
+                members=evaluation["member_kl"],
             )
             for split, evaluation in evaluations.items()
         ],

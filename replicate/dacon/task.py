@@ -184,7 +184,8 @@ class DaconTask(Task):
 
     def inference_inputs(self, manifest: dict, paths: Sequence[str | os.PathLike]) -> np.ndarray:
         """Normalised log-mel inputs of audio files, with the run's feature definition and statistics."""
-        spec, normalizer = inference_transform(manifest)
+        # a run from before `features.pad_mode` padded with zeros, librosa >= 0.9's default
+        spec, normalizer = feature_lib.saved_transform(manifest, INPUT, feature_spec, {"pad_mode": "constant"})
         return normalizer(spec.compute(paths))
 
     def predict(self, ensemble, inputs: Sequence[str]) -> pd.DataFrame:
@@ -216,25 +217,11 @@ def kl_scores(member_probabilities: np.ndarray, targets: np.ndarray, prior: np.n
     """KL of each member, of the ensembles of the first k members, and of the training-prior baseline."""
     from replicate.ensemble import score_members
 
-    scores = score_members(member_probabilities, targets, metrics.kl_divergence)
     return {
         "clips": len(targets),
-        "member_kl": scores["member"],
-        "ensemble_kl_by_size": scores["ensemble_by_size"],
+        **score_members(member_probabilities, targets, metrics.kl_divergence, name="kl"),
         "prior_kl": metrics.kl_divergence(targets, np.broadcast_to(prior, targets.shape)),
     }
-
-
-def inference_transform(manifest: dict) -> tuple[feature_lib.FeatureSpec, feature_lib.Normalizer]:
-    """The feature spec and normaliser of a run's manifest; also of a run made before the manifest schema
-    (no `schema_version`: the recipe's tables were saved, and runs from before `features.pad_mode` padded
-    with zeros, librosa >= 0.9's default)."""
-    if "schema_version" in manifest:
-        spec = feature_lib.FeatureSpec.from_manifest(manifest["features"][INPUT])
-        return spec, feature_lib.Normalizer.from_config(manifest["preprocessing"]["normalization"])
-    saved = manifest["recipe"]
-    spec = feature_spec({"data": saved["data"], "features": {"pad_mode": "constant", **saved["features"]}})
-    return spec, feature_lib.Normalizer.from_config(manifest["normalization"])
 
 
 TASK = DaconTask()

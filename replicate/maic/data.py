@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from replicate.task import DataError, listing, read_csv, read_json
+from replicate.task import DataError, listing, read_csv, read_json, repeated_rows
 
 DIAGNOSES: tuple[str, ...] = (
     "Normal",
@@ -183,13 +183,9 @@ def read_answers(path: Path, persons: Sequence[Person]) -> dict[str, str]:
     bad = table["wav_code"][~table["diagnosis"].isin(DIAGNOSES)].tolist()
     if bad:
         raise DataError(f"{path}: unknown diagnosis for {listing(bad)}; allowed: {', '.join(DIAGNOSES)}")
-    repeated = table[table["wav_code"].duplicated(keep=False)]
-    if len(repeated):
-        rows = [
-            f"{code} on lines {', '.join(str(line + 2) for line in group.index)} ({', '.join(group['diagnosis'])})"
-            for code, group in repeated.groupby("wav_code", sort=False)
-        ]
-        raise DataError(f"{path}: more than one answer for {listing(rows)}; one row per person")
+    repeated = repeated_rows(table, ["wav_code"], "diagnosis")
+    if repeated:
+        raise DataError(f"{path}: more than one answer for {listing(repeated)}; one row per person")
     answers = dict(zip(table["wav_code"], table["diagnosis"], strict=True))
     missing = [person.person_id for person in persons if person.person_id not in answers]
     if missing:
