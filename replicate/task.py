@@ -58,7 +58,6 @@ a recipe `recipes/<name>.toml`, and one line in `replicate/tasks.py`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -97,9 +96,9 @@ def read_json(path: str | os.PathLike) -> Any:
     """A data file's JSON content; a file that cannot be read or is not valid JSON (or UTF-8) is a `DataError`
     naming it."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not valid JSON ({error})") from error
+        return files.read_json(path)
+    except ValueError as error:  # not valid JSON (or UTF-8); the message names the file
+        raise DataError(str(error)) from error
     except OSError as error:
         raise DataError(f"{path}: cannot read the file ({error.strerror or error})") from error
 
